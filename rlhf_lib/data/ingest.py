@@ -1,0 +1,21 @@
+"""The `data` step's work: materialise every dataset split as a local Deep Lake dataset."""
+
+from __future__ import annotations
+
+from rlhf_lib.config import RunConfig
+from rlhf_lib.data import lake
+
+KINDS = ("sft", "preference", "prompts")
+
+
+def prepare_datasets(cfg: RunConfig) -> dict[str, dict]:
+    """{"sft_train": {"uri", "rows", "columns", "source"}, "sft_eval": …, …} for every kind and split."""
+    out = {}
+    for kind in KINDS:
+        for split in ("train", "eval"):
+            info = lake.materialise(kind, getattr(cfg.data, kind), split, cfg.storage_root, cfg.run.seed,
+                                    cfg.data.sample_rows)
+            out[f"{kind}_{split}"] = info
+            print(f"[data] {kind}/{split}: {info['rows']} rows {info['columns']} from {info['source']} -> {info['uri']}",
+                  flush=True)
+    return out

@@ -1,0 +1,46 @@
+"""Process environment the project needs before Metaflow, W&B or the HF hub are imported.
+
+Metaflow only reads a project's `.metaflowconfig/` when `METAFLOW_HOME` points at it, refuses to run without a
+user name, and finds its local datastore by walking up from the current directory. The flow, the tests and the
+notebook all call `configure()` first, so they see one datastore wherever they are started from and whatever
+the user exported.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+METAFLOW_HOME = PROJECT_ROOT / ".metaflowconfig"
+
+
+def _metaflow_can_name_user() -> bool:
+    # Metaflow takes METAFLOW_USER, SUDO_USER, USERNAME or USER, and refuses "root" from any of them.
+    names = [os.environ.get(v) for v in ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")]
+    return any(n and n != "root" for n in names)
+
+
+def _fallback_user() -> str:
+    try:
+        name = getpass.getuser()
+    except Exception:  # no passwd entry (containers, CI)
+        name = ""
+    return name if name and name != "root" else "rlhf"
+
+
+def configure() -> None:
+    """Set the environment defaults the project relies on; values the user exported win."""
+    os.environ.setdefault("METAFLOW_HOME", str(METAFLOW_HOME))
+    # Absolute, so `.metaflow/` is the repo's one whatever the working directory (a notebook runs in notebooks/).
+    os.environ.setdefault("METAFLOW_DATASTORE_SYSROOT_LOCAL", str(PROJECT_ROOT))
+    if not _metaflow_can_name_user():  # e.g. CI containers: no USER, or root
+        os.environ["METAFLOW_USER"] = _fallback_user()
+    # W&B blocks on a login prompt when it has neither a key nor a mode; offline is the project's default.
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    # Tokenizers' thread pool warns (and can deadlock) when a process forks after using it.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")

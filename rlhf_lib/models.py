@@ -1,0 +1,275 @@
+"""Models and tokenizers: from a hub id, a local directory, or a tiny spec built (once) from config.
+
+The tiny profile builds its models locally so the whole chain runs offline: a tiny OPT policy (the seed's
+architecture) with a byte-level BPE tokenizer trained on the project's sample text and briefly pretrained so
+that SFT starts from a language model, and a tiny DeBERTa-v2 reward model with its own WordPiece tokenizer, so
+the policy→reward re-tokenisation path of the real recipe runs here too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from rlhf_lib.config import LoraSection, TinyModelSpec
+
+TINY = "tiny"
+
+
+class ModelError(ValueError):
+    """A model reference that cannot be loaded; the message names the fix."""
+
+
+def _done(path: Path) -> bool:
+    return (path / "config.json").exists() and any(path.glob("*.safetensors"))
+
+
+def compute_dtype() -> torch.dtype:
+    """bf16 where the device has it, else fp32 (CPU bf16 matmuls are slow and lossy for tiny models)."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _spec_hash(kind: str, spec: TinyModelSpec, seed: int) -> str:
+    return hashlib.sha256(json.dumps([kind, spec.model_dump(), seed], sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _atomic_dir(final: Path, build) -> Path:
+    """Run build(tmp_dir) and rename the result to `final`; a crash leaves no half-built model behind."""
+    if _done(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        build(tmp)
+        if _done(final):  # built concurrently
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return final
+
+
+# ------------------------------------------------------------------ tiny policy (OPT)
+
+
+def _train_bpe_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", padding_side="left")
+
+
+def build_tiny_policy(out: Path, spec: TinyModelSpec, seed: int) -> None:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from rlhf_lib.data import sample
+
+    torch.manual_seed(seed)
+    corpus = list(sample.pretraining_text(4000, seed))
+    tokenizer = _train_bpe_tokenizer(corpus + [q + " " + a for q, a in sample._facts()], spec.vocab_size)
+    config = OPTConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads, ffn_dim=spec.ffn_dim, max_position_embeddings=spec.max_positions,
+        word_embed_proj_dim=spec.hidden_size, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, dropout=0.0,
+    )
+    model = OPTForCausalLM(config)
+    _pretrain(model, tokenizer, corpus, spec.pretrain_steps, seed)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+
+
+def _pretrain(model, tokenizer, corpus: list[str], steps: int, seed: int, batch_size: int = 16) -> None:
+    """A short full-parameter causal-LM warm-up, so the tiny policy is a (small) pretrained LM like OPT."""
+    if steps == 0:
+        return
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    model.train()
+    for _ in tqdm(range(steps), desc="pretraining tiny policy", mininterval=5):
+        idx = torch.randint(len(corpus), (batch_size,), generator=gen).tolist()
+        texts = [corpus[i] + tokenizer.eos_token for i in idx]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=128)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    model.eval()
+
+
+# ------------------------------------------------------------------ tiny reward model (DeBERTa-v2)
+
+
+def _train_wordpiece_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                             show_progress=False))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    # BERT-style tokenizers have no EOS; RewardTrainer wants one, and SEP is what ends a sequence here.
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", eos_token="[SEP]")
+
+
+def build_tiny_reward_model(out: Path, spec: TinyModelSpec, seed: int) -> None:
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    from rlhf_lib.data import sample
+
+    torch.manual_seed(seed)
+    tokenizer = _train_wordpiece_tokenizer(list(sample.pretraining_text(4000, seed + 1)), spec.vocab_size)
+    config = DebertaV2Config(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads, intermediate_size=spec.ffn_dim,
+        max_position_embeddings=spec.max_positions, type_vocab_size=0, pad_token_id=tokenizer.pad_token_id,
+        # DeBERTa-v3's attention: disentangled relative positions, no absolute position embeddings.
+        relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"],
+        position_buckets=64, norm_rel_ebd="layer_norm", share_att_key=True, num_labels=1,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    DebertaV2ForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+# ------------------------------------------------------------------ resolving and loading
+
+
+def prepare(ref: str, spec: TinyModelSpec, role: str, storage_root: Path, seed: int) -> str:
+    """A loadable reference for a configured model: builds and caches `tiny` models, passes others through."""
+    if ref != TINY:
+        return ref
+    builder = {"policy": build_tiny_policy, "reward": build_tiny_reward_model}[role]
+    out = storage_root / "models" / f"tiny-{role}-{_spec_hash(role, spec, seed)}"
+    _atomic_dir(out, lambda tmp: builder(tmp, spec, seed))
+    return str(out)
+
+
+def is_local(ref: str) -> bool:
+    return Path(ref).expanduser().exists()
+
+
+def check_reachable(ref: str, what: str, timeout: float = 10.0) -> None:
+    """Fail at once, with the fix, when a model can't be loaded: a missing directory or an unreachable hub id."""
+    if ref == TINY:
+        return
+    path = Path(ref).expanduser()
+    if ref.startswith((".", "/", "~")) or path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{what}: {ref!r} is not a model directory (no config.json); fix the path")
+        return
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    if isinstance(try_to_load_from_cache(ref, "config.json"), str):  # cached: loads offline
+        return
+    if HF_HUB_OFFLINE:
+        raise ModelError(
+            f"{what}: hub model {ref!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1. "
+            f"Download it first (`hf download {ref}`), unset HF_HUB_OFFLINE, or use a local path or `tiny`"
+        )
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(ref, timeout=timeout)
+    except Exception as err:
+        raise ModelError(
+            f"{what}: cannot reach hub model {ref!r} ({type(err).__name__}: {str(err)[:200]}). "
+            "Check the id and your network/HF_TOKEN, or use a local path or `tiny`"
+        ) from None
+
+
+def load_tokenizer(ref: str, trust_remote_code: bool = False, padding_side: str = "left"):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:  # OPT has one; Llama-style tokenizers don't
+        tok.pad_token = tok.eos_token or tok.unk_token
+    if tok.eos_token is None and tok.sep_token is not None:
+        tok.eos_token = tok.sep_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def bnb_4bit_config():
+    """The seed's QLoRA quantization: NF4, double quantization, bf16 compute (fp32 on CPU)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype())
+
+
+def lora_config(lora: LoraSection, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules), bias="none", task_type=task_type)
+
+
+def load_causal_lm(ref: str, quantize_4bit: bool = False, trust_remote_code: bool = False, device_map=None):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=compute_dtype(), trust_remote_code=trust_remote_code, use_safetensors=True)
+    if quantize_4bit:
+        kwargs["quantization_config"] = bnb_4bit_config()
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    return AutoModelForCausalLM.from_pretrained(ref, **kwargs)
+
+
+def load_reward_model(ref: str, trust_remote_code: bool = False, num_labels: int = 1):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(
+        ref, num_labels=num_labels, dtype=compute_dtype(), trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+
+
+def merge_adapter(base_ref: str, adapter_dir: str, out_dir: Path, trust_remote_code: bool = False) -> Path:
+    """Merge a LoRA adapter into a full-precision base (bf16 on GPU, fp32 on CPU) — never into a 4-bit model,
+    whose rounding would be baked into the merged weights. Saved as safetensors with the tokenizer, atomically."""
+    from peft import PeftModel
+
+    def build(tmp: Path) -> None:
+        base = load_causal_lm(base_ref, quantize_4bit=False, trust_remote_code=trust_remote_code)
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        merged.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").exists() else base_ref,
+                       trust_remote_code).save_pretrained(tmp)
+
+    return _atomic_dir(Path(out_dir), build)

@@ -1,0 +1,93 @@
+"""Checks the `start` step runs in seconds, before any training: everything that would otherwise fail an hour in.
+
+Each failure raises PreflightError with one line per problem, naming the config key and the fix.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from rlhf_lib.config import RunConfig
+from rlhf_lib.data import lake
+from rlhf_lib.data.ingest import KINDS
+
+
+class PreflightError(ValueError):
+    pass
+
+
+def _check_source(key: str, source: str, kind: str) -> str | None:
+    if source == "sample":
+        return None
+    skind = lake.source_kind(source)
+    if skind != "remote_lake" and not lake._local_path(source).exists():
+        return f"{key}: {source!r} does not exist; fix the path or use `sample`"
+    try:
+        columns = lake.source_columns(source)
+    except Exception as err:
+        return f"{key}: cannot read {source!r}: {err}"
+    if not columns:
+        return f"{key}: {source!r} is empty; point it at a dataset with rows"
+    missing = [c for c in lake.SCHEMAS[kind]["required"] if c not in columns]
+    if missing:
+        return (f"{key}: {source!r} lacks column(s) {missing} (has {columns}); a {kind} dataset needs "
+                f"{lake.SCHEMAS[kind]['required']}")
+    return None
+
+
+def _check_reward_model_config(ref: str, trust_remote_code: bool) -> str | None:
+    """A reward model must be a sequence classifier with one label (or a base model we give one label)."""
+    if ref == "tiny":
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        return f"reward_model.model: cannot read config of {ref!r}: {err}"
+    archs = config.architectures or []
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return (f"reward_model.model: {ref!r} is a causal LM ({archs[0]}); use an encoder/sequence classifier "
+                "such as microsoft/deberta-v3-base")
+    if any(a.endswith("ForSequenceClassification") for a in archs) and config.num_labels != 1:
+        return (f"reward_model.model: {ref!r} is a classifier with {config.num_labels} labels; a reward model "
+                "needs num_labels=1 (use its base model, which the reward stage gives one label)")
+    return None
+
+
+def check(cfg: RunConfig) -> list[str]:
+    """All problems found, empty when the run can start."""
+    from rlhf_lib import models
+
+    problems = []
+    for kind in KINDS:
+        section = getattr(cfg.data, kind)
+        for field in ("source", "eval_source"):
+            value = getattr(section, field)
+            if value:
+                problem = _check_source(f"data.{kind}.{field}", value, kind)
+                if problem:
+                    problems.append(problem)
+    for key, ref in (("policy.model", cfg.policy.model), ("reward_model.model", cfg.reward_model.model)):
+        try:
+            models.check_reachable(ref, key)
+        except models.ModelError as err:
+            problems.append(str(err))
+    if not any(p.startswith("reward_model.model") for p in problems):
+        problem = _check_reward_model_config(cfg.reward_model.model, cfg.run.trust_remote_code)
+        if problem:
+            problems.append(problem)
+    root = cfg.storage_root
+    existing = next((p for p in [root, *root.parents] if p.exists()), Path("/"))
+    free_gb = shutil.disk_usage(existing).free / 1e9
+    if free_gb < cfg.run.min_free_disk_gb:
+        problems.append(f"run.storage_root: only {free_gb:.1f} GB free under {existing}, run.min_free_disk_gb is "
+                        f"{cfg.run.min_free_disk_gb}; free space or point run.storage_root elsewhere")
+    return problems
+
+
+def check_or_raise(cfg: RunConfig) -> None:
+    problems = check(cfg)
+    if problems:
+        raise PreflightError("the run cannot start:\n  " + "\n  ".join(problems))

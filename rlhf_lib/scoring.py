@@ -1,0 +1,23 @@
+"""Scoring text with a reward model through the reward model's own tokenizer.
+
+The policy and the reward model need not share a tokenizer (OPT's BPE vs DeBERTa's SentencePiece in the
+seed), so the policy's tokens are decoded to text and re-tokenised here, truncated to the reward model's
+max length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 32) -> torch.Tensor:
+    """One scalar score per text (the num_labels=1 logit), as a float32 CPU tensor."""
+    model.eval()
+    device = next(model.parameters()).device
+    scores = []
+    for i in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
+                          max_length=max_length).to(device)
+        scores.append(model(**batch).logits[:, 0].float().cpu())
+    return torch.cat(scores) if scores else torch.zeros(0)

@@ -1,0 +1,130 @@
+"""The stage contract shared by every `python -m rlhf_lib.stages.X` entry point.
+
+Input: `--config run.json` (the run config as JSON), `--output DIR`, upstream paths as repeated
+`--input name=path`, optionally `--resume-from CKPT`. Output: `DIR/result.json`, written last and atomically,
+with the paths the stage produced, its metrics and the library versions; exit code 0 only when it is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rlhf_lib import env
+
+env.configure()
+
+from rlhf_lib.config import RunConfig  # noqa: E402
+
+RESULT_FILE = "result.json"
+
+
+def parse_args(stage: str, argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m rlhf_lib.stages.{stage}", description=__doc__)
+    parser.add_argument("--config", required=True, help="run config as JSON (a file path)")
+    parser.add_argument("--output", required=True, help="directory for this stage's outputs")
+    parser.add_argument("--input", action="append", default=[], metavar="NAME=PATH", help="an upstream path")
+    parser.add_argument("--resume-from", default=None, help="checkpoint directory to resume from")
+    parser.add_argument("--run-id", default="standalone", help="Metaflow run id (names W&B runs)")
+    args = parser.parse_args(argv)
+    inputs = {}
+    for item in args.input:
+        name, sep, path = item.partition("=")
+        if not sep:
+            parser.error(f"--input takes NAME=PATH, got {item!r}")
+        inputs[name] = path
+    args.inputs = inputs
+    return args
+
+
+def load_config(path: str) -> RunConfig:
+    return RunConfig.model_validate(json.loads(Path(path).read_text()))
+
+
+def require(inputs: dict[str, str], *names: str) -> list[str]:
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        raise SystemExit(f"missing --input {', '.join(n + '=PATH' for n in missing)}")
+    return [inputs[n] for n in names]
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "deeplake"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    """Write JSON via a temp file, fsync and rename: readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=2, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_result(output: Path, stage: str, started: float, **payload: Any) -> Path:
+    result = {"stage": stage, "seconds": round(time.time() - started, 1), "versions": versions(), **payload}
+    path = Path(output) / RESULT_FILE
+    atomic_write_json(path, result)
+    return path
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def trainer_precision() -> dict[str, Any]:
+    """TRL configs default to bf16; use it only where a GPU has it, and say use_cpu on a CPU-only machine."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"bf16": torch.cuda.is_bf16_supported(), "fp16": False, "use_cpu": False}
+    return {"bf16": False, "fp16": False, "use_cpu": True}
+
+
+def report_to(cfg: RunConfig) -> list[str]:
+    return [] if cfg.run.wandb_mode == "disabled" else ["wandb"]
+
+
+def log_history_summary(log_history: list[dict]) -> dict[str, list]:
+    """Loss/metric curves from an HF trainer's log history, for artifacts and plots."""
+    curves: dict[str, list] = {}
+    for entry in log_history:
+        step = entry.get("step")
+        for key, value in entry.items():
+            if key in ("step", "epoch") or not isinstance(value, (int, float)):
+                continue
+            curves.setdefault(key, []).append([step, value])
+    return curves
+
+
+def latest_trainer_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest complete HF Trainer checkpoint (`checkpoint-N` with trainer_state.json) in a directory."""
+    if not ckpt_dir.is_dir():
+        return None
+    done = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None

@@ -1,0 +1,33 @@
+"""Merge the SFT LoRA adapter into a full-precision base: bf16 on GPU, fp32 on CPU, never 4-bit.
+
+    python -m rlhf_lib.stages.merge --config run.json --output DIR --input base_model=PATH_OR_ID --input adapter=DIR
+
+Writes DIR/merged (safetensors + tokenizer), a standalone model later stages load without peft.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rlhf_lib.stages import common
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from rlhf_lib import models
+
+    started = time.time()
+    args = common.parse_args("merge", argv)
+    cfg = common.load_config(args.config)
+    base_model, adapter = common.require(args.inputs, "base_model", "adapter")
+    out = Path(args.output)
+    merged = models.merge_adapter(base_model, adapter, out / "merged", cfg.run.trust_remote_code)
+    if common.is_main_process():
+        result = common.write_result(out, "merge", started, merged_path=str(merged.resolve()), base_model=base_model,
+                                     adapter_path=adapter, dtype=str(models.compute_dtype()).removeprefix("torch."))
+        print(f"[merge] merged model: {merged.resolve()}  ({result})", flush=True)
+    return merged
+
+
+if __name__ == "__main__":
+    main()

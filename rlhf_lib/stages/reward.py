@@ -1,0 +1,97 @@
+"""Reward-model training (TRL RewardTrainer, num_labels=1) on chosen/rejected preference pairs.
+
+    python -m rlhf_lib.stages.reward --config run.json --output DIR \\
+        --input base_model=PATH_OR_ID --input train=LAKE_URI --input eval=LAKE_URI
+
+hh-rlhf transcripts (`\\n\\nHuman: …\\n\\nAssistant: …`) are rewritten in the policy's `Question: …\\n\\nAnswer: …`
+layout before training, because PPO will ask this model to score exactly that layout. Held-out accuracy is the
+fraction of eval pairs whose chosen text scores above the rejected one. Writes DIR/model (safetensors +
+tokenizer) and DIR/result.json.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rlhf_lib.stages import common
+
+
+def _setup_datasets(cfg, train_uri: str, eval_uri: str):
+    from rlhf_lib.data import formatting, lake
+
+    def to_pair(row):
+        return {"chosen": formatting.hh_to_qa(row["chosen"]), "rejected": formatting.hh_to_qa(row["rejected"])}
+
+    cols, bs = ["chosen", "rejected"], cfg.data.stream_batch_size
+    return lake.to_hf_dataset(train_uri, cols, bs, to_pair), lake.to_hf_dataset(eval_uri, cols, bs, to_pair)
+
+
+def pairwise_accuracy(model, tokenizer, pairs, max_length: int, batch_size: int = 32) -> dict[str, float]:
+    """Fraction of (chosen, rejected) pairs ranked correctly, and the mean score margin."""
+    from rlhf_lib.scoring import score_texts
+
+    chosen = score_texts(model, tokenizer, [p["chosen"] for p in pairs], max_length, batch_size)
+    rejected = score_texts(model, tokenizer, [p["rejected"] for p in pairs], max_length, batch_size)
+    margin = chosen - rejected
+    return {"accuracy": float((margin > 0).float().mean()), "mean_margin": float(margin.mean()),
+            "pairs": len(pairs)}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from trl import RewardConfig, RewardTrainer
+
+    from rlhf_lib import models, tracking
+
+    started = time.time()
+    args = common.parse_args("reward", argv)
+    cfg = common.load_config(args.config)
+    base_model, train_uri, eval_uri = common.require(args.inputs, "base_model", "train", "eval")
+    out = Path(args.output)
+    common.seed_everything(cfg.run.seed)
+    r = cfg.reward
+
+    tokenizer = models.load_tokenizer(base_model, cfg.run.trust_remote_code, padding_side="right")
+    model = models.load_reward_model(base_model, cfg.run.trust_remote_code)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    train_ds, eval_ds = _setup_datasets(cfg, train_uri, eval_uri)
+    reward_args = RewardConfig(
+        output_dir=str(out / "checkpoints"), run_name=tracking.run_name("reward"), report_to=common.report_to(cfg),
+        max_steps=r.max_steps, per_device_train_batch_size=r.batch_size, per_device_eval_batch_size=r.batch_size,
+        gradient_accumulation_steps=r.gradient_accumulation_steps, learning_rate=r.learning_rate,
+        lr_scheduler_type=r.lr_scheduler, warmup_steps=r.warmup_steps, logging_steps=r.logging_steps,
+        save_steps=r.save_steps, save_total_limit=2, eval_strategy="steps", eval_steps=r.eval_steps,
+        max_length=r.max_length, seed=cfg.run.seed, data_seed=cfg.run.seed, logging_first_step=True,
+        dataloader_num_workers=0, **common.trainer_precision(),
+    )
+    trainer = RewardTrainer(model=model, args=reward_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                            processing_class=tokenizer)
+    resume = args.resume_from or common.latest_trainer_checkpoint(out / "checkpoints")
+    if resume:
+        print(f"[reward] resuming from {resume}", flush=True)
+    train_out = trainer.train(resume_from_checkpoint=resume)
+
+    model_dir = out / "model"
+    trainer.save_model(str(model_dir))
+    if not common.is_main_process():
+        return model_dir
+    tokenizer.save_pretrained(model_dir)
+    held_out = pairwise_accuracy(trainer.model, tokenizer, list(eval_ds), r.max_length)
+    metrics = {
+        "train_loss": train_out.training_loss,
+        "eval_accuracy": held_out["accuracy"],
+        "eval_mean_margin": held_out["mean_margin"],
+        "eval_pairs": held_out["pairs"],
+        "steps": trainer.state.global_step,
+        "curves": common.log_history_summary(trainer.state.log_history),
+    }
+    result = common.write_result(out, "reward", started, model_path=str(model_dir.resolve()), base_model=base_model,
+                                 checkpoint_dir=str((out / "checkpoints").resolve()), metrics=metrics,
+                                 resumed_from=resume)
+    print(f"[reward] model: {model_dir.resolve()}  held-out accuracy={held_out['accuracy']:.3f} "
+          f"on {held_out['pairs']} pairs  ({result})", flush=True)
+    return model_dir
+
+
+if __name__ == "__main__":
+    main()

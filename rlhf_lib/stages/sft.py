@@ -1,0 +1,106 @@
+"""Supervised fine-tuning with QLoRA (TRL SFTTrainer): the seed's `Question: …\\n\\nAnswer: …` format,
+LoRA r=16 α=32 dropout 0.05 on an NF4 double-quantized base, packing, cosine schedule, checkpoints.
+
+    python -m rlhf_lib.stages.sft --config run.json --output DIR \\
+        --input base_model=PATH_OR_ID --input train=LAKE_URI --input eval=LAKE_URI
+
+Writes DIR/adapter (the LoRA adapter + tokenizer), DIR/checkpoints (HF Trainer checkpoints; a rerun with the
+same DIR resumes from the newest), and DIR/result.json.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from rlhf_lib.stages import common
+
+
+def _setup_datasets(cfg, train_uri: str, eval_uri: str):
+    from rlhf_lib.data import formatting, lake
+
+    def to_text(row):
+        return {"text": formatting.sft_text(row)}
+
+    cols = ["question", "response"]  # system_prompt is not used by the seed's format: don't decode it
+    bs = cfg.data.stream_batch_size
+    return (lake.to_hf_dataset(train_uri, cols, bs, to_text), lake.to_hf_dataset(eval_uri, cols, bs, to_text))
+
+
+def _setup_model(cfg, base_model: str):
+    import torch
+
+    from rlhf_lib import models
+
+    device_map = None
+    if torch.cuda.is_available():  # one full copy per accelerate process, on that process's GPU
+        from accelerate import PartialState
+
+        device_map = {"": PartialState().local_process_index}
+    model = models.load_causal_lm(base_model, quantize_4bit=cfg.sft.quantize_4bit,
+                                  trust_remote_code=cfg.run.trust_remote_code, device_map=device_map)
+    if cfg.sft.quantize_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from trl import SFTConfig, SFTTrainer
+
+    from rlhf_lib import models, tracking
+
+    started = time.time()
+    args = common.parse_args("sft", argv)
+    cfg = common.load_config(args.config)
+    base_model, train_uri, eval_uri = common.require(args.inputs, "base_model", "train", "eval")
+    out = Path(args.output)
+    common.seed_everything(cfg.run.seed)
+    s = cfg.sft
+
+    tokenizer = models.load_tokenizer(base_model, cfg.run.trust_remote_code, padding_side="right")
+    train_ds, eval_ds = _setup_datasets(cfg, train_uri, eval_uri)
+    model = _setup_model(cfg, base_model)
+    max_length = min(s.max_length, getattr(model.config, "max_position_embeddings", s.max_length))
+    sft_args = SFTConfig(
+        output_dir=str(out / "checkpoints"), run_name=tracking.run_name("sft"), report_to=common.report_to(cfg),
+        max_steps=s.max_steps, per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.gradient_accumulation_steps, learning_rate=s.learning_rate,
+        lr_scheduler_type=s.lr_scheduler, warmup_steps=s.warmup_steps, logging_steps=s.logging_steps,
+        save_steps=s.save_steps, save_total_limit=2, eval_strategy="steps", eval_steps=s.eval_steps,
+        max_length=max_length, packing=s.packing, packing_strategy="wrapped", dataset_text_field="text",
+        seed=cfg.run.seed, data_seed=cfg.run.seed, disable_tqdm=False, logging_first_step=True,
+        dataloader_num_workers=0, **common.trainer_precision(),
+    )
+    trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=models.lora_config(s.lora))
+    resume = args.resume_from or common.latest_trainer_checkpoint(out / "checkpoints")
+    if resume:
+        print(f"[sft] resuming from {resume}", flush=True)
+    train_out = trainer.train(resume_from_checkpoint=resume)
+    eval_metrics = trainer.evaluate()
+
+    adapter_dir = out / "adapter"
+    trainer.save_model(str(adapter_dir))  # adapter weights only (safetensors) + adapter_config.json
+    if not common.is_main_process():
+        return adapter_dir
+    tokenizer.save_pretrained(adapter_dir)
+    eval_loss = eval_metrics.get("eval_loss")
+    metrics = {
+        "train_loss": train_out.training_loss,
+        "eval_loss": eval_loss,
+        "eval_perplexity": math.exp(eval_loss) if eval_loss is not None else None,
+        "steps": trainer.state.global_step,
+        "curves": common.log_history_summary(trainer.state.log_history),
+    }
+    result = common.write_result(out, "sft", started, adapter_path=str(adapter_dir.resolve()),
+                                 checkpoint_dir=str((out / "checkpoints").resolve()), base_model=base_model,
+                                 metrics=metrics, resumed_from=resume)
+    print(f"[sft] adapter: {adapter_dir.resolve()}  eval_loss={eval_loss:.4f}  ({result})", flush=True)
+    return adapter_dir
+
+
+if __name__ == "__main__":
+    main()

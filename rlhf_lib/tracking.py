@@ -1,0 +1,33 @@
+"""W&B settings shared by every stage: one group per Metaflow run, one W&B run per stage.
+
+Offline by default (files under `<storage_root>/wandb`, upload later with `wandb sync`), online only when the
+config says so, disabled when asked. The key is never read here, stored, or passed as an argument: W&B reads
+WANDB_API_KEY from the environment itself.
+"""
+
+from __future__ import annotations
+
+import os
+
+from rlhf_lib.config import RunConfig
+
+
+def wandb_env(cfg: RunConfig, stage: str, run_id: str) -> dict[str, str]:
+    """Environment for a stage subprocess; HF trainers and our PPO loop pick W&B settings up from it."""
+    wandb_dir = cfg.storage_root / "wandb"
+    wandb_dir.mkdir(parents=True, exist_ok=True)
+    return {
+        "WANDB_MODE": cfg.run.wandb_mode,
+        "WANDB_DIR": str(wandb_dir),
+        "WANDB_PROJECT": cfg.run.wandb_project,
+        "WANDB_RUN_GROUP": f"RLHFFlow-{run_id}",
+        "WANDB_NAME": f"{stage}-{run_id}",
+        "WANDB_JOB_TYPE": stage,
+        "WANDB_SILENT": "true",
+        # HF's WandbCallback would otherwise upload every checkpoint as an artifact.
+        "WANDB_LOG_MODEL": "false",
+    }
+
+
+def run_name(stage: str) -> str:
+    return os.environ.get("WANDB_NAME", f"{stage}-standalone")
