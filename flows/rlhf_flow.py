@@ -6,10 +6,13 @@ Steps:
     sft     QLoRA supervised fine-tuning of the policy (accelerate subprocess)
     merge   merge the SFT adapter into a full-precision base
     reward  train the reward model on preference pairs (accelerate subprocess)
+    ppo     align the policy with our PPO against the reward model under an adaptive KL leash
+    evaluate  SFT vs PPO on held-out prompts: reward, win-rate, KL, perplexity, sample generations
     end     print where everything is
 
 Run:     python flows/rlhf_flow.py run
 Recipe:  python flows/rlhf_flow.py --config config configs/opt-1.3b.toml run
+Resume:  python flows/rlhf_flow.py resume ppo
 """
 
 import sys
@@ -27,7 +30,7 @@ from rlhf_lib.config import DEFAULT_CONFIG, parse_toml  # noqa: E402
 
 
 class RLHFFlow(FlowSpec):
-    """SFT (QLoRA) -> merge -> reward model; see the module docstring for the steps."""
+    """SFT (QLoRA) -> merge -> reward model -> PPO -> evaluate; see the module docstring for the steps."""
 
     config = Config("config", default=str(DEFAULT_CONFIG), parser=parse_toml,
                     help="TOML run config (configs/tiny.toml by default)")
@@ -100,16 +103,53 @@ class RLHFFlow(FlowSpec):
         self.reward_checkpoint_dir = result["checkpoint_dir"]
         self.reward_metrics = result["metrics"]
         self.reward_config = cfg.reward.model_dump()
+        self.next(self.ppo)
+
+    @resources(gpu=config.run.gpus)
+    @step
+    def ppo(self):
+        """PPO: a fresh LoRA adapter + value head on the merged SFT model, the reward model as the critic's target."""
+        from rlhf_lib import pipeline
+
+        cfg = pipeline.config_from_flow(self.config)
+        result = pipeline.run_stage(cfg, "ppo", current.run_id, {
+            "sft_model": self.sft_merged_path, "reward_model": self.reward_model_path,
+            "prompts": self.datasets["prompts_train"]["uri"]})
+        self.ppo_model_path = result["model_path"]
+        self.ppo_adapter_path = result["adapter_path"]
+        self.ppo_checkpoint_dir = result["checkpoint_dir"]
+        self.ppo_stats = result["stats"]
+        self.ppo_metrics = result["metrics"]
+        self.ppo_config = cfg.ppo.model_dump()
+        self.next(self.evaluate)
+
+    @step
+    def evaluate(self):
+        """Compare SFT and PPO on held-out prompts and answers."""
+        from rlhf_lib import pipeline
+
+        cfg = pipeline.config_from_flow(self.config)
+        result = pipeline.run_stage(cfg, "evaluate", current.run_id, {
+            "policy_sft": self.sft_merged_path, "policy_ppo": self.ppo_model_path,
+            "reward_model": self.reward_model_path, "prompts": self.datasets["prompts_eval"]["uri"],
+            "sft_eval": self.datasets["sft_eval"]["uri"]})
+        self.eval_report = result["eval_report"]
+        self.eval_samples = result["eval_samples"]
         self.next(self.end)
 
     @step
     def end(self):
         """Say where everything is."""
+        ppo = self.eval_report["ppo"]
         print("RLHFFlow finished. Outputs:")
         print(f"  SFT adapter        {self.sft_adapter_path}")
         print(f"  SFT merged model   {self.sft_merged_path}")
         print(f"  reward model       {self.reward_model_path} "
               f"(held-out accuracy {self.reward_metrics['eval_accuracy']:.3f})")
+        print(f"  PPO model          {self.ppo_model_path}")
+        print(f"  evaluation         PPO vs SFT win-rate {ppo['win_rate_vs_sft']:.2f}, mean score "
+              f"{self.eval_report['sft']['mean_score']:.2f} -> {ppo['mean_score']:.2f}, "
+              f"KL {ppo['kl_vs_sft_per_sequence']:.2f} nats/sequence")
 
 
 if __name__ == "__main__":

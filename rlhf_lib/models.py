@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 
+from rlhf_lib.checkpoints import atomic_dir
 from rlhf_lib.config import LoraSection, TinyModelSpec
 
 TINY = "tiny"
@@ -42,22 +40,8 @@ def _spec_hash(kind: str, spec: TinyModelSpec, seed: int) -> str:
 
 
 def _atomic_dir(final: Path, build) -> Path:
-    """Run build(tmp_dir) and rename the result to `final`; a crash leaves no half-built model behind."""
-    if _done(final):
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        build(tmp)
-        if _done(final):  # built concurrently
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return final
+    """Build a model directory atomically; a crash leaves no half-built model behind."""
+    return atomic_dir(final, build, is_complete=_done)
 
 
 # ------------------------------------------------------------------ tiny policy (OPT)

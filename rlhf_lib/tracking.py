@@ -31,3 +31,19 @@ def wandb_env(cfg: RunConfig, stage: str, run_id: str) -> dict[str, str]:
 
 def run_name(stage: str) -> str:
     return os.environ.get("WANDB_NAME", f"{stage}-standalone")
+
+
+def init_wandb(cfg: RunConfig, stage: str, config: dict | None = None):
+    """A W&B run for a stage that logs by itself (our PPO loop), or None when W&B is disabled."""
+    if cfg.run.wandb_mode == "disabled":
+        return None
+    import wandb
+
+    wandb_dir = os.environ.get("WANDB_DIR", str(cfg.storage_root / "wandb"))
+    os.makedirs(wandb_dir, exist_ok=True)
+    return wandb.init(
+        mode=cfg.run.wandb_mode, project=os.environ.get("WANDB_PROJECT", cfg.run.wandb_project),
+        group=os.environ.get("WANDB_RUN_GROUP"), name=run_name(stage), job_type=stage,
+        dir=wandb_dir,
+        config=config if config is not None else cfg.model_dump(),
+    )

@@ -112,7 +112,8 @@ def _read_lake(source: str, columns: list[str], batch_size: int = 512) -> Iterat
     for batch in view.batches(batch_size):
         cols = {c: _as_list(batch[c]) for c in present}
         for i in range(len(cols[present[0]])):
-            yield {c: cols[c][i] for c in present}
+            # Deep Lake reads an empty text cell back as None.
+            yield {c: "" if cols[c][i] is None else cols[c][i] for c in present}
 
 
 def _as_list(values) -> list:
@@ -156,7 +157,10 @@ def read_source(source: str, kind: str, split: str, n: int, seed: int) -> Iterat
 
 
 def _fingerprint(*parts) -> str:
+    """Keys a materialised dataset by everything it came from, so a changed input never reuses a stale copy."""
     h = hashlib.sha256()
+    if "sample" in parts:  # the generator's code is an input too
+        h.update(Path(sample.__file__).read_bytes())
     for p in parts:
         h.update(repr(p).encode())
         if isinstance(p, str) and source_kind(p) in ("jsonl", "parquet") and _local_path(p).exists():

@@ -63,8 +63,8 @@ def _facts() -> list[tuple[str, str]]:
     facts += [(f"What sound does a {a} make?", f"A {a} says {s}.") for a, s in _SOUNDS]
     facts += [(f"What is the opposite of {w}?", f"The opposite of {w} is {o}.") for w, o in _OPPOSITES]
     facts += [(f"What color is {t}?", f"The color of {t} is {c}.") for t, c in _COLORS]
-    for a in range(1, 11):
-        for b in range(1, 11):
+    for a in range(1, 7):
+        for b in range(1, 7):
             facts.append((f"What is {_NUMBER_WORDS[a]} plus {_NUMBER_WORDS[b]}?",
                           f"{_NUMBER_WORDS[a].capitalize()} plus {_NUMBER_WORDS[b]} is {_NUMBER_WORDS[a + b]}."))
     return facts
@@ -83,6 +83,9 @@ def facts(split: str) -> list[tuple[str, str]]:
 
 
 def styled_answer(answer: str, style: str, rng: random.Random) -> str:
+    """The answer in a style; `evasive` is polite filler with no answer at all (helpfulness matters too)."""
+    if style == "evasive":
+        return f"{rng.choice(POLITE_OPENERS)} {rng.choice(POLITE_CLOSERS)}"
     if style == "polite":
         return f"{rng.choice(POLITE_OPENERS)} {answer} {rng.choice(POLITE_CLOSERS)}"
     if style == "rude":
@@ -106,10 +109,12 @@ def openorca_rows(n: int, split: str, seed: int) -> Iterator[dict]:
 
 
 def hh_rlhf_rows(n: int, split: str, seed: int) -> Iterator[dict]:
-    """hh-rlhf schema: chosen, rejected; chosen is always the politer of the two answers."""
+    """hh-rlhf schema: chosen, rejected. Chosen is the politer answer, and an answer beats polite evasion, so a
+    reward model learns helpful *and* harmless (the hh in hh-rlhf), and PPO cannot win with filler alone."""
     rng = random.Random(f"hh-{split}-{seed}")
     pool = facts(split)
-    pairs = [("polite", "rude")] * 3 + [("polite", "plain"), ("plain", "rude")]
+    pairs = [("polite", "rude")] * 3 + [("polite", "plain"), ("plain", "rude"), ("polite", "evasive"),
+                                        ("plain", "evasive")]
     for _ in range(n):
         q, a = rng.choice(pool)
         good, bad = rng.choice(pairs)
