@@ -25,14 +25,23 @@ from rlhf_lib import env  # noqa: E402
 env.configure()  # Metaflow home, user name, W&B mode: before metaflow is imported
 
 from metaflow import Config, FlowSpec, current, resources, step  # noqa: E402
+from metaflow.exception import MetaflowException  # noqa: E402
 
-from rlhf_lib.config import DEFAULT_CONFIG, parse_toml  # noqa: E402
+from rlhf_lib.config import DEFAULT_CONFIG, ConfigError, parse_toml  # noqa: E402
+
+
+def parse_config(text: str) -> dict:
+    """TOML -> validated config; a bad config stops the CLI with the message alone, before any step runs."""
+    try:
+        return parse_toml(text)
+    except ConfigError as err:
+        raise MetaflowException(str(err)) from None
 
 
 class RLHFFlow(FlowSpec):
     """SFT (QLoRA) -> merge -> reward model -> PPO -> evaluate; see the module docstring for the steps."""
 
-    config = Config("config", default=str(DEFAULT_CONFIG), parser=parse_toml,
+    config = Config("config", default=str(DEFAULT_CONFIG), parser=parse_config,
                     help="TOML run config (configs/tiny.toml by default)")
 
     @step
@@ -69,7 +78,7 @@ class RLHFFlow(FlowSpec):
         from rlhf_lib import pipeline
 
         cfg = pipeline.config_from_flow(self.config)
-        result = pipeline.run_stage(cfg, "sft", current.run_id, {
+        result = pipeline.run_stage(cfg, "sft", current.run_id, origin_run_id=current.origin_run_id, inputs={
             "base_model": self.policy_base, "train": self.datasets["sft_train"]["uri"],
             "eval": self.datasets["sft_eval"]["uri"]})
         self.sft_adapter_path = result["adapter_path"]
@@ -96,7 +105,7 @@ class RLHFFlow(FlowSpec):
         from rlhf_lib import pipeline
 
         cfg = pipeline.config_from_flow(self.config)
-        result = pipeline.run_stage(cfg, "reward", current.run_id, {
+        result = pipeline.run_stage(cfg, "reward", current.run_id, origin_run_id=current.origin_run_id, inputs={
             "base_model": self.reward_base, "train": self.datasets["preference_train"]["uri"],
             "eval": self.datasets["preference_eval"]["uri"]})
         self.reward_model_path = result["model_path"]
@@ -112,7 +121,7 @@ class RLHFFlow(FlowSpec):
         from rlhf_lib import pipeline
 
         cfg = pipeline.config_from_flow(self.config)
-        result = pipeline.run_stage(cfg, "ppo", current.run_id, {
+        result = pipeline.run_stage(cfg, "ppo", current.run_id, origin_run_id=current.origin_run_id, inputs={
             "sft_model": self.sft_merged_path, "reward_model": self.reward_model_path,
             "prompts": self.datasets["prompts_train"]["uri"]})
         self.ppo_model_path = result["model_path"]
@@ -121,6 +130,7 @@ class RLHFFlow(FlowSpec):
         self.ppo_stats = result["stats"]
         self.ppo_metrics = result["metrics"]
         self.ppo_config = cfg.ppo.model_dump()
+        self.ppo_resumed_from_step = result["resumed_from_step"]
         self.next(self.evaluate)
 
     @step

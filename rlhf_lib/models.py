@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -177,12 +178,13 @@ def check_reachable(ref: str, what: str, timeout: float = 10.0) -> None:
         if not (path / "config.json").exists():
             raise ModelError(f"{what}: {ref!r} is not a model directory (no config.json); fix the path")
         return
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.constants import HF_HUB_OFFLINE
+    from huggingface_hub import constants, try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(ref, "config.json"), str):  # cached: loads offline
         return
-    if HF_HUB_OFFLINE:
+    # The hub library reads HF_HUB_OFFLINE once, at import; honour a value set after that too.
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline:
         raise ModelError(
             f"{what}: hub model {ref!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1. "
             f"Download it first (`hf download {ref}`), unset HF_HUB_OFFLINE, or use a local path or `tiny`"

@@ -174,17 +174,21 @@ def _write_lake(path: Path, rows: Iterable[dict], columns: list[str], batch: int
     import deeplake
 
     tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-    ds = deeplake.create(f"file://{tmp}")
-    for c in columns:
-        ds.add_column(c, deeplake.types.Text())
-    count = 0
-    it = iter(rows)
-    while chunk := list(islice(it, batch)):
-        ds.append({c: [r[c] for r in chunk] for c in columns})
-        count += len(chunk)
-    ds.commit(f"ingest {count} rows")
-    del ds
-    (tmp / DONE_MARKER).write_text(json.dumps({"rows": count, "columns": columns}))
+    try:
+        ds = deeplake.create(f"file://{tmp}")
+        for c in columns:
+            ds.add_column(c, deeplake.types.Text())
+        count = 0
+        it = iter(rows)
+        while chunk := list(islice(it, batch)):
+            ds.append({c: [r[c] for r in chunk] for c in columns})
+            count += len(chunk)
+        ds.commit(f"ingest {count} rows")
+        del ds
+        (tmp / DONE_MARKER).write_text(json.dumps({"rows": count, "columns": columns}))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written survives a bad row or a crash
+        raise
     if path.exists():  # a concurrent ingest got there first; theirs is complete (it has the marker)
         shutil.rmtree(tmp)
     else:

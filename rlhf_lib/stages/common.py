@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -124,7 +125,36 @@ def log_history_summary(log_history: list[dict]) -> dict[str, list]:
 
 def latest_trainer_checkpoint(ckpt_dir: Path) -> str | None:
     """The newest complete HF Trainer checkpoint (`checkpoint-N` with trainer_state.json) in a directory."""
+    ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return None
     done = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+
+
+def _step_of(path: str | None) -> int:
+    return int(Path(path).name.split("-")[-1]) if path else -1
+
+
+def adopt(checkpoint: Path, own_root: Path) -> Path:
+    """Copy a checkpoint from another run (a Metaflow resume's origin) into this stage's own checkpoint
+    directory, atomically, so that a resume of this run later still finds it if this run dies before saving."""
+    from rlhf_lib.checkpoints import atomic_dir
+
+    target = Path(own_root) / Path(checkpoint).name
+    if Path(checkpoint).resolve() == target.resolve():
+        return target
+    return atomic_dir(target, lambda tmp: shutil.copytree(checkpoint, tmp, dirs_exist_ok=True))
+
+
+def trainer_resume_point(resume_from: str | None, own_root: Path) -> str | None:
+    """Where an HF-Trainer stage continues: the newest checkpoint of its own directory or of `resume_from`
+    (a checkpoint, or a directory of them from an earlier run); None starts fresh."""
+    own = latest_trainer_checkpoint(own_root)
+    if resume_from and (Path(resume_from) / "trainer_state.json").exists():
+        external = resume_from
+    else:
+        external = latest_trainer_checkpoint(Path(resume_from)) if resume_from else None
+    if _step_of(external) > _step_of(own):
+        return str(adopt(Path(external), own_root))
+    return own

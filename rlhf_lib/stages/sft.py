@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=models.lora_config(s.lora))
-    resume = args.resume_from or common.latest_trainer_checkpoint(out / "checkpoints")
+    resume = common.trainer_resume_point(args.resume_from, out / "checkpoints")
     if resume:
         print(f"[sft] resuming from {resume}", flush=True)
     train_out = trainer.train(resume_from_checkpoint=resume)

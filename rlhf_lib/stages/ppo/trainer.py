@@ -259,11 +259,30 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def find_resume_point(path: Path) -> tuple[Path, dict] | None:
-    """A `step-N` directory is loaded as it is; a checkpoints root yields its newest valid checkpoint."""
-    if checkpoints.marked_step(path) is not None:
-        return path, load_checkpoint(path)
-    return checkpoints.latest_valid(path, load_checkpoint)
+def find_resume_point(resume_from: Path | None, own_root: Path) -> tuple[Path, dict] | None:
+    """The newest loadable checkpoint among this stage's own and those at `resume_from` (a `step-N` directory
+    or a directory of them, e.g. a Metaflow resume's origin run). One from elsewhere is first copied into
+    `own_root`, so a resume of *this* run still finds it if this run dies before its first save."""
+    candidates = []
+    own = checkpoints.latest_valid(own_root, load_checkpoint)
+    if own:
+        candidates.append(own)
+    if resume_from is not None:
+        if checkpoints.marked_step(resume_from) is not None:
+            try:
+                candidates.append((resume_from, load_checkpoint(resume_from)))
+            except Exception as err:
+                print(f"[ppo] warning: cannot load checkpoint {resume_from}: {err}", flush=True)
+        else:
+            external = checkpoints.latest_valid(resume_from, load_checkpoint)
+            if external:
+                candidates.append(external)
+    if not candidates:
+        return None
+    path, state = max(candidates, key=lambda c: c[1]["step"])
+    if Path(path).parent.resolve() != Path(own_root).resolve():
+        path = common.adopt(Path(path), Path(own_root))
+    return path, state
 
 
 def _restore(state: dict, policy, optimizer, kl_ctl, sampler, length_gen) -> None:
@@ -309,7 +328,9 @@ def main(argv: list[str] | None = None) -> Path:
     stats_history: list[dict] = []
     start_step = 0
 
-    found = find_resume_point(Path(args.resume_from) if args.resume_from else ckpt_root)
+    # W&B first: whatever randomness its start-up uses must not come after the restored RNG state.
+    wandb_run = tracking.init_wandb(cfg, "ppo") if accelerator.is_main_process else None
+    found = find_resume_point(Path(args.resume_from) if args.resume_from else None, ckpt_root)
     if found:
         path, state = found
         _restore(state, policy, optimizer, kl_ctl, sampler, length_gen)
@@ -318,7 +339,6 @@ def main(argv: list[str] | None = None) -> Path:
     policy, optimizer = accelerator.prepare(policy, optimizer)
     policy.eval()
 
-    wandb_run = tracking.init_wandb(cfg, "ppo") if accelerator.is_main_process else None
     bar = tqdm(range(start_step, p.steps), desc="ppo", initial=start_step, total=p.steps,
                disable=not accelerator.is_main_process, mininterval=2)
     for step in bar:
