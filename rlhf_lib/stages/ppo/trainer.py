@@ -184,7 +184,7 @@ def ppo_step(policy, optimizer, accelerator, batch: dict, kl_ctl, p) -> dict[str
                 optimizer.zero_grad()
             for key, val in (("policy_loss", pg_loss), ("value_loss", vf_loss), *pg_stats.items(),
                              *vf_stats.items()):
-                agg[key].append(float(val))
+                agg[key].append(float(val.detach()))
             if p.early_stopping and pg_stats["approx_kl"] > 1.5 * p.target_kl:
                 early_stopped = True
                 break

@@ -1,0 +1,67 @@
+"""Every bad input in the README's table fails before any training: non-zero exit within seconds, a message
+that names the problem and the fix, and no stage output written."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, write_config
+
+FLOW = str(ROOT / "flows" / "rlhf_flow.py")
+
+
+def _classifier(path, num_labels):
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    DebertaV2ForSequenceClassification(DebertaV2Config(vocab_size=100, hidden_size=16, num_hidden_layers=1,
+                                                       num_attention_heads=2, intermediate_size=32,
+                                                       num_labels=num_labels)).save_pretrained(path)
+    return str(path)
+
+
+def _cases(tmp, tiny_policy):
+    (tmp / "no_rejected.jsonl").write_text(json.dumps({"chosen": "a", "reject": "b"}) + "\n")
+    (tmp / "empty.jsonl").write_text("")
+    return {
+        "unknown key": ({"sft": {"lora_rank": 8}}, "unknown config key `sft.lora_rank`"),
+        "wrong type": ({"ppo": {"steps": "ten"}}, "config key `ppo.steps`: Input should be a valid integer"),
+        "min length > max length": ({"ppo": {"min_response_length": 64, "max_response_length": 8}},
+                                    "ppo.min_response_length (64) > ppo.max_response_length (8)"),
+        "missing column": ({"data": {"preference": {"source": str(tmp / "no_rejected.jsonl"), "eval_rows": 1}}},
+                           "lacks column(s) ['rejected']"),
+        "empty dataset": ({"data": {"sft": {"source": str(tmp / "empty.jsonl"), "eval_rows": 1}}},
+                          "data.sft.source: '" + str(tmp / "empty.jsonl") + "' is empty"),
+        "nonexistent dataset path": ({"data": {"prompts": {"source": str(tmp / "nope.parquet"), "eval_rows": 1}}},
+                                     "does not exist; fix the path or use `sample`"),
+        "nonexistent model path": ({"policy": {"model": str(tmp / "no-model")}}, "is not a model directory"),
+        "hub id unreachable offline": ({"policy": {"model": "facebook/opt-1.3b"}},
+                                       "not in the local Hugging Face cache and HF_HUB_OFFLINE=1"),
+        "reward model is a causal LM": ({"reward_model": {"model": tiny_policy}}, "is a causal LM"),
+        "reward model has 2 labels": ({"reward_model": {"model": _classifier(tmp / "cls2", 2)}},
+                                      "needs num_labels=1"),
+        "too little disk": ({"run": {"min_free_disk_gb": 1e9}}, "free space or point run.storage_root elsewhere"),
+    }
+
+
+CASES = ["unknown key", "wrong type", "min length > max length", "missing column", "empty dataset",
+         "nonexistent dataset path", "nonexistent model path", "hub id unreachable offline",
+         "reward model is a causal LM", "reward model has 2 labels", "too little disk"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_fails_fast_and_writes_nothing(case, tmp_path, tiny_policy):
+    overrides, message = _cases(tmp_path, tiny_policy)[case]
+    store = tmp_path / "store"
+    cfg = write_config(tmp_path / "bad.toml", {**overrides, "run": {**overrides.get("run", {}),
+                                                                   "storage_root": str(store)}})
+    started = time.time()
+    proc = subprocess.run([sys.executable, FLOW, "--config", "config", str(cfg), "run"], capture_output=True,
+                          text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert message in output, output[-3000:]
+    assert time.time() - started < 120
+    assert not store.exists(), "a failed start must not write stage output"
