@@ -24,7 +24,7 @@ from rlhf_lib import env  # noqa: E402
 
 env.configure()  # Metaflow home, user name, W&B mode: before metaflow is imported
 
-from metaflow import Config, FlowSpec, current, resources, step  # noqa: E402
+from metaflow import Config, FlowSpec, card, current, resources, step  # noqa: E402
 from metaflow.exception import MetaflowException  # noqa: E402
 
 from rlhf_lib.config import DEFAULT_CONFIG, ConfigError, parse_toml  # noqa: E402
@@ -114,6 +114,7 @@ class RLHFFlow(FlowSpec):
         self.reward_config = cfg.reward.model_dump()
         self.next(self.ppo)
 
+    @card(type="blank")
     @resources(gpu=config.run.gpus)
     @step
     def ppo(self):
@@ -131,8 +132,12 @@ class RLHFFlow(FlowSpec):
         self.ppo_metrics = result["metrics"]
         self.ppo_config = cfg.ppo.model_dump()
         self.ppo_resumed_from_step = result["resumed_from_step"]
+        from rlhf_lib import report
+
+        report.build_ppo_card(current.card, self.ppo_stats, cfg.ppo.kl_target, self.ppo_resumed_from_step)
         self.next(self.evaluate)
 
+    @card(type="blank")
     @step
     def evaluate(self):
         """Compare SFT and PPO on held-out prompts and answers."""
@@ -145,6 +150,9 @@ class RLHFFlow(FlowSpec):
             "sft_eval": self.datasets["sft_eval"]["uri"]})
         self.eval_report = result["eval_report"]
         self.eval_samples = result["eval_samples"]
+        from rlhf_lib import report
+
+        report.build_evaluate_card(current.card, self)
         self.next(self.end)
 
     @step

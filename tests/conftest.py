@@ -78,3 +78,17 @@ def tiny_policy(tmp_path_factory) -> str:
     spec = TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, ffn_dim=64, vocab_size=512, max_positions=128,
                          pretrain_steps=20)
     return models.prepare("tiny", spec, "policy", root, seed=0)
+
+
+@pytest.fixture(scope="session")
+def flow_run(tmp_path_factory):
+    """One whole run of the flow (test profile, offline) through metaflow.Runner, shared by the tests."""
+    from metaflow import Runner
+
+    store = tmp_path_factory.mktemp("store")
+    cfg = write_config(store / "test.toml", {"run": {"storage_root": str(store)}})
+    with Runner(str(ROOT / "flows" / "rlhf_flow.py"), show_output=False, config=[("config", str(cfg))],
+                env={"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}) as runner:
+        result = runner.run()
+        assert result.status == "successful", result.stderr[-4000:]
+        yield result.run

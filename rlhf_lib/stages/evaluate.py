@@ -84,7 +84,7 @@ def win_rate(scores: torch.Tensor, baseline: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from rlhf_lib import models
+    from rlhf_lib import models, tracking
     from rlhf_lib.data import formatting, lake
     from rlhf_lib.stages.ppo.rollout import score
 
@@ -140,6 +140,14 @@ def main(argv: list[str] | None = None) -> Path:
          **{f"{n}_score": float(scores[n][i]) for n in policies}}
         for i in range(min(e.num_samples_shown, len(prompts)))
     ]
+    wandb_run = tracking.init_wandb(cfg, "evaluate")
+    if wandb_run is not None:
+        import wandb
+
+        wandb_run.summary.update({f"{m}/{k}": v for m, vals in report.items() for k, v in vals.items()})
+        if samples:
+            wandb_run.log({"samples": wandb.Table(columns=list(samples[0]), data=[list(s.values()) for s in samples])})
+        wandb_run.finish()
     common.atomic_write_json(out / "eval_report.json", report)
     common.atomic_write_json(out / "eval_samples.json", samples)
     result = common.write_result(out, "evaluate", started, eval_report=report, eval_samples=samples,

@@ -14,7 +14,7 @@ from rlhf_lib.stages import common
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from rlhf_lib import models
+    from rlhf_lib import models, tracking
 
     started = time.time()
     args = common.parse_args("merge", argv)
@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(args.output)
     merged = models.merge_adapter(base_model, adapter, out / "merged", cfg.run.trust_remote_code)
     if common.is_main_process():
+        wandb_run = tracking.init_wandb(cfg, "merge")
+        if wandb_run is not None:
+            wandb_run.summary.update({"merged_path": str(merged.resolve()), "adapter_path": adapter})
+            wandb_run.finish()
         result = common.write_result(out, "merge", started, merged_path=str(merged.resolve()), base_model=base_model,
                                      adapter_path=adapter, dtype=str(models.compute_dtype()).removeprefix("torch."))
         print(f"[merge] merged model: {merged.resolve()}  ({result})", flush=True)

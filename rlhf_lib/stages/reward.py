@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> Path:
     if not common.is_main_process():
         return model_dir
     tokenizer.save_pretrained(model_dir)
+    (model_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing here needs it
     held_out = pairwise_accuracy(trainer.model, tokenizer, list(eval_ds), r.max_length)
     metrics = {
         "train_loss": train_out.training_loss,

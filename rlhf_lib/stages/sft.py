@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> Path:
     if not common.is_main_process():
         return adapter_dir
     tokenizer.save_pretrained(adapter_dir)
+    (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing here needs it
     eval_loss = eval_metrics.get("eval_loss")
     metrics = {
         "train_loss": train_out.training_loss,

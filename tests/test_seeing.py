@@ -1,0 +1,63 @@
+"""Seeing a run: the notebook runs clean, the evaluate card has the plots and table, W&B has every stage."""
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from conftest import ROOT
+
+NOTEBOOK = ROOT / "notebooks" / "inspect_run.ipynb"
+
+
+def test_notebook_is_stored_without_outputs():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None
+
+
+def test_notebook_runs_top_to_bottom(flow_run, tmp_path):
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    os.environ["RLHF_RUN_ID"] = flow_run.id
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    finally:
+        del os.environ["RLHF_RUN_ID"]
+    text = json.dumps(nb)
+    assert flow_run.id in text  # it opened the run it was given
+    images = sum(1 for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {}))
+    assert images >= 3  # SFT loss, reward accuracy, PPO panel
+    printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.get("name") == "stdout")
+    assert printed.startswith("Question: What is the capital of France?\n\nAnswer:")
+
+
+def test_evaluate_card_has_plots_and_table(flow_run, tmp_path):
+    out = tmp_path / "card.html"
+    proc = subprocess.run([sys.executable, str(ROOT / "flows" / "rlhf_flow.py"), "card", "get",
+                           f"{flow_run.id}/evaluate", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    html = out.read_text()
+    # The card's components travel base64-encoded inside the HTML, as Metaflow's card viewer expects.
+    payload = re.search(r'window\.__MF_DATA__\["[^"]+"\] = "([^"]+)"', html)
+    assert payload, "no card data in the HTML"
+    content = base64.b64decode(payload.group(1)).decode()
+    assert content.count("data:image/png;base64") >= 3
+    assert "win_rate_vs_sft" in content and "Sample generations" in content
+
+
+def test_wandb_offline_files_for_every_stage(flow_run):
+    wandb_dir = Path(flow_run.data.storage_root) / "wandb" / "wandb"
+    runs = list(wandb_dir.glob("offline-run-*/run-*.wandb"))
+    for stage in ("sft", "merge", "reward", "ppo", "evaluate"):
+        name = f"{stage}-{flow_run.id}".encode()
+        assert any(name in r.read_bytes() for r in runs), f"no offline W&B run named {stage}-{flow_run.id}"
