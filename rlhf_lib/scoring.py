@@ -12,12 +12,12 @@ import torch
 
 @torch.no_grad()
 def score_texts(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 32) -> torch.Tensor:
-    """One scalar score per text (the num_labels=1 logit), as a float32 CPU tensor."""
+    """One scalar score per text (the num_labels=1 logit), float32, on the reward model's device."""
     model.eval()
     device = next(model.parameters()).device
     scores = []
     for i in range(0, len(texts), batch_size):
         batch = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
                           max_length=max_length).to(device)
-        scores.append(model(**batch).logits[:, 0].float().cpu())
-    return torch.cat(scores) if scores else torch.zeros(0)
+        scores.append(model(**batch).logits[:, 0].float())
+    return torch.cat(scores) if scores else torch.zeros(0, device=device)

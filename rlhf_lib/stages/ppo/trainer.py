@@ -163,8 +163,9 @@ def ppo_step(policy, optimizer, accelerator, batch: dict, kl_ctl, p) -> dict[str
     advantages = losses.masked_whiten(advantages, mask)
 
     B = len(input_ids)
-    agg: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": [],
-                                   "vf_clipfrac": []}
+    # Per-mini-batch stats stay on the device until the step ends: no host sync inside the loop.
+    agg: dict[str, list[torch.Tensor]] = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": [],
+                                          "vf_clipfrac": []}
     early_stopped = False
     for _ in range(p.ppo_epochs):
         order = torch.randperm(B).tolist()
@@ -184,7 +185,7 @@ def ppo_step(policy, optimizer, accelerator, batch: dict, kl_ctl, p) -> dict[str
                 optimizer.zero_grad()
             for key, val in (("policy_loss", pg_loss), ("value_loss", vf_loss), *pg_stats.items(),
                              *vf_stats.items()):
-                agg[key].append(float(val.detach()))
+                agg[key].append(val.detach())
             if p.early_stopping and pg_stats["approx_kl"] > 1.5 * p.target_kl:
                 early_stopped = True
                 break
@@ -202,7 +203,7 @@ def ppo_step(policy, optimizer, accelerator, batch: dict, kl_ctl, p) -> dict[str
         "beta": kl_ctl.value,
         "entropy": float(losses.masked_mean(old["entropy"], mask)),
         "response_length_mean": float(g_len.mean()),
-        **{k: float(np.mean(v)) if v else 0.0 for k, v in agg.items()},
+        **{k: float(torch.stack(v).mean()) if v else 0.0 for k, v in agg.items()},
         "early_stopped": early_stopped,
     }
     kl_ctl.update(stats["kl"], len(g_scores))
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> Path:
             unwrapped.lm, tokenizer, prompts, lengths, stop_at_eos=p.stop_at_eos,
             max_prompt_length=p.max_prompt_length)
         responses = rollout.decode_responses(tokenizer, input_ids, r_mask, P)
-        scores = rollout.score(reward, reward_tokenizer, prompts, responses, p.reward_max_length).to(device)
+        scores = rollout.score(reward, reward_tokenizer, prompts, responses, p.reward_max_length)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": r_mask,
                  "prompt_length": P, "scores": scores}
         stats = {"step": step + 1, **ppo_step(policy, optimizer, accelerator, batch, kl_ctl, p)}
