@@ -54,9 +54,10 @@ def main() -> None:
         "base_model": cfg.reward_model.model, "train": train["uri"], "eval": held["uri"]})
     seconds = time.time() - started
     m = result["metrics"]
-    print(f"\n| reward model | train pairs | held-out pairs | steps × batch | max length | held-out accuracy | "
-          f"mean margin | seconds |\n|---|---|---|---|---|---|---|---|\n| MiniLM-L6 (pretrained) | {train['rows']} | "
-          f"{m['eval_pairs']} | {m['steps']} × {args.batch_size} | {args.max_length} | {m['eval_accuracy']:.3f} | "
+    print(f"\n| reward model | train pairs (kept by TRL) | held-out pairs (ties) | steps × batch | max length | "
+          f"held-out accuracy | mean margin | seconds |\n|---|---|---|---|---|---|---|---|\n"
+          f"| MiniLM-L6 (pretrained) | {m['train_pairs']} ({m['train_pairs_used']}) | {m['eval_pairs']} "
+          f"({m['eval_ties']}) | {m['steps']} × {args.batch_size} | {args.max_length} | {m['eval_accuracy']:.3f} | "
           f"{m['eval_mean_margin']:.3f} | {seconds:.0f} |")
 
 

@@ -118,8 +118,8 @@ class RLHFFlow(FlowSpec):
     @resources(gpu=config.run.gpus)
     @step
     def ppo(self):
-        """PPO: a fresh LoRA adapter + value head on the merged SFT model, the reward model as the critic's target."""
-        from rlhf_lib import pipeline
+        """PPO: a fresh LoRA adapter + value head on the merged SFT model, trained against the reward model."""
+        from rlhf_lib import pipeline, report
 
         cfg = pipeline.config_from_flow(self.config)
         result = pipeline.run_stage(cfg, "ppo", current.run_id, origin_run_id=current.origin_run_id, inputs={
@@ -132,16 +132,14 @@ class RLHFFlow(FlowSpec):
         self.ppo_metrics = result["metrics"]
         self.ppo_config = cfg.ppo.model_dump()
         self.ppo_resumed_from_step = result["resumed_from_step"]
-        from rlhf_lib import report
-
         report.build_ppo_card(current.card, self.ppo_stats, cfg.ppo.kl_target, self.ppo_resumed_from_step)
         self.next(self.evaluate)
 
     @card(type="blank")
     @step
     def evaluate(self):
-        """Compare SFT and PPO on held-out prompts and answers."""
-        from rlhf_lib import pipeline
+        """Compare SFT and PPO on held-out prompts and answers; draw the card."""
+        from rlhf_lib import pipeline, report
 
         cfg = pipeline.config_from_flow(self.config)
         result = pipeline.run_stage(cfg, "evaluate", current.run_id, {
@@ -150,8 +148,6 @@ class RLHFFlow(FlowSpec):
             "sft_eval": self.datasets["sft_eval"]["uri"]})
         self.eval_report = result["eval_report"]
         self.eval_samples = result["eval_samples"]
-        from rlhf_lib import report
-
         report.build_evaluate_card(current.card, self)
         self.next(self.end)
 

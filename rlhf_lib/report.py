@@ -20,29 +20,32 @@ def _curve(curves: dict, *keys: str) -> tuple[list, list]:
     return [], []
 
 
-def plot_sft_loss(sft_metrics: dict):
+def _plot_curves(curves: dict, series: tuple[tuple[str, str], ...], title: str, ylabel: str):
+    """One line per (curve key, label); eval curves (few points) get markers."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    curves = sft_metrics.get("curves", {})
-    for key, label in (("loss", "train"), ("eval_loss", "held-out")):
+    for key, label in series:
         steps, values = _curve(curves, key)
         if steps:
-            ax.plot(steps, values, marker="o" if key == "eval_loss" else None, label=label)
-    ax.set(title="SFT loss", xlabel="step", ylabel="loss")
+            ax.plot(steps, values, marker="o" if key.startswith("eval_") else None, label=label)
+    ax.set(title=title, xlabel="step", ylabel=ylabel)
+    return fig, ax
+
+
+def plot_sft_loss(sft_metrics: dict):
+    fig, ax = _plot_curves(sft_metrics.get("curves", {}), (("loss", "train"), ("eval_loss", "held-out")),
+                           "SFT loss", "loss")
     ax.legend()
     fig.tight_layout()
     return fig
 
 
 def plot_reward_accuracy(reward_metrics: dict):
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    curves = reward_metrics.get("curves", {})
-    for key, label in (("accuracy", "train batches"), ("eval_accuracy", "held-out pairs")):
-        steps, values = _curve(curves, key)
-        if steps:
-            ax.plot(steps, values, marker="o" if key == "eval_accuracy" else None, label=label)
+    final = reward_metrics.get("eval_accuracy", float("nan"))
+    fig, ax = _plot_curves(reward_metrics.get("curves", {}),
+                           (("accuracy", "train batches"), ("eval_accuracy", "held-out pairs")),
+                           f"Reward model accuracy (final held-out {final:.3f})", "pairwise accuracy")
     ax.axhline(0.5, color="grey", linestyle=":", label="chance")
-    ax.set(title=f"Reward model accuracy (final held-out {reward_metrics.get('eval_accuracy', float('nan')):.3f})",
-           xlabel="step", ylabel="pairwise accuracy", ylim=(0, 1.05))
+    ax.set_ylim(0, 1.05)
     ax.legend()
     fig.tight_layout()
     return fig

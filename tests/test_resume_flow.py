@@ -5,7 +5,6 @@ hook in the product); `resume ppo` through the CLI must reuse every upstream art
 checkpoint, and end with the stats of an uninterrupted PPO on the same inputs.
 """
 
-import json
 import math
 import os
 import signal

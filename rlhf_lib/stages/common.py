@@ -44,6 +44,32 @@ def parse_args(stage: str, argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def start(stage: str, argv: list[str] | None, *required: str):
+    """The preamble every stage shares: (start time, args, config, required input paths, output dir), seeded."""
+    started = time.time()
+    args = parse_args(stage, argv)
+    cfg = load_config(args.config)
+    paths = require(args.inputs, *required)
+    seed_everything(cfg.run.seed)
+    return started, args, cfg, paths, Path(args.output)
+
+
+def hf_training_kwargs(cfg: RunConfig, section, stage: str, output: Path) -> dict[str, Any]:
+    """TrainingArguments shared by the HF-Trainer stages (sft, reward), from their config section."""
+    from rlhf_lib import tracking
+
+    return dict(
+        output_dir=str(output / "checkpoints"), run_name=tracking.run_name(stage), report_to=report_to(cfg),
+        max_steps=section.max_steps, per_device_train_batch_size=section.batch_size,
+        per_device_eval_batch_size=section.batch_size,
+        gradient_accumulation_steps=section.gradient_accumulation_steps, learning_rate=section.learning_rate,
+        lr_scheduler_type=section.lr_scheduler, warmup_steps=section.warmup_steps,
+        logging_steps=section.logging_steps, save_steps=section.save_steps, save_total_limit=2,
+        eval_strategy="steps", eval_steps=section.eval_steps, seed=cfg.run.seed, data_seed=cfg.run.seed,
+        logging_first_step=True, dataloader_num_workers=0, **trainer_precision(),
+    )
+
+
 def load_config(path: str) -> RunConfig:
     return RunConfig.model_validate(json.loads(Path(path).read_text()))
 

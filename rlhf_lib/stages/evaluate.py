@@ -13,7 +13,6 @@ Writes DIR/eval_report.json, DIR/eval_samples.json and DIR/result.json.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -88,14 +87,11 @@ def main(argv: list[str] | None = None) -> Path:
     from rlhf_lib.data import formatting, lake
     from rlhf_lib.stages.ppo.rollout import score
 
-    started = time.time()
-    args = common.parse_args("evaluate", argv)
-    cfg = common.load_config(args.config)
-    reward_path, prompts_uri, sft_eval_uri = common.require(args.inputs, "reward_model", "prompts", "sft_eval")
+    started, args, cfg, (reward_path, prompts_uri, sft_eval_uri), out = common.start(
+        "evaluate", argv, "reward_model", "prompts", "sft_eval")
     policies = {k.removeprefix("policy_"): v for k, v in args.inputs.items() if k.startswith("policy_")}
     if BASELINE not in policies:
         raise SystemExit("evaluate needs --input policy_sft=DIR (the baseline)")
-    out = Path(args.output)
     e, trust = cfg.eval, cfg.run.trust_remote_code
 
     prompts = [formatting.rl_prompt(r) for r in lake.stream(prompts_uri, ["instruction", "input"])][: e.num_prompts]

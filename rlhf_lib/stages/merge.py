@@ -7,7 +7,6 @@ Writes DIR/merged (safetensors + tokenizer), a standalone model later stages loa
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from rlhf_lib.stages import common
@@ -16,11 +15,7 @@ from rlhf_lib.stages import common
 def main(argv: list[str] | None = None) -> Path:
     from rlhf_lib import models, tracking
 
-    started = time.time()
-    args = common.parse_args("merge", argv)
-    cfg = common.load_config(args.config)
-    base_model, adapter = common.require(args.inputs, "base_model", "adapter")
-    out = Path(args.output)
+    started, args, cfg, (base_model, adapter), out = common.start("merge", argv, "base_model", "adapter")
     merged = models.merge_adapter(base_model, adapter, out / "merged", cfg.run.trust_remote_code)
     if common.is_main_process():
         wandb_run = tracking.init_wandb(cfg, "merge")

@@ -11,7 +11,6 @@ tokenizer) and DIR/result.json.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from rlhf_lib.stages import common
@@ -28,44 +27,37 @@ def _setup_datasets(cfg, train_uri: str, eval_uri: str):
 
 
 def pairwise_accuracy(model, tokenizer, pairs, max_length: int, batch_size: int = 32) -> dict[str, float]:
-    """Fraction of (chosen, rejected) pairs ranked correctly, and the mean score margin."""
+    """Fraction of (chosen, rejected) pairs ranked correctly (ties count half), and the mean score margin."""
     from rlhf_lib.scoring import score_texts
 
     chosen = score_texts(model, tokenizer, [p["chosen"] for p in pairs], max_length, batch_size)
     rejected = score_texts(model, tokenizer, [p["rejected"] for p in pairs], max_length, batch_size)
     margin = chosen - rejected
-    return {"accuracy": float((margin > 0).float().mean()), "mean_margin": float(margin.mean()),
-            "pairs": len(pairs)}
+    correct = (margin > 0).float() + 0.5 * (margin == 0).float()
+    return {"accuracy": float(correct.mean()), "mean_margin": float(margin.mean()), "pairs": len(pairs),
+            "ties": int((margin == 0).sum())}
 
 
 def main(argv: list[str] | None = None) -> Path:
     from trl import RewardConfig, RewardTrainer
 
-    from rlhf_lib import models, tracking
+    from rlhf_lib import models
 
-    started = time.time()
-    args = common.parse_args("reward", argv)
-    cfg = common.load_config(args.config)
-    base_model, train_uri, eval_uri = common.require(args.inputs, "base_model", "train", "eval")
-    out = Path(args.output)
-    common.seed_everything(cfg.run.seed)
+    started, args, cfg, (base_model, train_uri, eval_uri), out = common.start(
+        "reward", argv, "base_model", "train", "eval")
     r = cfg.reward
 
     tokenizer = models.load_tokenizer(base_model, cfg.run.trust_remote_code, padding_side="right")
     model = models.load_reward_model(base_model, cfg.run.trust_remote_code)
     model.config.pad_token_id = tokenizer.pad_token_id
     train_ds, eval_ds = _setup_datasets(cfg, train_uri, eval_uri)
-    reward_args = RewardConfig(
-        output_dir=str(out / "checkpoints"), run_name=tracking.run_name("reward"), report_to=common.report_to(cfg),
-        max_steps=r.max_steps, per_device_train_batch_size=r.batch_size, per_device_eval_batch_size=r.batch_size,
-        gradient_accumulation_steps=r.gradient_accumulation_steps, learning_rate=r.learning_rate,
-        lr_scheduler_type=r.lr_scheduler, warmup_steps=r.warmup_steps, logging_steps=r.logging_steps,
-        save_steps=r.save_steps, save_total_limit=2, eval_strategy="steps", eval_steps=r.eval_steps,
-        max_length=r.max_length, seed=cfg.run.seed, data_seed=cfg.run.seed, logging_first_step=True,
-        dataloader_num_workers=0, **common.trainer_precision(),
-    )
+    reward_args = RewardConfig(**common.hf_training_kwargs(cfg, r, "reward", out), max_length=r.max_length)
     trainer = RewardTrainer(model=model, args=reward_args, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer)
+    # TRL drops pairs longer than max_length from training; say how many are left.
+    train_pairs_used = len(trainer.train_dataset)
+    print(f"[reward] training on {train_pairs_used} of {len(train_ds)} pairs (TRL keeps those within "
+          f"max_length={r.max_length} tokens)", flush=True)
     resume = common.trainer_resume_point(args.resume_from, out / "checkpoints")
     if resume:
         print(f"[reward] resuming from {resume}", flush=True)
@@ -83,6 +75,9 @@ def main(argv: list[str] | None = None) -> Path:
         "eval_accuracy": held_out["accuracy"],
         "eval_mean_margin": held_out["mean_margin"],
         "eval_pairs": held_out["pairs"],
+        "eval_ties": held_out["ties"],
+        "train_pairs": len(train_ds),
+        "train_pairs_used": train_pairs_used,
         "steps": trainer.state.global_step,
         "curves": common.log_history_summary(trainer.state.log_history),
     }

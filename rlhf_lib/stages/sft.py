@@ -11,7 +11,6 @@ same DIR resumes from the newest), and DIR/result.json.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 from rlhf_lib.stages import common
@@ -50,30 +49,19 @@ def _setup_model(cfg, base_model: str):
 def main(argv: list[str] | None = None) -> Path:
     from trl import SFTConfig, SFTTrainer
 
-    from rlhf_lib import models, tracking
+    from rlhf_lib import models
 
-    started = time.time()
-    args = common.parse_args("sft", argv)
-    cfg = common.load_config(args.config)
-    base_model, train_uri, eval_uri = common.require(args.inputs, "base_model", "train", "eval")
-    out = Path(args.output)
-    common.seed_everything(cfg.run.seed)
+    started, args, cfg, (base_model, train_uri, eval_uri), out = common.start(
+        "sft", argv, "base_model", "train", "eval")
     s = cfg.sft
 
     tokenizer = models.load_tokenizer(base_model, cfg.run.trust_remote_code, padding_side="right")
     train_ds, eval_ds = _setup_datasets(cfg, train_uri, eval_uri)
     model = _setup_model(cfg, base_model)
     max_length = min(s.max_length, getattr(model.config, "max_position_embeddings", s.max_length))
-    sft_args = SFTConfig(
-        output_dir=str(out / "checkpoints"), run_name=tracking.run_name("sft"), report_to=common.report_to(cfg),
-        max_steps=s.max_steps, per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=s.batch_size,
-        gradient_accumulation_steps=s.gradient_accumulation_steps, learning_rate=s.learning_rate,
-        lr_scheduler_type=s.lr_scheduler, warmup_steps=s.warmup_steps, logging_steps=s.logging_steps,
-        save_steps=s.save_steps, save_total_limit=2, eval_strategy="steps", eval_steps=s.eval_steps,
-        max_length=max_length, packing=s.packing, packing_strategy="wrapped", dataset_text_field="text",
-        seed=cfg.run.seed, data_seed=cfg.run.seed, disable_tqdm=False, logging_first_step=True,
-        dataloader_num_workers=0, **common.trainer_precision(),
-    )
+    # "wrapped" packing is the seed's ConstantLengthDataset; "bfd" would need a padding-free attention kernel.
+    sft_args = SFTConfig(**common.hf_training_kwargs(cfg, s, "sft", out), max_length=max_length, packing=s.packing,
+                         packing_strategy="wrapped", dataset_text_field="text")
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=models.lora_config(s.lora))
     resume = common.trainer_resume_point(args.resume_from, out / "checkpoints")

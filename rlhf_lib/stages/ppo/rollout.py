@@ -92,7 +92,5 @@ def decode_responses(tokenizer, input_ids: torch.Tensor, r_mask: torch.Tensor, p
 def score(reward_model, reward_tokenizer, prompts: list[str], responses: list[str], max_length: int,
           batch_size: int = 32) -> torch.Tensor:
     """Reward-model scores of the decoded query + response, through the reward model's own tokenizer."""
-    reward_tokenizer.padding_side = "right"
-    reward_tokenizer.truncation_side = "right"
     texts = [reward_text(p, r) for p, r in zip(prompts, responses)]
     return score_texts(reward_model, reward_tokenizer, texts, max_length, batch_size)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -307,14 +306,10 @@ def main(argv: list[str] | None = None) -> Path:
 
     from rlhf_lib import models, tracking
 
-    started = time.time()
-    args = common.parse_args("ppo", argv)
-    cfg = common.load_config(args.config)
-    sft_model, reward_model, prompts_uri = common.require(args.inputs, "sft_model", "reward_model", "prompts")
-    out = Path(args.output)
+    started, args, cfg, (sft_model, reward_model, prompts_uri), out = common.start(
+        "ppo", argv, "sft_model", "reward_model", "prompts")
     ckpt_root = out / "checkpoints"
     p = cfg.ppo
-    common.seed_everything(cfg.run.seed)
 
     accelerator = Accelerator(gradient_accumulation_steps=p.gradient_accumulation_steps, cpu=not torch.cuda.is_available())
     device = accelerator.device
