@@ -37,7 +37,14 @@ def compute_dtype() -> torch.dtype:
 
 
 def _spec_hash(kind: str, spec: TinyModelSpec, seed: int) -> str:
-    return hashlib.sha256(json.dumps([kind, spec.model_dump(), seed], sort_keys=True).encode()).hexdigest()[:10]
+    """Keys a cached tiny model by its spec and seed, and by the code that builds it (this module) and the
+    sample text its tokenizer and warm-up come from: a change to either must not reuse a stale model."""
+    from rlhf_lib.data import sample
+
+    h = hashlib.sha256(json.dumps([kind, spec.model_dump(), seed], sort_keys=True).encode())
+    h.update(Path(sample.__file__).read_bytes())
+    h.update(Path(__file__).read_bytes())
+    return h.hexdigest()[:10]
 
 
 def _atomic_dir(final: Path, build) -> Path:
@@ -113,16 +120,25 @@ def _pretrain(model, tokenizer, corpus: list[str], steps: int, seed: int, batch_
 
 
 def _train_wordpiece_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A BERT-style WordPiece tokenizer whose vocabulary is built deterministically: specials, every character
+    (alone and as a `##` continuation), then whole words by descending frequency (ties alphabetical).
+    tokenizers' own WordPieceTrainer breaks frequency ties differently from process to process, which made
+    the tiny reward model — and every figure downstream of it — change from one build to the next."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                                             show_progress=False))
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts = Counter(word for text in texts
+                     for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    vocab = specials + chars + ["##" + c for c in chars]
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if w not in vocab]
+    vocab += words[: max(0, vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
