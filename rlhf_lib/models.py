@@ -181,10 +181,6 @@ def prepare(ref: str, spec: TinyModelSpec, role: str, storage_root: Path, seed: 
     return str(out)
 
 
-def is_local(ref: str) -> bool:
-    return Path(ref).expanduser().exists()
-
-
 def check_reachable(ref: str, what: str, timeout: float = 10.0) -> None:
     """Fail at once, with the fix, when a model can't be loaded: a missing directory or an unreachable hub id."""
     if ref == TINY:

@@ -133,7 +133,7 @@ def source_columns(source: str) -> list[str]:
     return _lake_columns(_open_lake(source))
 
 
-def read_source(source: str, kind: str, split: str, n: int, seed: int) -> Iterator[dict]:
+def read_source(source: str, kind: str) -> Iterator[dict]:
     """Rows of a non-sample source with the kind's columns (missing optional ones filled with '')."""
     schema = SCHEMAS[kind]
     wanted = schema["required"] + schema["optional"]
@@ -219,7 +219,7 @@ def materialise(kind: str, cfg_source, split: str, storage_root: Path, seed: int
             rows: Iterable[dict] = sample.GENERATORS[kind](n, split, seed)
             rows = ({c: r.get(c, "") for c in columns} for r in rows)
         else:
-            rows = read_source(source, kind, split, n, seed)
+            rows = read_source(source, kind)
             rows = islice(rows, skip, skip + n if n else None)
         count = _write_lake(path, rows, columns)
         if count == 0:
