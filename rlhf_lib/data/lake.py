@@ -236,6 +236,13 @@ def stream(uri: str, columns: list[str], batch_size: int = 256) -> Iterator[dict
     yield from _read_lake(uri, columns, batch_size)
 
 
+def rl_prompts(uri: str, batch_size: int = 256) -> list[str]:
+    """A prompts dataset as policy prompts (`Question: …\\n\\nAnswer:`), in dataset order."""
+    from rlhf_lib.data.formatting import rl_prompt
+
+    return [rl_prompt(row) for row in stream(uri, ["instruction", "input"], batch_size)]
+
+
 def to_hf_dataset(uri: str, columns: list[str], batch_size: int = 256, transform=None):
     """Stream a Deep Lake dataset into an HF `datasets.Dataset` (Arrow on disk, so memory stays flat)."""
     import datasets

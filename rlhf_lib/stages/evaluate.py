@@ -94,43 +94,36 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit("evaluate needs --input policy_sft=DIR (the baseline)")
     e, trust = cfg.eval, cfg.run.trust_remote_code
 
-    prompts = [formatting.rl_prompt(r) for r in lake.stream(prompts_uri, ["instruction", "input"])][: e.num_prompts]
+    prompts = lake.rl_prompts(prompts_uri, cfg.data.stream_batch_size)[: e.num_prompts]
     held_out = list(lake.stream(sft_eval_uri, ["question", "response"]))
     reward_model = models.load_reward_model(reward_path, trust)
     reward_tokenizer = models.load_tokenizer(reward_path, trust, padding_side="right")
 
-    answers, tokens, scores, ppl = {}, {}, {}, {}
-    for name, path in policies.items():
-        model, tokenizer = models.load_causal_lm(path, trust_remote_code=trust), models.load_tokenizer(path, trust)
-        model.eval()
-        answers[name], tokens[name] = generate_answers(model, tokenizer, prompts, e.max_new_tokens, cfg.run.seed)
-        scores[name] = score(reward_model, reward_tokenizer, prompts, answers[name], cfg.ppo.reward_max_length)
-        ppl[name] = perplexity(model, tokenizer, [formatting.prompt(r["question"]) for r in held_out],
-                               [r["response"] for r in held_out])
-        print(f"[evaluate] {name}: mean score {float(scores[name].mean()):.3f}, perplexity {ppl[name]:.2f}",
-              flush=True)
-        del model
-
-    report = {BASELINE: {"mean_score": float(scores[BASELINE].mean()), "perplexity": ppl[BASELINE]}}
-    sft_model = models.load_causal_lm(policies[BASELINE], trust_remote_code=trust)
-    sft_tokenizer = models.load_tokenizer(policies[BASELINE], trust)
-    for name in policies:
-        if name == BASELINE:
-            continue
-        model = models.load_causal_lm(policies[name], trust_remote_code=trust)
+    # One load per policy: the baseline first, kept in memory as the reference for every other policy's KL.
+    order = [BASELINE] + [n for n in policies if n != BASELINE]
+    answers, scores, report = {}, {}, {}
+    sft_model = sft_tokenizer = None
+    for name in order:
+        model = models.load_causal_lm(policies[name], trust_remote_code=trust).eval()
         tokenizer = models.load_tokenizer(policies[name], trust)
-        own = response_logprobs(model, tokenizer, prompts, tokens[name])
-        ref = response_logprobs(sft_model, sft_tokenizer, prompts, tokens[name])
-        seq_kl = [float((a - b).sum()) for a, b in zip(own, ref)]
-        n_tokens = sum(len(a) for a in own)
-        report[name] = {
-            "mean_score": float(scores[name].mean()),
-            "win_rate_vs_sft": win_rate(scores[name], scores[BASELINE]),
-            "kl_vs_sft": sum(seq_kl) / max(n_tokens, 1),
-            "kl_vs_sft_per_sequence": sum(seq_kl) / max(len(seq_kl), 1),
-            "perplexity": ppl[name],
-        }
-        del model
+        answers[name], tokens = generate_answers(model, tokenizer, prompts, e.max_new_tokens, cfg.run.seed)
+        scores[name] = score(reward_model, reward_tokenizer, prompts, answers[name], cfg.ppo.reward_max_length)
+        row = {"mean_score": float(scores[name].mean()),
+               "perplexity": perplexity(model, tokenizer, [formatting.prompt(r["question"]) for r in held_out],
+                                        [r["response"] for r in held_out])}
+        if name == BASELINE:
+            sft_model, sft_tokenizer = model, tokenizer
+        else:
+            own = response_logprobs(model, tokenizer, prompts, tokens)
+            ref = response_logprobs(sft_model, sft_tokenizer, prompts, tokens)
+            seq_kl = [float((a - b).sum()) for a, b in zip(own, ref)]
+            row = {"mean_score": row["mean_score"], "win_rate_vs_sft": win_rate(scores[name], scores[BASELINE]),
+                   "kl_vs_sft": sum(seq_kl) / max(sum(len(a) for a in own), 1),
+                   "kl_vs_sft_per_sequence": sum(seq_kl) / max(len(seq_kl), 1), "perplexity": row["perplexity"]}
+            del model
+        report[name] = row
+        print(f"[evaluate] {name}: mean score {row['mean_score']:.3f}, perplexity {row['perplexity']:.2f}",
+              flush=True)
     samples = [
         {"prompt": prompts[i], **{f"{n}_answer": answers[n][i] for n in policies},
          **{f"{n}_score": float(scores[n][i]) for n in policies}}

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from rlhf_lib import checkpoints
+from rlhf_lib.data import lake
 from rlhf_lib.stages import common
 from rlhf_lib.stages.ppo import losses, rollout
 
@@ -112,13 +113,6 @@ def _setup_reward_model(cfg, reward_model: str, device):
     rm.eval()
     rm.requires_grad_(False)
     return rm, models.load_tokenizer(reward_model, cfg.run.trust_remote_code, padding_side="right")
-
-
-def _setup_prompts(cfg, uri: str) -> list[str]:
-    from rlhf_lib.data import formatting, lake
-
-    return [formatting.rl_prompt(row) for row in lake.stream(uri, ["instruction", "input"],
-                                                            cfg.data.stream_batch_size)]
 
 
 def _trainable_parameters(policy: PolicyWithValueHead) -> list[nn.Parameter]:
@@ -315,7 +309,8 @@ def main(argv: list[str] | None = None) -> Path:
     device = accelerator.device
     policy, tokenizer = _setup_policy(cfg, sft_model, device)
     reward, reward_tokenizer = _setup_reward_model(cfg, reward_model, device)
-    sampler = PromptSampler(_setup_prompts(cfg, prompts_uri), cfg.run.seed, accelerator.process_index,
+    prompts_all = lake.rl_prompts(prompts_uri, cfg.data.stream_batch_size)
+    sampler = PromptSampler(prompts_all, cfg.run.seed, accelerator.process_index,
                             accelerator.num_processes)
     optimizer = torch.optim.Adam(_trainable_parameters(policy), lr=p.learning_rate)
     kl_ctl = (losses.AdaptiveKLController(p.init_kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
