@@ -1,16 +1,21 @@
-"""RLHFFlow: a pretrained causal LM through SFT (QLoRA), merge, reward modelling and alignment.
+"""RLHFFlow: a pretrained causal LM through SFT (QLoRA), merge, reward modelling and alignment by PPO, DPO and
+ReST side by side, judged by the reward model they optimised and by a gold judge none of them saw.
 
 Steps:
     start   validate the config and check, in seconds, that every model and dataset can be reached
     data    materialise each dataset split as a Deep Lake dataset; build the tiny models if configured
     sft     QLoRA supervised fine-tuning of the policy (accelerate subprocess)
     merge   merge the SFT adapter into a full-precision base
-    reward  train the reward model on preference pairs (accelerate subprocess)
-    ppo     align the policy with our PPO against the reward model under an adaptive KL leash
-    evaluate  SFT vs PPO on held-out prompts: reward, win-rate, KL, perplexity, sample generations
+    rlaif   (data.preference.source = "ai_feedback") a judge model ranks pairs of SFT answers; else skipped
+    reward  train the reward model on preference pairs (and the gold one, when the gold judge is a reward model)
+    ppo     our PPO against the reward model under an adaptive KL leash           } branches; a method not in
+    dpo     DPO on the preference pairs (TRL DPOTrainer, LoRA, SFT as reference)   } run.methods finishes at
+    rest    ReST: Grow samples scored by the reward model, Improve on the best     } once, `skipped`
+    evaluate  SFT vs every method on held-out prompts: proxy and gold win-rates, KL, perplexity, samples
     end     print where everything is
 
 Run:     python flows/rlhf_flow.py run
+Compare: python flows/rlhf_flow.py --config config configs/compare.toml run
 Recipe:  python flows/rlhf_flow.py --config config configs/opt-1.3b.toml run
 Resume:  python flows/rlhf_flow.py resume ppo
 """
@@ -39,7 +44,7 @@ def parse_config(text: str) -> dict:
 
 
 class RLHFFlow(FlowSpec):
-    """SFT (QLoRA) -> merge -> reward model -> PPO -> evaluate; see the module docstring for the steps."""
+    """SFT (QLoRA) -> merge -> [AI feedback] -> reward model -> PPO | DPO | ReST -> evaluate; see the docstring."""
 
     config = Config("config", default=str(DEFAULT_CONFIG), parser=parse_config,
                     help="TOML run config (configs/tiny.toml by default)")
@@ -96,23 +101,43 @@ class RLHFFlow(FlowSpec):
         result = pipeline.run_stage(cfg, "merge", current.run_id,
                                     {"base_model": self.policy_base, "adapter": self.sft_adapter_path})
         self.sft_merged_path = result["merged_path"]
+        self.next(self.rlaif)
+
+    @step
+    def rlaif(self):
+        """AI feedback: a judge model ranks pairs of SFT answers under the constitution (when configured)."""
+        from rlhf_lib import pipeline
+
+        cfg = pipeline.config_from_flow(self.config)
+        self.rlaif_status = pipeline.SKIPPED
+        self.rlaif_metrics = {}
+        if pipeline.uses_ai_feedback(cfg):
+            result = pipeline.run_stage(cfg, "rlaif", current.run_id, {
+                "sft_model": self.sft_merged_path, "judge_model": pipeline.judge_ref(cfg.rlaif.judge_model,
+                                                                                       self.policy_base),
+                "prompts": self.datasets["prompts_train"]["uri"]})
+            self.datasets = {**self.datasets, "preference_train": {**result["train"], "source": "ai_feedback"},
+                             "preference_eval": {**result["eval"], "source": "ai_feedback"}}
+            self.rlaif_status, self.rlaif_metrics = "done", result["metrics"]
         self.next(self.reward)
 
     @resources(gpu=config.run.gpus)
     @step
     def reward(self):
-        """Train the reward model on chosen/rejected pairs."""
+        """Train the reward model on chosen/rejected pairs (and the gold judge's, on the other half)."""
         from rlhf_lib import pipeline
 
         cfg = pipeline.config_from_flow(self.config)
-        result = pipeline.run_stage(cfg, "reward", current.run_id, origin_run_id=current.origin_run_id, inputs={
+        proxy, gold = pipeline.reward_models(cfg, current.run_id, current.origin_run_id, {
             "base_model": self.reward_base, "train": self.datasets["preference_train"]["uri"],
             "eval": self.datasets["preference_eval"]["uri"]})
-        self.reward_model_path = result["model_path"]
-        self.reward_checkpoint_dir = result["checkpoint_dir"]
-        self.reward_metrics = result["metrics"]
+        self.reward_model_path = proxy["model_path"]
+        self.reward_checkpoint_dir = proxy["checkpoint_dir"]
+        self.reward_metrics = proxy["metrics"]
         self.reward_config = cfg.reward.model_dump()
-        self.next(self.ppo)
+        self.gold_reward_model_path = gold["model_path"] if gold else None
+        self.gold_reward_metrics = gold["metrics"] if gold else {}
+        self.next(self.ppo, self.dpo, self.rest)
 
     @card(type="blank")
     @resources(gpu=config.run.gpus)
@@ -122,31 +147,86 @@ class RLHFFlow(FlowSpec):
         from rlhf_lib import pipeline, report
 
         cfg = pipeline.config_from_flow(self.config)
-        result = pipeline.run_stage(cfg, "ppo", current.run_id, origin_run_id=current.origin_run_id, inputs={
-            "sft_model": self.sft_merged_path, "reward_model": self.reward_model_path,
-            "prompts": self.datasets["prompts_train"]["uri"]})
-        self.ppo_model_path = result["model_path"]
-        self.ppo_adapter_path = result["adapter_path"]
-        self.ppo_checkpoint_dir = result["checkpoint_dir"]
-        self.ppo_stats = result["stats"]
-        self.ppo_metrics = result["metrics"]
+        self.ppo_status, self.ppo_model_path, self.ppo_stats, self.ppo_seconds = pipeline.SKIPPED, None, [], None
         self.ppo_config = cfg.ppo.model_dump()
-        self.ppo_resumed_from_step = result["resumed_from_step"]
-        report.build_ppo_card(current.card, self.ppo_stats, cfg.ppo.kl_target, self.ppo_resumed_from_step)
+        if pipeline.method_enabled(cfg, "ppo"):
+            result = pipeline.run_stage(cfg, "ppo", current.run_id, origin_run_id=current.origin_run_id, inputs={
+                "sft_model": self.sft_merged_path, "reward_model": self.reward_model_path,
+                "prompts": self.datasets["prompts_train"]["uri"]})
+            self.ppo_status, self.ppo_seconds = "done", result["seconds"]
+            self.ppo_model_path = result["model_path"]
+            self.ppo_adapter_path = result["adapter_path"]
+            self.ppo_checkpoint_dir = result["checkpoint_dir"]
+            self.ppo_stats = result["stats"]
+            self.ppo_metrics = result["metrics"]
+            self.ppo_resumed_from_step = result["resumed_from_step"]
+            report.build_ppo_card(current.card, self.ppo_stats, cfg.ppo.kl_target, self.ppo_resumed_from_step)
+        else:
+            report.build_skipped_card(current.card, "ppo")
+        self.next(self.evaluate)
+
+    @resources(gpu=config.run.gpus)
+    @step
+    def dpo(self):
+        """DPO: a fresh LoRA adapter on the merged SFT model, trained on the preference pairs directly."""
+        from rlhf_lib import pipeline
+
+        cfg = pipeline.config_from_flow(self.config)
+        self.dpo_status, self.dpo_model_path, self.dpo_seconds = pipeline.SKIPPED, None, None
+        self.dpo_config = cfg.dpo.model_dump()
+        if pipeline.method_enabled(cfg, "dpo"):
+            result = pipeline.run_stage(cfg, "dpo", current.run_id, origin_run_id=current.origin_run_id, inputs={
+                "sft_model": self.sft_merged_path, "train": self.datasets["preference_train"]["uri"],
+                "eval": self.datasets["preference_eval"]["uri"]})
+            self.dpo_status, self.dpo_seconds = "done", result["seconds"]
+            self.dpo_model_path = result["model_path"]
+            self.dpo_adapter_path = result["adapter_path"]
+            self.dpo_checkpoint_dir = result["checkpoint_dir"]
+            self.dpo_metrics = result["metrics"]
+        self.next(self.evaluate)
+
+    @resources(gpu=config.run.gpus)
+    @step
+    def rest(self):
+        """ReST: Grow a scored dataset from the policy, Improve on the samples above a rising threshold."""
+        from rlhf_lib import pipeline
+
+        cfg = pipeline.config_from_flow(self.config)
+        self.rest_status, self.rest_model_path, self.rest_seconds = pipeline.SKIPPED, None, None
+        self.rest_config = cfg.rest.model_dump()
+        if pipeline.method_enabled(cfg, "rest"):
+            result = pipeline.run_stage(cfg, "rest", current.run_id, origin_run_id=current.origin_run_id, inputs={
+                "sft_model": self.sft_merged_path, "reward_model": self.reward_model_path,
+                "prompts": self.datasets["prompts_train"]["uri"]})
+            self.rest_status, self.rest_seconds = "done", result["seconds"]
+            self.rest_model_path = result["model_path"]
+            self.rest_adapter_path = result["adapter_path"]
+            self.rest_checkpoint_dir = result["checkpoint_dir"]
+            self.rest_iterations = result["iterations"]
+            self.rest_grown_sets = result["grown_sets"]
+            self.rest_metrics = result["metrics"]
         self.next(self.evaluate)
 
     @card(type="blank")
     @step
-    def evaluate(self):
-        """Compare SFT and PPO on held-out prompts and answers; draw the card."""
+    def evaluate(self, inputs):
+        """Compare SFT and every method on held-out prompts and answers, by proxy and gold judge; draw the card."""
         from rlhf_lib import pipeline, report
 
+        self.merge_artifacts(inputs)
         cfg = pipeline.config_from_flow(self.config)
+        methods = [m for m in cfg.run.methods if getattr(self, f"{m}_status") == "done"]
+        policies = {"policy_sft": self.sft_merged_path, **{f"policy_{m}": getattr(self, f"{m}_model_path")
+                                                           for m in methods}}
+        if self.gold_reward_model_path:
+            policies["gold_reward_model"] = self.gold_reward_model_path
         result = pipeline.run_stage(cfg, "evaluate", current.run_id, {
-            "policy_sft": self.sft_merged_path, "policy_ppo": self.ppo_model_path,
-            "reward_model": self.reward_model_path, "prompts": self.datasets["prompts_eval"]["uri"],
+            **policies, "reward_model": self.reward_model_path, "prompts": self.datasets["prompts_eval"]["uri"],
             "sft_eval": self.datasets["sft_eval"]["uri"]})
-        self.eval_report = result["eval_report"]
+        self.methods = methods
+        self.gold_judge = result["gold_judge"]
+        self.eval_report = pipeline.add_stage_seconds(result["eval_report"],
+                                                      {m: getattr(self, f"{m}_seconds") for m in methods})
         self.eval_samples = result["eval_samples"]
         report.build_evaluate_card(current.card, self)
         self.next(self.end)
@@ -154,16 +234,9 @@ class RLHFFlow(FlowSpec):
     @step
     def end(self):
         """Say where everything is."""
-        ppo = self.eval_report["ppo"]
-        print("RLHFFlow finished. Outputs:")
-        print(f"  SFT adapter        {self.sft_adapter_path}")
-        print(f"  SFT merged model   {self.sft_merged_path}")
-        print(f"  reward model       {self.reward_model_path} "
-              f"(held-out accuracy {self.reward_metrics['eval_accuracy']:.3f})")
-        print(f"  PPO model          {self.ppo_model_path}")
-        print(f"  evaluation         PPO vs SFT win-rate {ppo['win_rate_vs_sft']:.2f}, mean score "
-              f"{self.eval_report['sft']['mean_score']:.2f} -> {ppo['mean_score']:.2f}, "
-              f"KL {ppo['kl_vs_sft_per_sequence']:.2f} nats/sequence")
+        from rlhf_lib import report
+
+        print(report.summary(self))
 
 
 if __name__ == "__main__":

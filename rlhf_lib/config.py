@@ -18,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rlhf_lib.env import PROJECT_ROOT
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "tiny.toml"
+DEFAULT_CONSTITUTION = PROJECT_ROOT / "configs" / "constitution.txt"
+# The alignment methods the flow branches into after `reward`; the step names are these.
+METHODS = ("ppo", "dpo", "rest")
+AI_FEEDBACK = "ai_feedback"
 
 
 class ConfigError(ValueError):
@@ -38,10 +42,22 @@ class RunSection(_Section):
     wandb_project: str = Field("rlhf-flow", description="W&B project name.")
     trust_remote_code: bool = Field(False, description="Allow hub models to run their own code (off unless you trust them).")
     min_free_disk_gb: float = Field(1.0, ge=0, description="Refuse to start with less free disk than this under storage_root.")
+    methods: list[str] = Field(default_factory=lambda: ["ppo"], description=f"Alignment methods to run after `reward`, any of {list(METHODS)}; the others record `skipped`.")
+
+    @model_validator(mode="after")
+    def _known_methods(self) -> "RunSection":
+        if not self.methods:
+            raise ValueError(f"run.methods is empty; name at least one of {list(METHODS)}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"run.methods names unknown method(s) {unknown}; choose from {list(METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"run.methods lists a method twice: {self.methods}")
+        return self
 
 
 class DatasetSource(_Section):
-    source: str = Field("sample", description="`sample`, a Deep Lake URI (hub://, al://, local dir), or a .jsonl/.parquet file.")
+    source: str = Field("sample", description="`sample`, a Deep Lake URI (hub://, al://, local dir), a .jsonl/.parquet file, or (preference only) `ai_feedback`.")
     eval_source: str = Field("", description="Held-out split source; empty carves `eval_rows` out of `source`.")
     max_rows: int = Field(0, ge=0, description="Rows to take from the source; 0 takes all.")
     eval_rows: int = Field(64, ge=1, description="Held-out rows (taken from eval_source, or carved from source).")
@@ -83,33 +99,81 @@ class LoraSection(_Section):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], description="Module names LoRA wraps.")
 
 
-class SFTSection(_Section):
-    quantize_4bit: bool = Field(True, description="Load the base in NF4 4-bit with double quantization (QLoRA).")
-    lora: LoraSection = Field(default_factory=LoraSection, description="The SFT adapter.")
+class TrainerSection(_Section):
+    """What every HF-Trainer stage (sft, reward, dpo, rest's Improve) takes; subclasses change defaults only."""
+
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
-    lr_scheduler: str = Field("cosine", description="HF scheduler name.")
-    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
+    lr_scheduler: str = Field("linear", description="HF scheduler name.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     max_steps: int = Field(400, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(4, ge=1, description="Per-device batch size.")
+    batch_size: int = Field(8, ge=1, description="Per-device batch size (pairs for reward and dpo).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    max_length: int = Field(1024, ge=16, description="Tokens per (packed) training sequence.")
-    packing: bool = Field(True, description="Pack several examples into each sequence.")
+    max_length: int = Field(512, ge=16, description="Tokens per training sequence (per text of a pair).")
     save_steps: int = Field(100, ge=1, description="Checkpoint every N steps.")
     logging_steps: int = Field(10, ge=1, description="Log every N steps.")
     eval_steps: int = Field(100, ge=1, description="Evaluate on the held-out split every N steps.")
 
 
-class RewardSection(_Section):
+class SFTSection(TrainerSection):
+    quantize_4bit: bool = Field(True, description="Load the base in NF4 4-bit with double quantization (QLoRA).")
+    lora: LoraSection = Field(default_factory=LoraSection, description="The SFT adapter.")
+    lr_scheduler: str = Field("cosine", description="HF scheduler name.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
+    batch_size: int = Field(4, ge=1, description="Per-device batch size.")
+    max_length: int = Field(1024, ge=16, description="Tokens per (packed) training sequence.")
+    packing: bool = Field(True, description="Pack several examples into each sequence.")
+
+
+class RewardSection(TrainerSection):
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
-    lr_scheduler: str = Field("linear", description="HF scheduler name.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(8, ge=1, description="Pairs per device per step.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    max_length: int = Field(512, ge=16, description="Tokens per chosen/rejected text (reward model's tokenizer).")
     save_steps: int = Field(200, ge=1, description="Checkpoint every N steps.")
     logging_steps: int = Field(20, ge=1, description="Log every N steps.")
     eval_steps: int = Field(200, ge=1, description="Evaluate on held-out pairs every N steps.")
+
+
+class DPOSection(TrainerSection):
+    beta: float = Field(0.1, gt=0, description="DPO's beta: how strongly the policy is tied to the reference (the SFT model).")
+    loss_type: str = Field("sigmoid", description="TRL DPO loss (`sigmoid` is the paper's).")
+    learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate.")
+    max_steps: int = Field(200, ge=1, description="Optimizer steps.")
+    lora: LoraSection = Field(default_factory=LoraSection, description="The fresh DPO adapter on the merged SFT model.")
+
+
+class RestSection(TrainerSection):
+    grow_steps: int = Field(2, ge=1, description="Grow iterations (sample a new dataset from the current policy).")
+    prompts_per_grow: int = Field(128, ge=1, description="Training prompts sampled from at each Grow.")
+    samples_per_prompt: int = Field(4, ge=1, description="Completions per prompt at each Grow.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest sampled completion (tokens; stops at EOS).")
+    thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.9], description="Improve filters, strictly increasing quantiles in [0, 1) of the first Grow's reward-model scores; one Improve per threshold.")
+    max_steps: int = Field(50, ge=1, description="Optimizer steps of each Improve.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate of each Improve.")
+    lora: LoraSection = Field(default_factory=LoraSection, description="The ReST adapter on the merged SFT model (kept across Improves).")
+
+    @model_validator(mode="after")
+    def _increasing(self) -> "RestSection":
+        t = self.thresholds
+        if not t:
+            raise ValueError("rest.thresholds is empty; give an increasing list such as [0.5, 0.7, 0.9]")
+        if any(b <= a for a, b in zip(t, t[1:])):
+            raise ValueError(f"rest.thresholds {t} must be strictly increasing (ReST raises the bar at each Improve)")
+        if not all(0 <= x < 1 for x in t):
+            raise ValueError(f"rest.thresholds {t} are quantiles of the Grow scores: each in [0, 1)")
+        return self
+
+
+class RLAIFSection(_Section):
+    judge_model: str = Field("", description="Causal LM that judges pairs when data.preference.source = `ai_feedback`: `tiny` (the built tiny policy base), a hub id or a local path.")
+    constitution: str = Field(str(DEFAULT_CONSTITUTION.relative_to(PROJECT_ROOT)), description="Text file of principles the judge follows; relative to the repo root.")
+    num_prompts: int = Field(256, ge=1, description="Training prompts to sample a pair of completions for.")
+    max_new_tokens: int = Field(48, ge=1, description="Longest sampled completion (tokens; stops at EOS).")
+    calibrate_position_bias: bool = Field(True, description="Subtract the judge's mean preference for the first-shown answer before comparing the two orders.")
+    max_length: int = Field(512, ge=32, description="Judge prompt tokens kept (left-truncated).")
+
+    @property
+    def constitution_path(self) -> Path:
+        path = Path(self.constitution).expanduser()
+        return path if path.is_absolute() else PROJECT_ROOT / path
 
 
 class PPOSection(_Section):
@@ -143,6 +207,9 @@ class PPOSection(_Section):
 
 class EvalSection(_Section):
     num_prompts: int = Field(64, ge=1, description="Held-out prompts to generate for.")
+    reward_max_length: int = Field(512, ge=16, description="Reward-model tokens for query + answer when scoring.")
+    gold_judge: Literal["auto", "rule", "reward_model", "judge_model"] = Field("auto", description="Independent judge: `rule` (the sample data's generating rule), `reward_model` (a second reward model on the other half of the pairs), `judge_model` (gold_judge_model under the constitution); `auto` = rule on sample prompts, else reward_model.")
+    gold_judge_model: str = Field("", description="Causal LM for gold_judge = `judge_model`.")
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated per answer.")
     num_samples_shown: int = Field(8, ge=0, description="Sample generations kept in the report.")
 
@@ -155,6 +222,9 @@ class RunConfig(_Section):
     sft: SFTSection = Field(default_factory=SFTSection, description="QLoRA supervised fine-tuning.")
     reward: RewardSection = Field(default_factory=RewardSection, description="Reward-model training.")
     ppo: PPOSection = Field(default_factory=PPOSection, description="PPO against the reward model.")
+    dpo: DPOSection = Field(default_factory=DPOSection, description="DPO on the preference pairs.")
+    rest: RestSection = Field(default_factory=RestSection, description="ReST (Grow/Improve) against the reward model.")
+    rlaif: RLAIFSection = Field(default_factory=RLAIFSection, description="AI feedback: a judge model ranks pairs.")
     eval: EvalSection = Field(default_factory=EvalSection, description="Final evaluation.")
 
     @model_validator(mode="after")
@@ -167,7 +237,19 @@ class RunConfig(_Section):
             )
         if p.batch_size % p.mini_batch_size:
             raise ValueError(f"ppo.mini_batch_size ({p.mini_batch_size}) must divide ppo.batch_size ({p.batch_size})")
+        if self.data.preference.source == AI_FEEDBACK and not self.rlaif.judge_model:
+            raise ValueError("data.preference.source = \"ai_feedback\" needs rlaif.judge_model (a causal LM id or "
+                             "path, or `tiny`)")
+        if self.eval.gold_judge == "judge_model" and not self.eval.gold_judge_model:
+            raise ValueError("eval.gold_judge = \"judge_model\" needs eval.gold_judge_model")
         return self
+
+    @property
+    def gold_judge(self) -> str:
+        """The independent judge `evaluate` uses: `auto` resolved against the data sources."""
+        if self.eval.gold_judge != "auto":
+            return self.eval.gold_judge
+        return "rule" if self.data.prompts.source == "sample" else "reward_model"
 
     @property
     def storage_root(self) -> Path:
@@ -194,7 +276,9 @@ def validate(raw: dict[str, Any]) -> RunConfig:
                 lines.append(f"unknown config key `{key}`: remove it or fix its spelling (see rlhf_lib/config.py)")
             else:
                 msg = e["msg"].removeprefix("Value error, ")
-                lines.append(f"config key `{key}`: {msg} (got {e.get('input')!r})")
+                got = e.get("input")
+                # A section-level check names its keys itself; echoing the whole section would bury them.
+                lines.append(f"config key `{key}`: {msg}" + ("" if isinstance(got, dict) else f" (got {got!r})"))
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
 
 

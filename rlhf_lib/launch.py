@@ -8,6 +8,8 @@ streamed live to this process's stdout (so Metaflow's logs show training progres
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -47,8 +49,27 @@ def accelerate_command(stage: str, stage_args: list[str], num_gpus: int | None =
     return cmd + ["-m", f"rlhf_lib.stages.{stage}", *stage_args]
 
 
+@contextlib.contextmanager
+def machine_lock(root: Path, name: str):
+    """Hold `<root>/.stage.lock` while a stage runs: one stage at a time on this machine. The lock is released
+    when the holder exits, however it exits (a killed step never leaves a stale lock)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".stage.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[{name}] waiting for another stage on this machine to finish", flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def launch(stage: str, config_json: str, output: Path, inputs: dict[str, str], *, run_id: str = "standalone",
-           resume_from: str | None = None, env: dict[str, str] | None = None, tail_lines: int = 40) -> dict:
+           resume_from: str | None = None, env: dict[str, str] | None = None, tail_lines: int = 40,
+           extra_args: list[str] | None = None) -> dict:
     """Run `rlhf_lib.stages.<stage>` and return its parsed result.json."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -62,6 +83,7 @@ def launch(stage: str, config_json: str, output: Path, inputs: dict[str, str], *
         stage_args += ["--input", f"{name}={path}"]
     if resume_from:
         stage_args += ["--resume-from", resume_from]
+    stage_args += extra_args or []
     cmd = accelerate_command(stage, stage_args)
     log_path = output / "stage.log"
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)

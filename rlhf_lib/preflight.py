@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from rlhf_lib.config import RunConfig
+from rlhf_lib.config import AI_FEEDBACK, RunConfig
 from rlhf_lib.data import lake
 from rlhf_lib.data.ingest import KINDS
 
@@ -18,7 +18,7 @@ class PreflightError(ValueError):
 
 
 def _check_source(key: str, source: str, kind: str) -> str | None:
-    if source == "sample":
+    if source == "sample" or (kind == "preference" and source == AI_FEEDBACK):
         return None
     skind = lake.source_kind(source)
     if skind != "remote_lake" and not lake._local_path(source).exists():
@@ -74,6 +74,19 @@ def check(cfg: RunConfig) -> list[str]:
             models.check_reachable(ref, key)
         except models.ModelError as err:
             problems.append(str(err))
+    judges = []
+    if cfg.data.preference.source == AI_FEEDBACK:
+        judges.append(("rlaif.judge_model", cfg.rlaif.judge_model))
+    if cfg.gold_judge == "judge_model":
+        judges.append(("eval.gold_judge_model", cfg.eval.gold_judge_model))
+    for key, ref in judges:
+        try:
+            models.check_reachable(ref, key)
+        except models.ModelError as err:
+            problems.append(str(err))
+    if judges and not cfg.rlaif.constitution_path.is_file():
+        problems.append(f"rlaif.constitution: {str(cfg.rlaif.constitution_path)!r} does not exist; point it at a "
+                        f"text file of principles (the default is configs/constitution.txt)")
     if not any(p.startswith("reward_model.model") for p in problems):
         problem = _check_reward_model_config(cfg.reward_model.model, cfg.run.trust_remote_code)
         if problem:

@@ -68,15 +68,52 @@ def plot_ppo(ppo_stats: list[dict], kl_target: float | None = None):
     return fig
 
 
+def plot_rest(iterations: list[dict]):
+    """ReST per Improve: mean reward-model score of the whole Grow and of the kept part, and the kept fraction."""
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    x = list(range(1, len(iterations) + 1))
+    ax.plot(x, [it["mean_reward_all"] for it in iterations], marker="o", label="all samples of the Grow")
+    ax.plot(x, [it["mean_reward_kept"] for it in iterations], marker="o", label="kept (above threshold)")
+    ax.set(title="ReST: reward of grown samples", xlabel="Improve step")
+    ax.legend()
+    ax2.bar(x, [it["kept_fraction"] for it in iterations])
+    ax2.set(title="ReST: kept fraction", xlabel="Improve step", ylim=(0, 1))
+    fig.tight_layout()
+    return fig
+
+
+EVAL_COLUMNS = (("mean_score", "proxy score"), ("mean_gold_score", "gold score"),
+                ("win_rate_vs_sft", "proxy win-rate vs SFT"), ("gold_win_rate_vs_sft", "gold win-rate vs SFT"),
+                ("kl_vs_sft", "KL/token"), ("kl_vs_sft_per_sequence", "KL/sequence"), ("perplexity", "perplexity"),
+                ("stage_seconds", "stage s"), ("over_optimised", "over-optimised?"))
+
+
+def _cell(value) -> str:
+    if isinstance(value, bool):
+        return "YES" if value else "no"
+    if isinstance(value, (int, float)):
+        return f"{value:.3f}"
+    return "—" if value is None else str(value)
+
+
 def eval_table(eval_report: dict) -> tuple[list[str], list[list]]:
-    """(headers, rows) of the evaluation report, one row per model."""
-    keys = ["mean_score", "win_rate_vs_sft", "kl_vs_sft", "kl_vs_sft_per_sequence", "perplexity"]
-    rows = [[name] + [("—" if k not in vals else f"{vals[k]:.3f}") for k in keys] for name, vals in eval_report.items()]
-    return ["model"] + keys, rows
+    """(headers, rows) of the evaluation report: one row per model, SFT first, methods side by side."""
+    keys = [k for k, _ in EVAL_COLUMNS if any(k in row for row in eval_report.values())]
+    labels = dict(EVAL_COLUMNS)
+    rows = [[name] + [_cell(vals.get(k)) for k in keys] for name, vals in eval_report.items()]
+    return ["model"] + [labels[k] for k in keys], rows
+
+
+def over_optimisation_note(eval_report: dict) -> str:
+    flagged = [m for m, row in eval_report.items() if row.get("over_optimised")]
+    if flagged:
+        return ("**Over-optimisation:** " + ", ".join(flagged) + " beat SFT by the reward model they optimised "
+                "but not by the gold judge: they learned to please the proxy, not the preference behind it.")
+    return "No method is flagged for over-optimisation (proxy win-rate up while the gold win-rate is not)."
 
 
 def samples_table(eval_samples: list[dict]) -> tuple[list[str], list[list]]:
-    """(headers, rows) of sample generations, side by side with their scores."""
+    """(headers, rows) of sample generations, side by side with their proxy scores."""
     if not eval_samples:
         return ["prompt"], []
     models = [k.removesuffix("_answer") for k in eval_samples[0] if k.endswith("_answer")]
@@ -86,17 +123,23 @@ def samples_table(eval_samples: list[dict]) -> tuple[list[str], list[list]]:
 
 
 def build_evaluate_card(card, run_data) -> None:
-    """The evaluate step's card: training curves of every stage, the eval table, sample generations."""
+    """The evaluate step's card: methods side by side, the over-optimisation check, training curves of every
+    stage that ran, sample generations."""
     from metaflow.cards import Image, Markdown, Table
 
     card.append(Markdown("# RLHFFlow: did alignment work?"))
     headers, rows = eval_table(run_data.eval_report)
-    card.append(Markdown("## Evaluation on held-out prompts"))
+    card.append(Markdown(f"## SFT and every method on held-out prompts\nProxy: the reward model the methods "
+                         f"optimised. Gold: `{run_data.gold_judge}`, a judge no method trained against."))
     card.append(Table(rows, headers=headers))
+    card.append(Markdown(over_optimisation_note(run_data.eval_report)))
     card.append(Markdown("## Training curves"))
     card.append(Image.from_matplotlib(plot_sft_loss(run_data.sft_metrics)))
     card.append(Image.from_matplotlib(plot_reward_accuracy(run_data.reward_metrics)))
-    card.append(Image.from_matplotlib(plot_ppo(run_data.ppo_stats, run_data.ppo_config.get("kl_target"))))
+    if run_data.ppo_status == "done":
+        card.append(Image.from_matplotlib(plot_ppo(run_data.ppo_stats, run_data.ppo_config.get("kl_target"))))
+    if run_data.rest_status == "done":
+        card.append(Image.from_matplotlib(plot_rest(run_data.rest_iterations)))
     card.append(Markdown("## Sample generations"))
     headers, rows = samples_table(run_data.eval_samples)
     card.append(Table(rows, headers=headers))
@@ -110,3 +153,36 @@ def build_ppo_card(card, ppo_stats: list[dict], kl_target: float, resumed_from_s
     card.append(Markdown(f"# PPO: {len(ppo_stats)} steps{note}"))
     card.append(Image.from_matplotlib(plot_ppo(ppo_stats, kl_target)))
     plt.close("all")
+
+
+def build_skipped_card(card, method: str) -> None:
+    from metaflow.cards import Markdown
+
+    card.append(Markdown(f"# {method}: skipped (not in run.methods)"))
+
+
+def summary(run_data) -> str:
+    """The `end` step's text: where every output is and how every method did."""
+    lines = ["RLHFFlow finished. Outputs:",
+             f"  SFT adapter        {run_data.sft_adapter_path}",
+             f"  SFT merged model   {run_data.sft_merged_path}",
+             f"  reward model       {run_data.reward_model_path} "
+             f"(held-out accuracy {run_data.reward_metrics['eval_accuracy']:.3f})"]
+    if run_data.gold_reward_model_path:
+        lines.append(f"  gold reward model  {run_data.gold_reward_model_path} "
+                     f"(held-out accuracy {run_data.gold_reward_metrics['eval_accuracy']:.3f})")
+    report = run_data.eval_report
+    for method in ("ppo", "dpo", "rest"):
+        status = getattr(run_data, f"{method}_status")
+        if status != "done":
+            lines.append(f"  {method:<18} {status}")
+            continue
+        row = report[method]
+        gold = row.get("gold_win_rate_vs_sft")
+        lines.append(f"  {method + ' model':<18} {getattr(run_data, f'{method}_model_path')}")
+        lines.append(f"  {'':<18} win-rate vs SFT {row['win_rate_vs_sft']:.2f} (proxy), "
+                     f"{'—' if gold is None else f'{gold:.2f}'} (gold: {run_data.gold_judge}); "
+                     f"mean score {report['sft']['mean_score']:.2f} -> {row['mean_score']:.2f}; "
+                     f"KL {row['kl_vs_sft_per_sequence']:.2f} nats/sequence"
+                     + ("; OVER-OPTIMISED" if row.get("over_optimised") else ""))
+    return "\n".join(lines)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_lib.data.formatting import reward_text
+
 
 @torch.no_grad()
 def score_texts(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 32) -> torch.Tensor:
@@ -24,3 +26,10 @@ def score_texts(model, tokenizer, texts: list[str], max_length: int, batch_size:
                           max_length=max_length).to(device)
         scores.append(model(**batch).logits[:, 0].float())
     return torch.cat(scores) if scores else torch.zeros(0, device=device)
+
+
+def score_responses(model, tokenizer, prompts: list[str], responses: list[str], max_length: int,
+                    batch_size: int = 32) -> torch.Tensor:
+    """Scores of the decoded prompt + response (what PPO, ReST and the evaluation ask the reward model)."""
+    texts = [reward_text(p, r) for p, r in zip(prompts, responses)]
+    return score_texts(model, tokenizer, texts, max_length, batch_size)

@@ -19,12 +19,25 @@ def sft_text(row: dict) -> str:
     return prompt(row["question"]) + " " + row["response"].strip()
 
 
-def rl_prompt(row: dict) -> str:
-    """An Alpaca-OrcaChat row as a policy prompt (instruction, then input when there is one)."""
+def rl_question(row: dict) -> str:
+    """An Alpaca-OrcaChat row's question: the instruction, then the input when there is one."""
     question = row["instruction"].strip()
-    if row.get("input", "").strip():
+    if (row.get("input") or "").strip():
         question = f"{question}\n{row['input'].strip()}"
-    return prompt(question)
+    return question
+
+
+def rl_prompt(row: dict) -> str:
+    """An Alpaca-OrcaChat row as a policy prompt."""
+    return prompt(rl_question(row))
+
+
+def split_prompt_completion(text: str) -> tuple[str, str] | None:
+    """`Question: …\n\nAnswer: …` -> (prompt ending at the last `Answer:`, completion with its leading space)."""
+    head, marker, tail = text.rpartition(ANSWER_MARKER)
+    if not marker:
+        return None
+    return head + marker, " " + tail.strip()
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -32,7 +45,8 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 def hh_to_qa(text: str) -> str:
     """Turn an hh-rlhf transcript into the policy's `Question/Answer` layout (used when scoring)."""
-    return _HH_TURN.sub(lambda m: "Question: " if m.group(1) == "Human" else ANSWER_MARKER + " ", text).strip()
+    # A Human turn after an Assistant turn starts on its own paragraph, as in the transcript.
+    return _HH_TURN.sub(lambda m: "\n\nQuestion: " if m.group(1) == "Human" else ANSWER_MARKER + " ", text).strip()
 
 
 def reward_text(prompt_text: str, response: str) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rlhf_lib.config import RunConfig
+from rlhf_lib.config import AI_FEEDBACK, RunConfig
 from rlhf_lib.data import lake
 
 KINDS = ("sft", "preference", "prompts")
@@ -13,6 +13,11 @@ def prepare_datasets(cfg: RunConfig) -> dict[str, dict]:
     out = {}
     for kind in KINDS:
         for split in ("train", "eval"):
+            if getattr(cfg.data, kind).source == AI_FEEDBACK:  # judged pairs come from the rlaif step
+                out[f"{kind}_{split}"] = {"uri": None, "rows": 0, "columns": lake.SCHEMAS[kind]["required"],
+                                          "source": AI_FEEDBACK}
+                print(f"[data] {kind}/{split}: from AI feedback, made by the rlaif step", flush=True)
+                continue
             info = lake.materialise(kind, getattr(cfg.data, kind), split, cfg.storage_root, cfg.run.seed,
                                     cfg.data.sample_rows)
             out[f"{kind}_{split}"] = info

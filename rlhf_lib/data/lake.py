@@ -169,15 +169,17 @@ def _fingerprint(*parts) -> str:
     return h.hexdigest()[:12]
 
 
-def _write_lake(path: Path, rows: Iterable[dict], columns: list[str], batch: int = 1024) -> int:
-    """Write rows into a new Deep Lake dataset at `path` atomically; returns the row count."""
+def _write_lake(path: Path, rows: Iterable[dict], columns: list[str], batch: int = 1024,
+                numeric: tuple[str, ...] = ()) -> int:
+    """Write rows into a new Deep Lake dataset at `path` atomically; returns the row count. Columns are text,
+    except those named in `numeric` (float32)."""
     import deeplake
 
     tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
     try:
         ds = deeplake.create(f"file://{tmp}")
         for c in columns:
-            ds.add_column(c, deeplake.types.Text())
+            ds.add_column(c, deeplake.types.Float32() if c in numeric else deeplake.types.Text())
         count = 0
         it = iter(rows)
         while chunk := list(islice(it, batch)):
@@ -226,6 +228,16 @@ def materialise(kind: str, cfg_source, split: str, storage_root: Path, seed: int
             raise DataError(f"{kind} {split} split from {source!r} is empty; point data.{kind} at rows")
     meta = json.loads((path / DONE_MARKER).read_text())
     return {"uri": str(path), "rows": meta["rows"], "columns": meta["columns"], "source": source}
+
+
+def write_rows(path: Path, rows: list[dict], columns: list[str], numeric: tuple[str, ...] = ()) -> dict:
+    """Rows a stage produced (ReST's grown sets, RLAIF's judged pairs) as a Deep Lake dataset, atomically."""
+    path = Path(path)
+    if not (path / DONE_MARKER).exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_lake(path, rows, columns, numeric=numeric)
+    meta = json.loads((path / DONE_MARKER).read_text())
+    return {"uri": str(path.resolve()), "rows": meta["rows"], "columns": meta["columns"]}
 
 
 # ---------------------------------------------------------------- streaming

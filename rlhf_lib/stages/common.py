@@ -33,7 +33,14 @@ def parse_args(stage: str, argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input", action="append", default=[], metavar="NAME=PATH", help="an upstream path")
     parser.add_argument("--resume-from", default=None, help="checkpoint directory to resume from")
     parser.add_argument("--run-id", default="standalone", help="Metaflow run id (names W&B runs)")
+    parser.add_argument("--part", default=None, metavar="K/N",
+                        help="train on rows i with i %% N == K only (disjoint parts train independent models)")
     args = parser.parse_args(argv)
+    if args.part is not None:
+        k, sep, n = args.part.partition("/")
+        if not (sep and k.isdigit() and n.isdigit() and int(k) < int(n)):
+            parser.error(f"--part takes K/N with 0 <= K < N, got {args.part!r}")
+        args.part = (int(k), int(n))
     inputs = {}
     for item in args.input:
         name, sep, path = item.partition("=")

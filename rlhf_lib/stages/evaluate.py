@@ -5,8 +5,12 @@
         --input prompts=LAKE_URI --input sft_eval=LAKE_URI
 
 For every policy: answers to the same held-out prompts (never used in training) with the same decoding and
-seed, scored by the reward model; perplexity on held-out SFT answers. For every aligned policy also: win-rate
-over SFT (ties count half) and KL(policy ‖ SFT) on the policy's own answers, per token and per sequence.
+seed, scored by the reward model the methods optimised (the *proxy*) and by a *gold* judge none of them trained
+against (`eval.gold_judge`: the sample data's rule, a second reward model trained on the other half of the
+pairs, or a judge LM under the constitution); perplexity on held-out SFT answers. For every aligned policy also:
+win-rate over SFT by both judges (ties count half), an over-optimisation flag (proxy up, gold not), and
+KL(policy ‖ SFT) on the policy's own answers, per token and per sequence.
+Optional inputs: gold_reward_model=DIR, gold_judge_model=REF.
 Writes DIR/eval_report.json, DIR/eval_samples.json and DIR/result.json.
 """
 
@@ -17,52 +21,10 @@ from pathlib import Path
 
 import torch
 
+from rlhf_lib import rl
 from rlhf_lib.stages import common
 
 BASELINE = "sft"
-
-
-@torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, batch_size: int = 16
-                     ) -> tuple[list[str], list[torch.Tensor]]:
-    """Sampled answers (top_k=0, top_p=1, stop at EOS) and their token ids, from a fixed seed."""
-    from transformers import GenerationConfig
-
-    torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
-    config = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    texts, token_ids = [], []
-    for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(device)
-        out = model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1]:]
-        for row in out:
-            keep = row[row != tokenizer.pad_token_id]
-            eos = (keep == tokenizer.eos_token_id).nonzero()
-            if len(eos):
-                keep = keep[: eos[0, 0] + 1]
-            token_ids.append(keep.cpu())
-            texts.append(tokenizer.decode(keep, skip_special_tokens=True))
-    return texts, token_ids
-
-
-@torch.no_grad()
-def response_logprobs(model, tokenizer, prompts: list[str], responses: list[torch.Tensor]) -> list[torch.Tensor]:
-    """log p(response token | prompt, earlier tokens) under `model`, one 1-D tensor per example."""
-    from rlhf_lib.stages.ppo.losses import logprobs_from_logits
-    from rlhf_lib.stages.ppo.rollout import position_ids
-
-    device = next(model.parameters()).device
-    out = []
-    for prompt, response in zip(prompts, responses):
-        p_ids = tokenizer(prompt, return_tensors="pt")["input_ids"][0]
-        ids = torch.cat([p_ids, response]).unsqueeze(0).to(device)
-        am = torch.ones_like(ids)
-        logits = model(input_ids=ids, attention_mask=am, position_ids=position_ids(am)).logits
-        P = len(p_ids)
-        out.append(logprobs_from_logits(logits[:, P - 1:-1], ids[:, P:])[0].cpu())
-    return out
 
 
 def perplexity(model, tokenizer, prompts: list[str], answers: list[str]) -> float:
@@ -70,7 +32,7 @@ def perplexity(model, tokenizer, prompts: list[str], answers: list[str]) -> floa
     responses = [tokenizer(" " + a.strip(), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
                  for a in answers]
     responses = [torch.cat([r, torch.tensor([tokenizer.eos_token_id])]) for r in responses]
-    lps = response_logprobs(model, tokenizer, prompts, responses)
+    lps = rl.response_logprobs(model, tokenizer, prompts, responses)
     total = sum(float(lp.sum()) for lp in lps)
     count = sum(len(lp) for lp in lps)
     return math.exp(-total / max(count, 1))
@@ -82,10 +44,55 @@ def win_rate(scores: torch.Tensor, baseline: torch.Tensor) -> float:
     return float(wins.mean())
 
 
+# Proxy win-rate this far above a coin flip while the gold judge's stays at or below it: the policy is
+# pleasing the reward model it optimised, not the preference behind it (Gao et al. 2022).
+OVEROPT_PROXY_MARGIN = 0.05
+
+
+def over_optimised(proxy_win_rate: float, gold_win_rate: float | None) -> bool:
+    return gold_win_rate is not None and proxy_win_rate > 0.5 + OVEROPT_PROXY_MARGIN and gold_win_rate <= 0.5
+
+
+class GoldJudge:
+    """The independent judge: scores answers (rule, second reward model) or compares them with SFT's (judge LM)."""
+
+    def __init__(self, cfg, inputs: dict[str, str]):
+        from rlhf_lib import judges, models
+
+        self.kind, trust = cfg.gold_judge, cfg.run.trust_remote_code
+        self.max_length = cfg.eval.reward_max_length
+        if self.kind == "reward_model":
+            ref = inputs.get("gold_reward_model")
+            if not ref:
+                raise SystemExit("eval gold judge `reward_model` needs --input gold_reward_model=DIR")
+            self.model = models.load_reward_model(ref, trust)
+            self.tokenizer = models.load_tokenizer(ref, trust, padding_side="right")
+        elif self.kind == "judge_model":
+            ref = inputs.get("gold_judge_model") or cfg.eval.gold_judge_model
+            self.judge = judges.PairwiseJudge.load(ref, cfg.rlaif.constitution_path, cfg.rlaif.max_length, trust)
+            self.calibrate = cfg.rlaif.calibrate_position_bias
+
+    def scores(self, prompts: list[str], answers: list[str]) -> torch.Tensor | None:
+        from rlhf_lib import judges
+        from rlhf_lib.scoring import score_responses
+
+        if self.kind == "rule":
+            return judges.rule_scores(answers)
+        if self.kind == "reward_model":
+            return score_responses(self.model, self.tokenizer, prompts, answers, self.max_length).cpu()
+        return None  # a judge LM compares; it does not score
+
+    def win_rate(self, questions, answers, baseline_answers, scores, baseline_scores) -> float:
+        if scores is not None:
+            return win_rate(scores, baseline_scores)
+        labels, _ = self.judge.compare(questions, answers, baseline_answers, self.calibrate)
+        return float(((labels == 1).float() + 0.5 * (labels == 0).float()).mean())
+
+
 def main(argv: list[str] | None = None) -> Path:
     from rlhf_lib import models, tracking
     from rlhf_lib.data import formatting, lake
-    from rlhf_lib.stages.ppo.rollout import score
+    from rlhf_lib.scoring import score_responses
 
     started, args, cfg, (reward_path, prompts_uri, sft_eval_uri), out = common.start(
         "evaluate", argv, "reward_model", "prompts", "sft_eval")
@@ -94,39 +101,52 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit("evaluate needs --input policy_sft=DIR (the baseline)")
     e, trust = cfg.eval, cfg.run.trust_remote_code
 
-    prompts = lake.rl_prompts(prompts_uri, cfg.data.stream_batch_size)[: e.num_prompts]
+    rows = list(lake.stream(prompts_uri, ["instruction", "input"], cfg.data.stream_batch_size))[: e.num_prompts]
+    prompts = [formatting.rl_prompt(r) for r in rows]
+    questions = [formatting.rl_question(r) for r in rows]
     held_out = list(lake.stream(sft_eval_uri, ["question", "response"]))
     reward_model = models.load_reward_model(reward_path, trust)
     reward_tokenizer = models.load_tokenizer(reward_path, trust, padding_side="right")
+    gold = GoldJudge(cfg, args.inputs)
+    print(f"[evaluate] proxy judge: the reward model {reward_path}; gold judge: {gold.kind}", flush=True)
 
     # One load per policy: the baseline first, kept in memory as the reference for every other policy's KL.
     order = [BASELINE] + [n for n in policies if n != BASELINE]
-    answers, scores, report = {}, {}, {}
+    answers, scores, gold_scores, report = {}, {}, {}, {}
     sft_model = sft_tokenizer = None
     for name in order:
         model = models.load_causal_lm(policies[name], trust_remote_code=trust).eval()
         tokenizer = models.load_tokenizer(policies[name], trust)
-        answers[name], tokens = generate_answers(model, tokenizer, prompts, e.max_new_tokens, cfg.run.seed)
-        scores[name] = score(reward_model, reward_tokenizer, prompts, answers[name], cfg.ppo.reward_max_length)
-        row = {"mean_score": float(scores[name].mean()),
-               "perplexity": perplexity(model, tokenizer, [formatting.prompt(r["question"]) for r in held_out],
-                                        [r["response"] for r in held_out])}
+        answers[name], tokens = rl.sample_answers(model, tokenizer, prompts, e.max_new_tokens, cfg.run.seed)
+        scores[name] = score_responses(reward_model, reward_tokenizer, prompts, answers[name],
+                                       e.reward_max_length).cpu()
+        gold_scores[name] = gold.scores(prompts, answers[name])
+        row = {"mean_score": float(scores[name].mean())}
+        if gold_scores[name] is not None:
+            row["mean_gold_score"] = float(gold_scores[name].mean())
         if name == BASELINE:
             sft_model, sft_tokenizer = model, tokenizer
         else:
-            own = response_logprobs(model, tokenizer, prompts, tokens)
-            ref = response_logprobs(sft_model, sft_tokenizer, prompts, tokens)
+            own = rl.response_logprobs(model, tokenizer, prompts, tokens)
+            ref = rl.response_logprobs(sft_model, sft_tokenizer, prompts, tokens)
             seq_kl = [float((a - b).sum()) for a, b in zip(own, ref)]
-            row = {"mean_score": row["mean_score"], "win_rate_vs_sft": win_rate(scores[name], scores[BASELINE]),
-                   "kl_vs_sft": sum(seq_kl) / max(sum(len(a) for a in own), 1),
-                   "kl_vs_sft_per_sequence": sum(seq_kl) / max(len(seq_kl), 1), "perplexity": row["perplexity"]}
+            row["win_rate_vs_sft"] = win_rate(scores[name], scores[BASELINE])
+            row["gold_win_rate_vs_sft"] = gold.win_rate(questions, answers[name], answers[BASELINE],
+                                                        gold_scores[name], gold_scores[BASELINE])
+            row["over_optimised"] = over_optimised(row["win_rate_vs_sft"], row["gold_win_rate_vs_sft"])
+            row["kl_vs_sft"] = sum(seq_kl) / max(sum(len(a) for a in own), 1)
+            row["kl_vs_sft_per_sequence"] = sum(seq_kl) / max(len(seq_kl), 1)
+        row["perplexity"] = perplexity(model, tokenizer, [formatting.prompt(r["question"]) for r in held_out],
+                                       [r["response"] for r in held_out])
+        if name != BASELINE:
             del model
         report[name] = row
         print(f"[evaluate] {name}: mean score {row['mean_score']:.3f}, perplexity {row['perplexity']:.2f}",
               flush=True)
     samples = [
         {"prompt": prompts[i], **{f"{n}_answer": answers[n][i] for n in policies},
-         **{f"{n}_score": float(scores[n][i]) for n in policies}}
+         **{f"{n}_score": float(scores[n][i]) for n in policies},
+         **{f"{n}_gold_score": float(gold_scores[n][i]) for n in policies if gold_scores[n] is not None}}
         for i in range(min(e.num_samples_shown, len(prompts)))
     ]
     wandb_run = tracking.init_wandb(cfg, "evaluate")
@@ -140,9 +160,10 @@ def main(argv: list[str] | None = None) -> Path:
     common.atomic_write_json(out / "eval_report.json", report)
     common.atomic_write_json(out / "eval_samples.json", samples)
     result = common.write_result(out, "evaluate", started, eval_report=report, eval_samples=samples,
-                                 num_prompts=len(prompts))
+                                 num_prompts=len(prompts), gold_judge=gold.kind)
     for name, row in report.items():
-        print(f"[evaluate] {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items()), flush=True)
+        print(f"[evaluate] {name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                                  for k, v in row.items()), flush=True)
     print(f"[evaluate] report: {out.resolve() / 'eval_report.json'}  ({result})", flush=True)
     return out
 

@@ -16,14 +16,18 @@ from pathlib import Path
 from rlhf_lib.stages import common
 
 
-def _setup_datasets(cfg, train_uri: str, eval_uri: str):
+def _setup_datasets(cfg, train_uri: str, eval_uri: str, part: tuple[int, int] | None = None):
     from rlhf_lib.data import formatting, lake
 
     def to_pair(row):
         return {"chosen": formatting.hh_to_qa(row["chosen"]), "rejected": formatting.hh_to_qa(row["rejected"])}
 
     cols, bs = ["chosen", "rejected"], cfg.data.stream_batch_size
-    return lake.to_hf_dataset(train_uri, cols, bs, to_pair), lake.to_hf_dataset(eval_uri, cols, bs, to_pair)
+    train = lake.to_hf_dataset(train_uri, cols, bs, to_pair)
+    if part is not None:  # a disjoint share of the pairs: the gold reward model never sees the proxy's
+        k, n = part
+        train = train.select([i for i in range(len(train)) if i % n == k])
+    return train, lake.to_hf_dataset(eval_uri, cols, bs, to_pair)
 
 
 def pairwise_accuracy(model, tokenizer, pairs, max_length: int, batch_size: int = 32) -> dict[str, float]:
@@ -50,7 +54,7 @@ def main(argv: list[str] | None = None) -> Path:
     tokenizer = models.load_tokenizer(base_model, cfg.run.trust_remote_code, padding_side="right")
     model = models.load_reward_model(base_model, cfg.run.trust_remote_code)
     model.config.pad_token_id = tokenizer.pad_token_id
-    train_ds, eval_ds = _setup_datasets(cfg, train_uri, eval_uri)
+    train_ds, eval_ds = _setup_datasets(cfg, train_uri, eval_uri, args.part)
     reward_args = RewardConfig(**common.hf_training_kwargs(cfg, r, "reward", out), max_length=r.max_length)
     trainer = RewardTrainer(model=model, args=reward_args, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer)
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> Path:
     }
     result = common.write_result(out, "reward", started, model_path=str(model_dir.resolve()), base_model=base_model,
                                  checkpoint_dir=str((out / "checkpoints").resolve()), metrics=metrics,
-                                 resumed_from=resume)
+                                 resumed_from=resume, part=list(args.part) if args.part else None)
     print(f"[reward] model: {model_dir.resolve()}  held-out accuracy={held_out['accuracy']:.3f} "
           f"on {held_out['pairs']} pairs  ({result})", flush=True)
     return model_dir

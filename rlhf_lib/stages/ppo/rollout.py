@@ -5,7 +5,7 @@ Layout of a rollout batch (what the losses index into):
     input_ids = [ left-padded prompt (P) | response (T), right-padded ]
     attention = [ 0 … 0 1 … 1            | 1 … 1 0 … 0                 ]
 
-Position ids come from the attention mask, so left padding does not shift positions.
+Position ids come from the attention mask (`rlhf_lib.rl.position_ids`), so left padding does not shift them.
 """
 
 from __future__ import annotations
@@ -15,27 +15,21 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from rlhf_lib.data.formatting import reward_text
-from rlhf_lib.scoring import score_texts
 
 
 @dataclass
-class Rollout:
-    prompts: list[str]
-    responses: list[str]
+class RolloutBatch:
+    """One PPO step's rollouts: what `trainer.ppo_step` consumes."""
+
     input_ids: torch.Tensor  # [B, P + T]
     attention_mask: torch.Tensor  # [B, P + T]
     response_mask: torch.Tensor  # [B, T]
     prompt_length: int  # P
-    scores: torch.Tensor  # [B]
+    scores: torch.Tensor  # [B], reward-model scores
 
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def response_mask(responses: torch.Tensor, lengths: list[int], eos_token_id: int | None, stop_at_eos: bool,
-                  pad_token_id: int | None = None) -> torch.Tensor:
+def response_mask(responses: torch.Tensor, lengths: list[int], eos_token_id: int | None, stop_at_eos: bool
+                  ) -> torch.Tensor:
     """1 on the tokens each sequence keeps: the first `lengths[i]` tokens, cut after the first EOS (kept) when
     stop_at_eos. Generation pads finished sequences with pad_token_id; those never count."""
     B, T = responses.shape
@@ -56,7 +50,7 @@ def sample_lengths(n: int, low: int, high: int, generator: torch.Generator) -> l
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], lengths: list[int], *, stop_at_eos: bool,
-             max_prompt_length: int, generator_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+             max_prompt_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Sample (top_k=0, top_p=1) up to max(lengths) tokens for a batch, with the adapter as it is now.
 
     Returns (input_ids, attention_mask, response_mask, prompt_length)."""
@@ -87,10 +81,3 @@ def generate(model, tokenizer, prompts: list[str], lengths: list[int], *, stop_a
 def decode_responses(tokenizer, input_ids: torch.Tensor, r_mask: torch.Tensor, prompt_length: int) -> list[str]:
     responses = input_ids[:, prompt_length:]
     return [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(responses, r_mask)]
-
-
-def score(reward_model, reward_tokenizer, prompts: list[str], responses: list[str], max_length: int,
-          batch_size: int = 32) -> torch.Tensor:
-    """Reward-model scores of the decoded query + response, through the reward model's own tokenizer."""
-    texts = [reward_text(p, r) for p, r in zip(prompts, responses)]
-    return score_texts(reward_model, reward_tokenizer, texts, max_length, batch_size)

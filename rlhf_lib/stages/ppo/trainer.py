@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlhf_lib import checkpoints
+from rlhf_lib import checkpoints, rl
 from rlhf_lib.data import lake
 from rlhf_lib.stages import common
 from rlhf_lib.stages.ppo import losses, rollout
@@ -52,7 +52,7 @@ class PolicyWithValueHead(nn.Module):
 
     def forward(self, input_ids, attention_mask):
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=rollout.position_ids(attention_mask), output_hidden_states=True)
+                      position_ids=rl.position_ids(attention_mask), output_hidden_states=True)
         values = self.v_head(out.hidden_states[-1].float()).squeeze(-1)
         return out.logits, values
 
@@ -126,8 +126,8 @@ def _forward_response(policy: PolicyWithValueHead, input_ids, attention_mask, P:
     """Log-probs of the response tokens and the values of the states that emitted them."""
     logits, values = policy(input_ids, attention_mask)
     logits = logits[:, P - 1:-1]
-    logprobs = losses.logprobs_from_logits(logits, input_ids[:, P:])
-    entropy = losses.entropy_from_logits(logits) if with_entropy else None
+    logprobs = rl.logprobs_from_logits(logits, input_ids[:, P:])
+    entropy = rl.entropy_from_logits(logits) if with_entropy else None
     return logprobs, values[:, P - 1:-1], entropy
 
 
@@ -146,10 +146,10 @@ def _score_rollout(policy, input_ids, attention_mask, P, chunk: int):
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def ppo_step(policy, optimizer, accelerator, batch: dict, kl_ctl, p) -> dict[str, float]:
-    """PPO on one rollout batch (input_ids, attention_mask, response_mask, prompt_length, scores)."""
-    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-    mask, P, scores = batch["response_mask"].float(), batch["prompt_length"], batch["scores"]
+def ppo_step(policy, optimizer, accelerator, batch: rollout.RolloutBatch, kl_ctl, p) -> dict[str, float]:
+    """PPO on one rollout batch: old log-probs and values, rewards with the KL penalty, GAE, ppo_epochs passes."""
+    input_ids, attention_mask = batch.input_ids, batch.attention_mask
+    mask, P, scores = batch.response_mask.float(), batch.prompt_length, batch.scores
     old = _score_rollout(accelerator.unwrap_model(policy), input_ids, attention_mask, P, p.mini_batch_size)
     rewards, kl = losses.per_token_rewards(scores, old["logprobs"], old["ref_logprobs"], mask, kl_ctl.value)
     advantages, returns = losses.gae(rewards, old["values"], mask, p.gamma, p.lam)
@@ -299,6 +299,7 @@ def main(argv: list[str] | None = None) -> Path:
     from tqdm.auto import tqdm
 
     from rlhf_lib import models, tracking
+    from rlhf_lib.scoring import score_responses
 
     started, args, cfg, (sft_model, reward_model, prompts_uri), out = common.start(
         "ppo", argv, "sft_model", "reward_model", "prompts")
@@ -340,9 +341,8 @@ def main(argv: list[str] | None = None) -> Path:
             unwrapped.lm, tokenizer, prompts, lengths, stop_at_eos=p.stop_at_eos,
             max_prompt_length=p.max_prompt_length)
         responses = rollout.decode_responses(tokenizer, input_ids, r_mask, P)
-        scores = rollout.score(reward, reward_tokenizer, prompts, responses, p.reward_max_length)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": r_mask,
-                 "prompt_length": P, "scores": scores}
+        scores = score_responses(reward, reward_tokenizer, prompts, responses, p.reward_max_length)
+        batch = rollout.RolloutBatch(input_ids, attention_mask, r_mask, P, scores)
         stats = {"step": step + 1, **ppo_step(policy, optimizer, accelerator, batch, kl_ctl, p)}
         stats_history.append(stats)
         bar.set_postfix(score=f"{stats['score_mean']:.2f}", kl=f"{stats['kl']:.2f}", beta=f"{stats['beta']:.3f}")

@@ -1,0 +1,88 @@
+"""Direct Preference Optimization (TRL DPOTrainer) on the preference pairs, from the merged SFT model.
+
+    python -m rlhf_lib.stages.dpo --config run.json --output DIR \\
+        --input sft_model=MERGED_SFT_DIR --input train=LAKE_URI --input eval=LAKE_URI
+
+The policy is the merged SFT model with a fresh LoRA adapter; the reference is the same model with the adapter
+disabled (TRL does this for a PEFT model when no ref_model is given), so there is one copy of the weights.
+Pairs are the reward stage's: hh-rlhf transcripts rewritten in the `Question: …\\n\\nAnswer: …` layout, split
+into the shared prompt and the two completions. Writes DIR/adapter, DIR/merged (a standalone model),
+DIR/checkpoints (HF Trainer checkpoints; resumed from on a retry or a Metaflow resume) and DIR/result.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlhf_lib.stages import common
+
+
+def preference_to_dpo(row: dict) -> dict | None:
+    """An hh-rlhf pair as DPO's {prompt, chosen, rejected}; None when the two texts do not share a prompt."""
+    from rlhf_lib.data import formatting
+
+    chosen = formatting.split_prompt_completion(formatting.hh_to_qa(row["chosen"]))
+    rejected = formatting.split_prompt_completion(formatting.hh_to_qa(row["rejected"]))
+    if chosen is None or rejected is None or chosen[0] != rejected[0]:
+        return None
+    return {"prompt": chosen[0], "chosen": chosen[1], "rejected": rejected[1]}
+
+
+def _dataset(uri: str, batch_size: int):
+    import datasets
+
+    from rlhf_lib.data import lake
+
+    rows = [r for r in map(preference_to_dpo, lake.stream(uri, ["chosen", "rejected"], batch_size)) if r]
+    return datasets.Dataset.from_list(rows)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from trl import DPOConfig, DPOTrainer
+
+    from rlhf_lib import models
+
+    started, args, cfg, (sft_model, train_uri, eval_uri), out = common.start(
+        "dpo", argv, "sft_model", "train", "eval")
+    d = cfg.dpo
+    tokenizer = models.load_tokenizer(sft_model, cfg.run.trust_remote_code, padding_side="left")
+    model = models.load_causal_lm(sft_model, trust_remote_code=cfg.run.trust_remote_code)
+    train_ds, eval_ds = _dataset(train_uri, cfg.data.stream_batch_size), _dataset(eval_uri, cfg.data.stream_batch_size)
+    print(f"[dpo] {len(train_ds)} training pairs, {len(eval_ds)} held-out pairs, beta={d.beta}", flush=True)
+    dpo_args = DPOConfig(**common.hf_training_kwargs(cfg, d, "dpo", out), beta=d.beta, loss_type=[d.loss_type],
+                         max_length=d.max_length, truncation_mode="keep_end")
+    trainer = DPOTrainer(model=model, args=dpo_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=models.lora_config(d.lora))
+    resume = common.trainer_resume_point(args.resume_from, out / "checkpoints")
+    if resume:
+        print(f"[dpo] resuming from {resume}", flush=True)
+    train_out = trainer.train(resume_from_checkpoint=resume)
+    eval_metrics = trainer.evaluate()
+
+    adapter_dir = out / "adapter"
+    trainer.save_model(str(adapter_dir))
+    if not common.is_main_process():
+        return adapter_dir
+    tokenizer.save_pretrained(adapter_dir)
+    (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing here needs it
+    merged = models.merge_adapter(sft_model, str(adapter_dir), out / "merged", cfg.run.trust_remote_code)
+    metrics = {
+        "train_loss": train_out.training_loss,
+        "eval_loss": eval_metrics.get("eval_loss"),
+        "eval_reward_accuracy": eval_metrics.get("eval_rewards/accuracies"),
+        "eval_reward_margin": eval_metrics.get("eval_rewards/margins"),
+        "train_pairs": len(train_ds),
+        "steps": trainer.state.global_step,
+        "curves": common.log_history_summary(trainer.state.log_history),
+    }
+    result = common.write_result(out, "dpo", started, model_path=str(merged.resolve()),
+                                 adapter_path=str(adapter_dir.resolve()),
+                                 checkpoint_dir=str((out / "checkpoints").resolve()), sft_model=sft_model,
+                                 metrics=metrics, resumed_from=resume)
+    print(f"[dpo] model: {merged.resolve()}  held-out implicit-reward accuracy "
+          f"{metrics['eval_reward_accuracy']}  ({result})", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""ReST — Reinforced Self-Training (Gulcehre et al. 2023): Grow a dataset from the policy, Improve on its best part.
+
+    python -m rlhf_lib.stages.rest --config run.json --output DIR \\
+        --input sft_model=MERGED_SFT_DIR --input reward_model=DIR --input prompts=LAKE_URI
+
+`rest.grow_steps` iterations of:
+  Grow     sample `samples_per_prompt` completions for `prompts_per_grow` training prompts from the current
+           policy and score them with the reward model; the grown set is kept as a Deep Lake dataset
+           (DIR/grow-N), so the data a policy learned from can be inspected;
+  Improve  for each threshold of the rising schedule, keep the samples scoring at or above it and fine-tune the
+           policy on them (TRL SFTTrainer, loss on the completion only), before the next Grow.
+Thresholds are quantiles of the *first* Grow's scores, turned into fixed reward-model scores: the bar rises
+with each Improve, and a policy that improves keeps more of its later Grows (the paper's fixed thresholds on a
+normalised reward).
+
+The policy is the merged SFT model with one LoRA adapter trained through every Improve. After each Improve a
+checkpoint (adapter + loop state) is written atomically; a retried or resumed task continues after the newest.
+Writes DIR/grow-N, DIR/checkpoints, DIR/adapter, DIR/merged and DIR/result.json.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from rlhf_lib import checkpoints
+from rlhf_lib.stages import common
+
+STATE_FILE = "rest_state.json"
+
+
+def absolute_thresholds(scores: torch.Tensor, quantiles: list[float]) -> list[float]:
+    """The schedule's quantiles of a Grow's scores, as reward-model scores (non-decreasing)."""
+    return [float(torch.quantile(scores.float(), q)) for q in quantiles]
+
+
+def keep_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Improve's filter: the samples scoring at or above the threshold."""
+    return scores >= threshold
+
+
+def improve_schedule(grow_steps: int, n_thresholds: int) -> list[tuple[int, int]]:
+    """(grow iteration, threshold index) of every Improve, in order; a checkpoint is written after each."""
+    return [(g, j) for g in range(1, grow_steps + 1) for j in range(n_thresholds)]
+
+
+def grow(policy, tokenizer, reward_model, reward_tokenizer, prompts: list[str], cfg, iteration: int) -> list[dict]:
+    """One Grow: sampled completions of a fresh draw of prompts, each with its reward-model score."""
+    from rlhf_lib import rl
+    from rlhf_lib.scoring import score_responses
+
+    r = cfg.rest
+    rng = random.Random(f"rest-grow-{cfg.run.seed}-{iteration}")
+    chosen = rng.sample(prompts, min(r.prompts_per_grow, len(prompts)))
+    repeated = [p for p in chosen for _ in range(r.samples_per_prompt)]
+    policy.eval()
+    answers, _ = rl.sample_answers(policy, tokenizer, repeated, r.max_new_tokens, seed=cfg.run.seed + iteration)
+    scores = score_responses(reward_model, reward_tokenizer, repeated, answers, cfg.reward.max_length).cpu()
+    return [{"prompt": p, "response": a, "reward": float(s)} for p, a, s in zip(repeated, answers, scores)]
+
+
+def improve(policy, tokenizer, rows: list[dict], cfg, out: Path, tag: str) -> float:
+    """One Improve: SFT on the kept samples (prompt -> completion), continuing the policy's adapter."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    data = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": " " + r["response"].strip()}
+                                       for r in rows])
+    kwargs = common.hf_training_kwargs(cfg, cfg.rest, "rest", out / "improve" / tag)
+    # The loop checkpoints itself after each Improve and logs to one W&B run; the inner trainers need neither.
+    kwargs.update(save_strategy="no", eval_strategy="no", report_to=[])
+    args = SFTConfig(**kwargs, max_length=cfg.rest.max_length, packing=False, completion_only_loss=True)
+    trainer = SFTTrainer(model=policy, args=args, train_dataset=data, processing_class=tokenizer)
+    loss = trainer.train().training_loss
+    policy.eval()
+    return float(loss)
+
+
+def _save(root: Path, index: int, policy, state: dict, keep: int = 2) -> Path:
+    def write(tmp: Path) -> None:
+        policy.save_pretrained(tmp / "adapter", safe_serialization=True)
+        (tmp / STATE_FILE).write_text(json.dumps(state))
+
+    return checkpoints.save(root, index, write, keep=keep)
+
+
+def _load(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    state = json.loads((Path(path) / STATE_FILE).read_text())
+    state["adapter"] = load_file(Path(path) / "adapter" / "adapter_model.safetensors")
+    return state
+
+
+def find_resume_point(resume_from: str | None, own_root: Path) -> tuple[Path, dict] | None:
+    """The newest loadable checkpoint of this stage's own directory or of `resume_from` (adopted if foreign)."""
+    found = [c for c in (checkpoints.latest_valid(own_root, _load),
+                         checkpoints.latest_valid(Path(resume_from), _load) if resume_from else None) if c]
+    if not found:
+        return None
+    path, state = max(found, key=lambda c: c[1]["improves_done"])
+    if Path(path).parent.resolve() != Path(own_root).resolve():
+        path = common.adopt(Path(path), Path(own_root))
+    return path, state
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    from rlhf_lib import models, tracking
+    from rlhf_lib.data import lake
+
+    started, args, cfg, (sft_model, reward_path, prompts_uri), out = common.start(
+        "rest", argv, "sft_model", "reward_model", "prompts")
+    r, trust = cfg.rest, cfg.run.trust_remote_code
+    tokenizer = models.load_tokenizer(sft_model, trust, padding_side="left")
+    policy = get_peft_model(models.load_causal_lm(sft_model, trust_remote_code=trust), models.lora_config(r.lora))
+    reward_model = models.load_reward_model(reward_path, trust).eval()
+    reward_tokenizer = models.load_tokenizer(reward_path, trust, padding_side="right")
+    prompts = lake.rl_prompts(prompts_uri, cfg.data.stream_batch_size)
+
+    ckpt_root = out / "checkpoints"
+    state = {"improves_done": 0, "thresholds": None, "iterations": [], "grown": {}}
+    found = find_resume_point(args.resume_from, ckpt_root)
+    if found:
+        path, loaded = found
+        set_peft_model_state_dict(policy, loaded.pop("adapter"))
+        state = loaded
+        print(f"[rest] resumed from step {state['improves_done']} ({path})", flush=True)
+    resumed_from = state["improves_done"]
+    wandb_run = tracking.init_wandb(cfg, "rest")
+
+    schedule = improve_schedule(r.grow_steps, len(r.thresholds))
+    for index, (g, j) in enumerate(schedule[state["improves_done"]:], start=state["improves_done"]):
+        if j == 0 or str(g) not in state["grown"]:
+            rows = grow(policy, tokenizer, reward_model, reward_tokenizer, prompts, cfg, g)
+            grown = lake.write_rows(out / f"grow-{g}", rows, ["prompt", "response", "reward"], numeric=("reward",))
+            state["grown"][str(g)] = grown["uri"]
+            if state["thresholds"] is None:
+                state["thresholds"] = absolute_thresholds(torch.tensor([x["reward"] for x in rows]), r.thresholds)
+                print(f"[rest] thresholds (quantiles {r.thresholds} of Grow 1): "
+                      f"{[round(t, 3) for t in state['thresholds']]}", flush=True)
+        rows = list(lake.stream(state["grown"][str(g)], ["prompt", "response", "reward"]))
+        scores = torch.tensor([float(x["reward"]) for x in rows])
+        threshold = state["thresholds"][j]
+        mask = keep_mask(scores, threshold)
+        kept = [x for x, k in zip(rows, mask.tolist()) if k]
+        loss = improve(policy, tokenizer, kept, cfg, out, f"g{g}-t{j}") if kept else float("nan")
+        record = {"grow": g, "improve": j + 1, "threshold_quantile": r.thresholds[j], "threshold": threshold,
+                  "samples": len(rows), "kept": len(kept), "kept_fraction": len(kept) / max(len(rows), 1),
+                  "mean_reward_all": float(scores.mean()),
+                  "mean_reward_kept": float(scores[mask].mean()) if kept else float("nan"), "train_loss": loss,
+                  "grown_set": state["grown"][str(g)]}
+        state["iterations"].append(record)
+        state["improves_done"] = index + 1
+        print(f"[rest] grow {g} improve {j + 1}/{len(r.thresholds)}: kept {len(kept)}/{len(rows)} "
+              f"(score >= {threshold:.3f}), mean reward all {record['mean_reward_all']:.3f}, "
+              f"kept {record['mean_reward_kept']:.3f}, loss {loss:.3f}", flush=True)
+        if wandb_run is not None:
+            wandb_run.log({f"rest/{k}": v for k, v in record.items() if isinstance(v, (int, float))},
+                          step=index + 1)
+        if common.is_main_process():
+            _save(ckpt_root, index + 1, policy, state)
+
+    if not common.is_main_process():
+        return out
+    adapter_dir = out / "adapter"
+    policy.save_pretrained(adapter_dir, safe_serialization=True)
+    tokenizer.save_pretrained(adapter_dir)
+    merged = models.merge_adapter(sft_model, str(adapter_dir), out / "merged", trust)
+    if wandb_run is not None:
+        wandb_run.finish()
+    result = common.write_result(
+        out, "rest", started, model_path=str(merged.resolve()), adapter_path=str(adapter_dir.resolve()),
+        checkpoint_dir=str(ckpt_root.resolve()), sft_model=sft_model, reward_model=reward_path,
+        grown_sets=state["grown"], iterations=state["iterations"], resumed_from_step=resumed_from,
+        metrics={"thresholds": state["thresholds"], "improves": len(state["iterations"]),
+                 "mean_reward_first_grow": state["iterations"][0]["mean_reward_all"],
+                 "mean_reward_last_grow": state["iterations"][-1]["mean_reward_all"]})
+    print(f"[rest] model: {merged.resolve()}; grown sets: {list(state['grown'].values())}  ({result})", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""RLAIF as a preference source: the SFT model answers twice, a judge model picks the better answer under a
+constitution (Bai et al. 2022, Lee et al. 2023), and the reward model trains on the judged pairs.
+
+    python -m rlhf_lib.stages.rlaif --config run.json --output DIR \\
+        --input sft_model=MERGED_SFT_DIR --input judge_model=REF --input prompts=LAKE_URI
+
+For each of `rlaif.num_prompts` training prompts, two completions are sampled from the SFT model. The judge
+(any causal LM) reads the constitution, the question and both answers and we compare log p(" A") with
+log p(" B"). Both orders are scored; a judge that always prefers the first slot is corrected by subtracting
+its mean first-slot preference (`rlaif.calibrate_position_bias`), and a pair whose two orders still disagree
+is dropped. Kept pairs are written in hh-rlhf form (`\\n\\nHuman: …\\n\\nAssistant: …`) as two Deep Lake
+datasets, DIR/pairs-train and DIR/pairs-eval (the first `data.preference.eval_rows`, at most a fifth), which
+the reward stage reads like human pairs. With the tiny profile's judge (a 1 M-parameter model) the labels are
+close to noise — the point there is that the whole path runs, not the numbers.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from rlhf_lib.stages import common
+
+
+def sample_pairs(model, tokenizer, rows: list[dict], max_new_tokens: int, seed: int) -> list[dict]:
+    """Two sampled completions per prompt row; pairs whose two answers are the same text are left out."""
+    from rlhf_lib import rl
+    from rlhf_lib.data import formatting
+
+    prompts = [formatting.rl_prompt(r) for r in rows for _ in range(2)]
+    answers, _ = rl.sample_answers(model, tokenizer, prompts, max_new_tokens, seed=seed)
+    pairs = []
+    for i, row in enumerate(rows):
+        x, y = answers[2 * i].strip(), answers[2 * i + 1].strip()
+        if x != y:
+            pairs.append({"question": formatting.rl_question(row), "x": x, "y": y})
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> Path:
+    import torch
+
+    from rlhf_lib import judges, models, tracking
+    from rlhf_lib.data import lake, sample
+
+    started, args, cfg, (sft_model, judge_ref, prompts_uri), out = common.start(
+        "rlaif", argv, "sft_model", "judge_model", "prompts")
+    a, trust = cfg.rlaif, cfg.run.trust_remote_code
+    rows = list(lake.stream(prompts_uri, ["instruction", "input"], cfg.data.stream_batch_size))
+    rows = random.Random(f"rlaif-{cfg.run.seed}").sample(rows, min(a.num_prompts, len(rows)))
+
+    policy = models.load_causal_lm(sft_model, trust_remote_code=trust).eval()
+    tokenizer = models.load_tokenizer(sft_model, trust, padding_side="left")
+    pairs = sample_pairs(policy, tokenizer, rows, a.max_new_tokens, cfg.run.seed)
+    del policy
+    print(f"[rlaif] sampled {len(pairs)} distinct pairs from {len(rows)} prompts; judging with {judge_ref}",
+          flush=True)
+
+    judge = judges.PairwiseJudge.load(judge_ref, a.constitution_path, a.max_length, trust)
+    questions = [p["question"] for p in pairs]
+    pref_ab = judge.first_slot_preference(questions, [p["x"] for p in pairs], [p["y"] for p in pairs])
+    pref_ba = judge.first_slot_preference(questions, [p["y"] for p in pairs], [p["x"] for p in pairs])
+    labels, bias = judges.decide(pref_ab, pref_ba, a.calibrate_position_bias)
+    raw_agree = float(((pref_ab > 0) != (pref_ba > 0)).float().mean()) if len(pairs) else 0.0
+
+    judged = []
+    for pair, label in zip(pairs, labels.tolist()):
+        if label == 0:
+            continue
+        chosen, rejected = (pair["x"], pair["y"]) if label == 1 else (pair["y"], pair["x"])
+        judged.append({"chosen": sample.hh_format(pair["question"], chosen),
+                       "rejected": sample.hh_format(pair["question"], rejected)})
+    if len(judged) < 2:
+        raise SystemExit(f"[rlaif] the judge's two orders agreed on {len(judged)} of {len(pairs)} pairs: too few to "
+                         "train a reward model. Raise rlaif.num_prompts or use a stronger rlaif.judge_model")
+    n_eval = min(cfg.data.preference.eval_rows, max(1, len(judged) // 5))
+    columns = ["chosen", "rejected"]
+    eval_set = lake.write_rows(out / "pairs-eval", judged[:n_eval], columns)
+    train_set = lake.write_rows(out / "pairs-train", judged[n_eval:], columns)
+    # How often the (calibrated) judge's verdict matches the sample data's generating rule: meaningful only
+    # on sample prompts, and only as a sanity figure for the judge.
+    rule_agreement = None
+    if cfg.data.prompts.source == "sample" and judged:
+        rule_x = judges.rule_scores([p["x"] for p in pairs])
+        rule_y = judges.rule_scores([p["y"] for p in pairs])
+        decided = labels != 0
+        rule_label = torch.sign(rule_x - rule_y)
+        comparable = decided & (rule_label != 0)
+        if comparable.any():
+            rule_agreement = float((rule_label[comparable] == labels[comparable].float()).float().mean())
+    metrics = {"prompts": len(rows), "pairs_sampled": len(pairs), "pairs_kept": len(judged),
+               "kept_fraction": len(judged) / max(len(pairs), 1), "position_bias": bias,
+               "orders_agree_uncalibrated": raw_agree, "train_pairs": train_set["rows"],
+               "eval_pairs": eval_set["rows"], "agreement_with_rule": rule_agreement}
+    wandb_run = tracking.init_wandb(cfg, "rlaif")
+    if wandb_run is not None:
+        wandb_run.summary.update({k: v for k, v in metrics.items() if v is not None})
+        wandb_run.finish()
+    result = common.write_result(out, "rlaif", started, train=train_set, eval=eval_set, judge_model=judge_ref,
+                                 constitution=str(a.constitution_path), metrics=metrics)
+    print(f"[rlaif] kept {len(judged)} of {len(pairs)} judged pairs (position bias {bias:.3f}); "
+          f"train {train_set['uri']}, eval {eval_set['uri']}  ({result})", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
