@@ -1,6 +1,7 @@
 """Benchmark: wall time per step and the headline metrics of one RLHFFlow run.
 
     python bench/flow_timing.py                         # the default profile (configs/tiny.toml)
+    python bench/flow_timing.py --config configs/compare.toml   # PPO, DPO and ReST side by side
     python bench/flow_timing.py --config configs/opt-1.3b.toml
 
 Runs the flow through metaflow.Runner, then reads each task's start/finish times and the run's metrics through
@@ -47,18 +48,24 @@ def main() -> None:
         task = step.task
         print(f"| {step.id} | {(task.finished_at - task.created_at).total_seconds():.1f} |")
     print(f"| **whole run (wall)** | **{wall:.1f}** |\n")
-    report, data = run.data.eval_report, run.data
-    print("| metric | value |\n|---|---|")
-    print(f"| reward model held-out accuracy | {data.reward_metrics['eval_accuracy']:.3f} |")
-    print(f"| SFT held-out loss | {data.sft_metrics['eval_loss']:.3f} |")
-    print(f"| PPO mean score, first → last quarter | {data.ppo_metrics['score_first_quarter']:.2f} → "
-          f"{data.ppo_metrics['score_last_quarter']:.2f} |")
-    print(f"| mean score SFT → PPO (held-out prompts) | {report['sft']['mean_score']:.2f} → "
-          f"{report['ppo']['mean_score']:.2f} |")
-    print(f"| PPO win-rate over SFT | {report['ppo']['win_rate_vs_sft']:.3f} |")
-    print(f"| KL(PPO‖SFT) per sequence / per token | {report['ppo']['kl_vs_sft_per_sequence']:.2f} / "
-          f"{report['ppo']['kl_vs_sft']:.3f} |")
-    print(f"| perplexity SFT → PPO | {report['sft']['perplexity']:.2f} → {report['ppo']['perplexity']:.2f} |")
+    from rlhf_lib import report as reporting
+
+    data = run.data
+    print(f"Reward model held-out accuracy {data.reward_metrics['eval_accuracy']:.3f}; SFT held-out loss "
+          f"{data.sft_metrics['eval_loss']:.3f}; gold judge `{data.gold_judge}`.\n")
+    headers, rows = reporting.eval_table(data.eval_report)
+    print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
+    for row in rows:
+        print("| " + " | ".join(str(c) for c in row) + " |")
+    print("\n" + reporting.over_optimisation_note(data.eval_report))
+    if data.ppo_status == "done":
+        print(f"\nPPO mean score, first → last quarter of training: {data.ppo_metrics['score_first_quarter']:.2f} → "
+              f"{data.ppo_metrics['score_last_quarter']:.2f}")
+    if data.rest_status == "done":
+        print("\nReST per Improve (grow, improve, threshold, kept fraction, mean reward all → kept):")
+        for it in data.rest_iterations:
+            print(f"- {it['grow']}.{it['improve']}: {it['threshold']:.2f}, {it['kept_fraction']:.2f}, "
+                  f"{it['mean_reward_all']:.2f} → {it['mean_reward_kept']:.2f}")
 
 
 if __name__ == "__main__":

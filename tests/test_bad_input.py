@@ -43,12 +43,23 @@ def _cases(tmp, tiny_policy):
         "reward model has 2 labels": ({"reward_model": {"model": _classifier(tmp / "cls2", 2)}},
                                       "needs num_labels=1"),
         "too little disk": ({"run": {"min_free_disk_gb": 1e9}}, "free space or point run.storage_root elsewhere"),
+        "unknown method": ({"run": {"methods": ["ppo", "grpo"]}}, "run.methods names unknown method(s) ['grpo']"),
+        "no method": ({"run": {"methods": []}}, "run.methods is empty"),
+        "ReST thresholds not increasing": ({"rest": {"thresholds": [0.7, 0.5]}},
+                                           "rest.thresholds [0.7, 0.5] must be strictly increasing"),
+        "DPO beta <= 0": ({"dpo": {"beta": 0.0}}, "config key `dpo.beta`: Input should be greater than 0"),
+        "AI feedback without a judge": ({"data": {"preference": {"source": "ai_feedback"}}, "rlaif": {"judge_model": ""}},
+                                        "needs rlaif.judge_model"),
+        "constitution file missing": ({"data": {"preference": {"source": "ai_feedback"}},
+                                       "rlaif": {"constitution": str(tmp / "no-such-constitution.txt")}},
+                                      "rlaif.constitution: '" + str(tmp / "no-such-constitution.txt") + "' does not exist"),
     }
 
 
 CASES = ["unknown key", "wrong type", "min length > max length", "missing column", "empty dataset",
          "nonexistent dataset path", "nonexistent model path", "hub id unreachable offline",
-         "reward model is a causal LM", "reward model has 2 labels", "too little disk"]
+         "reward model is a causal LM", "reward model has 2 labels", "too little disk", "unknown method", "no method",
+         "ReST thresholds not increasing", "DPO beta <= 0", "AI feedback without a judge", "constitution file missing"]
 
 
 @pytest.mark.parametrize("case", CASES)

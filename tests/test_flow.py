@@ -5,7 +5,8 @@ from pathlib import Path
 
 def test_steps_chain_in_order(flow_run):
     steps = [s.id for s in flow_run]
-    assert set(steps) == {"start", "data", "sft", "merge", "reward", "ppo", "evaluate", "end"}
+    assert set(steps) == {"start", "data", "sft", "merge", "rlaif", "reward", "ppo", "dpo", "rest", "evaluate", "end"}
+    assert flow_run["rlaif"].task.data.rlaif_status == "skipped"  # human (sample) pairs in this profile
 
 
 def test_dataset_artifacts(flow_run):
@@ -51,15 +52,83 @@ def test_ppo_raises_mean_reward(flow_run):
 
 def test_evaluate_report(flow_run):
     report = flow_run.data.eval_report
-    assert set(report["sft"]) >= {"mean_score", "perplexity"}
-    assert set(report["ppo"]) >= {"mean_score", "win_rate_vs_sft", "kl_vs_sft", "perplexity"}
+    assert list(report) == ["sft", "ppo", "dpo", "rest"]
+    assert set(report["sft"]) >= {"mean_score", "mean_gold_score", "perplexity"}
+    for method in ("ppo", "dpo", "rest"):
+        assert set(report[method]) >= {"mean_score", "mean_gold_score", "win_rate_vs_sft", "gold_win_rate_vs_sft",
+                                       "over_optimised", "kl_vs_sft", "kl_vs_sft_per_sequence", "perplexity",
+                                       "stage_seconds"}, method
+        assert report[method]["stage_seconds"] > 0
+    assert flow_run.data.gold_judge == "rule"
     assert report["ppo"]["mean_score"] > report["sft"]["mean_score"]
     assert report["ppo"]["win_rate_vs_sft"] > 0.5
     samples = flow_run.data.eval_samples
-    assert samples and {"prompt", "sft_answer", "ppo_answer", "sft_score", "ppo_score"} <= set(samples[0])
+    assert samples and {"prompt", "sft_answer", "ppo_answer", "dpo_answer", "rest_answer", "sft_score",
+                        "ppo_score", "sft_gold_score"} <= set(samples[0])
+
+
+def test_dpo_branch(flow_run):
+    from peft import PeftConfig
+
+    data = flow_run.data
+    assert data.dpo_status == "done" and Path(data.dpo_model_path, "model.safetensors").exists()
+    assert PeftConfig.from_pretrained(data.dpo_adapter_path).r == 8
+    assert data.dpo_metrics["steps"] == 30 and data.dpo_metrics["train_pairs"] > 0
+    # The policy's implicit reward ranks held-out pairs better than chance after training.
+    assert data.dpo_metrics["eval_reward_accuracy"] > 0.5
+
+
+def test_rest_branch_keeps_its_grown_sets(flow_run):
+    from rlhf_lib.data import lake
+
+    data = flow_run.data
+    assert data.rest_status == "done" and Path(data.rest_model_path, "model.safetensors").exists()
+    iters = data.rest_iterations
+    assert [(i["grow"], i["improve"]) for i in iters] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    thresholds = data.rest_metrics["thresholds"]
+    assert thresholds[0] < thresholds[1]
+    for it in iters:
+        assert 0 < it["kept_fraction"] <= 1 and it["mean_reward_kept"] >= it["mean_reward_all"]
+    assert iters[1]["kept"] < iters[0]["kept"]  # the higher threshold keeps fewer of the same Grow
+    rows = list(lake.stream(data.rest_grown_sets["1"], ["prompt", "response", "reward"]))
+    assert len(rows) == iters[0]["samples"] == 32 * 4
+    assert rows[0]["prompt"].startswith("Question: ") and isinstance(rows[0]["reward"], float)
 
 
 def test_ppo_card_exists(flow_run):
     from metaflow.cards import get_cards
 
     assert len(get_cards(flow_run["ppo"].task)) == 1
+
+
+def test_ai_feedback_run_trains_the_reward_model_on_judged_pairs(tmp_path):
+    """data.preference.source = "ai_feedback": the judge ranks SFT answers, the reward model trains on those
+    pairs, a branch not in run.methods is skipped, and the gold judge is a second reward model."""
+    from metaflow import Runner
+
+    from conftest import ROOT, write_config
+
+    cfg = write_config(tmp_path / "rlaif.toml", {
+        "run": {"storage_root": str(tmp_path / "store"), "methods": ["dpo"]},
+        "data": {"preference": {"source": "ai_feedback", "eval_rows": 8}},
+        "rlaif": {"num_prompts": 200}, "eval": {"gold_judge": "reward_model"}})
+    with Runner(str(ROOT / "flows" / "rlhf_flow.py"), show_output=False, config=[("config", str(cfg))],
+                env={"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}) as runner:
+        result = runner.run()
+        assert result.status == "successful", result.stderr[-4000:]
+        run = result.run
+    data = run.data
+    assert data.rlaif_status == "done"
+    m = data.rlaif_metrics
+    assert m["pairs_kept"] == m["train_pairs"] + m["eval_pairs"] and m["train_pairs"] >= 1
+    assert m["pairs_kept"] < m["pairs_sampled"]  # disagreeing orders were dropped
+    assert data.datasets["preference_train"]["source"] == "ai_feedback"
+    assert Path(data.datasets["preference_train"]["uri"]).is_dir()
+    # The proxy reward model trained on half the judged pairs, the gold one on the other half.
+    half = (m["train_pairs"] + 1) // 2
+    assert data.reward_metrics["train_pairs"] == half
+    assert data.gold_reward_metrics["train_pairs"] == m["train_pairs"] - half
+    assert data.gold_reward_model_path != data.reward_model_path
+    assert (data.ppo_status, data.rest_status, data.dpo_status) == ("skipped", "skipped", "done")
+    assert list(data.eval_report) == ["sft", "dpo"] and data.gold_judge == "reward_model"
+    assert "gold_win_rate_vs_sft" in data.eval_report["dpo"]

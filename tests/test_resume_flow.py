@@ -88,9 +88,20 @@ def test_upstream_artifacts_are_reused(crashed_and_resumed):
     origin, resumed = _run(crashed_and_resumed["origin"]), _run(crashed_and_resumed["resumed"])
     for step, name in (("sft", "sft_adapter_path"), ("merge", "sft_merged_path"), ("reward", "reward_model_path")):
         assert getattr(resumed[step].task.data, name) == getattr(origin[step].task.data, name)
-    # Cloned steps were not re-executed: the resumed run's stage directories hold only ppo onwards.
+    # Cloned steps were not re-executed: the resumed run's stage directories hold ppo onwards, plus a sibling
+    # branch only when the crash stopped it before it finished (a finished sibling is cloned).
     stages = {p.name for p in (crashed_and_resumed["store"] / "RLHFFlow" / resumed.id).iterdir()}
-    assert stages == {"ppo", "evaluate"}
+    assert {"ppo", "evaluate"} <= stages <= {"ppo", "dpo", "rest", "evaluate"}
+    for sibling in ("dpo", "rest"):
+        try:
+            finished = origin[sibling].task.successful
+        except KeyError:  # the crash came before this branch started
+            finished = False
+        if finished:
+            assert sibling not in stages
+            assert getattr(resumed[sibling].task.data, f"{sibling}_model_path") == \
+                getattr(origin[sibling].task.data, f"{sibling}_model_path")
+    assert set(resumed.data.eval_report) == {"sft", "ppo", "dpo", "rest"}
 
 
 def test_resumed_stats_equal_an_uninterrupted_run(crashed_and_resumed, tmp_path):

@@ -191,3 +191,23 @@ def trainer_resume_point(resume_from: str | None, own_root: Path) -> str | None:
     if _step_of(external) > _step_of(own):
         return str(adopt(Path(external), own_root))
     return own
+
+
+def train_resumable(trainer, stage: str, resume_from: str | None, output: Path):
+    """trainer.train() continued from the newest checkpoint of this stage's own directory or of `resume_from`
+    (a retry, or a Metaflow resume's origin run). Returns (train output, the checkpoint resumed from)."""
+    resume = trainer_resume_point(resume_from, Path(output) / "checkpoints")
+    if resume:
+        print(f"[{stage}] resuming from {resume}", flush=True)
+    return trainer.train(resume_from_checkpoint=resume), resume
+
+
+def save_trained(trainer, tokenizer, directory: Path) -> bool:
+    """Save what an HF trainer trained (a model, or an adapter) and the tokenizer beside it, as safetensors.
+    Every process must call it (saving synchronises them); True on the main process only."""
+    trainer.save_model(str(directory))
+    if not is_main_process():
+        return False
+    tokenizer.save_pretrained(directory)
+    (Path(directory) / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing here needs it
+    return True

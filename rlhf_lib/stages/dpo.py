@@ -53,18 +53,12 @@ def main(argv: list[str] | None = None) -> Path:
                          max_length=d.max_length, truncation_mode="keep_end")
     trainer = DPOTrainer(model=model, args=dpo_args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=models.lora_config(d.lora))
-    resume = common.trainer_resume_point(args.resume_from, out / "checkpoints")
-    if resume:
-        print(f"[dpo] resuming from {resume}", flush=True)
-    train_out = trainer.train(resume_from_checkpoint=resume)
+    train_out, resume = common.train_resumable(trainer, "dpo", args.resume_from, out)
     eval_metrics = trainer.evaluate()
 
     adapter_dir = out / "adapter"
-    trainer.save_model(str(adapter_dir))
-    if not common.is_main_process():
+    if not common.save_trained(trainer, tokenizer, adapter_dir):
         return adapter_dir
-    tokenizer.save_pretrained(adapter_dir)
-    (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing here needs it
     merged = models.merge_adapter(sft_model, str(adapter_dir), out / "merged", cfg.run.trust_remote_code)
     metrics = {
         "train_loss": train_out.training_loss,

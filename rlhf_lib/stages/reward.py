@@ -62,17 +62,11 @@ def main(argv: list[str] | None = None) -> Path:
     train_pairs_used = len(trainer.train_dataset)
     print(f"[reward] training on {train_pairs_used} of {len(train_ds)} pairs (TRL keeps those within "
           f"max_length={r.max_length} tokens)", flush=True)
-    resume = common.trainer_resume_point(args.resume_from, out / "checkpoints")
-    if resume:
-        print(f"[reward] resuming from {resume}", flush=True)
-    train_out = trainer.train(resume_from_checkpoint=resume)
+    train_out, resume = common.train_resumable(trainer, "reward", args.resume_from, out)
 
     model_dir = out / "model"
-    trainer.save_model(str(model_dir))
-    if not common.is_main_process():
+    if not common.save_trained(trainer, tokenizer, model_dir):
         return model_dir
-    tokenizer.save_pretrained(model_dir)
-    (model_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing here needs it
     held_out = pairwise_accuracy(trainer.model, tokenizer, list(eval_ds), r.max_length)
     metrics = {
         "train_loss": train_out.training_loss,

@@ -64,18 +64,12 @@ def main(argv: list[str] | None = None) -> Path:
                          packing_strategy="wrapped", dataset_text_field="text")
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=models.lora_config(s.lora))
-    resume = common.trainer_resume_point(args.resume_from, out / "checkpoints")
-    if resume:
-        print(f"[sft] resuming from {resume}", flush=True)
-    train_out = trainer.train(resume_from_checkpoint=resume)
+    train_out, resume = common.train_resumable(trainer, "sft", args.resume_from, out)
     eval_metrics = trainer.evaluate()
 
-    adapter_dir = out / "adapter"
-    trainer.save_model(str(adapter_dir))  # adapter weights only (safetensors) + adapter_config.json
-    if not common.is_main_process():
+    adapter_dir = out / "adapter"  # adapter weights only (safetensors) + adapter_config.json
+    if not common.save_trained(trainer, tokenizer, adapter_dir):
         return adapter_dir
-    tokenizer.save_pretrained(adapter_dir)
-    (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing here needs it
     eval_loss = eval_metrics.get("eval_loss")
     metrics = {
         "train_loss": train_out.training_loss,
