@@ -42,6 +42,7 @@ class RunSection(_Section):
     wandb_project: str = Field("rlhf-flow", description="W&B project name.")
     trust_remote_code: bool = Field(False, description="Allow hub models to run their own code (off unless you trust them).")
     min_free_disk_gb: float = Field(1.0, ge=0, description="Refuse to start with less free disk than this under storage_root.")
+    cpu_threads: int = Field(0, ge=0, description="torch intra-op threads per CPU stage; 0 = the cores free when the stage starts (rlhf_lib/cpu.py).")
     methods: list[str] = Field(default_factory=lambda: ["ppo"], description=f"Alignment methods to run after `reward`, any of {list(METHODS)}; the others record `skipped`.")
 
     @model_validator(mode="after")

@@ -118,3 +118,31 @@ def test_left_padding_does_not_change_response_logprobs(tiny_policy):
                                                    alone_ids.shape[1] - response.shape[1])
     torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(values[0], alone_values[0], atol=1e-5, rtol=1e-5)
+
+
+def test_rollout_samples_from_the_policy_itself_when_eos_is_ignored(tiny_policy):
+    """stop_at_eos=False: generation goes on to the drawn length, but EOS is never banned — the log-probs of
+    the sampled tokens under the sampling distribution equal the policy's own (what PPO's ratios use)."""
+    from rlhf_lib import models, rl
+
+    model, tokenizer = models.load_causal_lm(tiny_policy).eval(), models.load_tokenizer(tiny_policy)
+    enc = tokenizer(["Question: What sound does a cow make?\n\nAnswer:"] * 16, return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    config = rollout.generation_config(model, tokenizer, 24, stop_at_eos=False)
+    config.output_scores, config.return_dict_in_generate = True, True
+    out = model.generate(**enc, generation_config=config)
+    P = enc["input_ids"].shape[1]
+    tokens = out.sequences[:, P:]
+    assert tokens.shape[1] == 24  # never stopped early
+    sampling_logp = torch.log_softmax(torch.stack(out.scores, 1).float(), -1)
+    assert torch.isfinite(sampling_logp[..., tokenizer.eos_token_id]).all(), "EOS must not be banned"
+    am = torch.ones_like(out.sequences)
+    logits = model(input_ids=out.sequences, attention_mask=am, position_ids=rl.position_ids(am)).logits
+    policy_lp = rl.logprobs_from_logits(logits[:, P - 1:-1], tokens)
+    sampled_lp = torch.gather(sampling_logp, 2, tokens.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(sampled_lp, policy_lp, atol=1e-4, rtol=1e-4)
+
+    # The rollout keeps every token up to each drawn length, EOS or not.
+    ids, _, mask, P2 = rollout.generate(model, tokenizer, ["Question: Hi?\n\nAnswer:"] * 4, [5, 9, 12, 3],
+                                        stop_at_eos=False, max_prompt_length=32)
+    assert mask.sum(1).tolist() == [5, 9, 12, 3]

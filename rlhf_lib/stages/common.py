@@ -58,6 +58,14 @@ def start(stage: str, argv: list[str] | None, *required: str):
     cfg = load_config(args.config)
     paths = require(args.inputs, *required)
     seed_everything(cfg.run.seed)
+    import torch
+
+    if not torch.cuda.is_available():
+        from rlhf_lib import cpu
+
+        threads = cpu.set_threads(cfg.run.cpu_threads)
+        print(f"[{stage}] {threads} CPU thread(s) (run.cpu_threads = {cfg.run.cpu_threads or 'auto: the free cores'})",
+              flush=True)
     return started, args, cfg, paths, Path(args.output)
 
 
@@ -72,7 +80,8 @@ def hf_training_kwargs(cfg: RunConfig, section, stage: str, output: Path) -> dic
         gradient_accumulation_steps=section.gradient_accumulation_steps, learning_rate=section.learning_rate,
         lr_scheduler_type=section.lr_scheduler, warmup_steps=section.warmup_steps,
         logging_steps=section.logging_steps, save_steps=section.save_steps, save_total_limit=2,
-        eval_strategy="steps", eval_steps=section.eval_steps, seed=cfg.run.seed, data_seed=cfg.run.seed,
+        # HF evaluates at the last step of a step-based schedule even when eval_steps > max_steps; "no" then.
+        eval_strategy="steps" if section.eval_steps <= section.max_steps else "no", eval_steps=section.eval_steps, seed=cfg.run.seed, data_seed=cfg.run.seed,
         logging_first_step=True, dataloader_num_workers=0, **trainer_precision(),
     )
 

@@ -48,6 +48,20 @@ def sample_lengths(n: int, low: int, high: int, generator: torch.Generator) -> l
     return torch.randint(low, high + 1, (n,), generator=generator).tolist()
 
 
+def generation_config(model, tokenizer, max_new_tokens: int, stop_at_eos: bool) -> GenerationConfig:
+    """Pure sampling from the policy (top_k=0, top_p=1, no logits processor), so the rollout distribution is
+    exactly the one whose log-probs PPO uses.
+
+    stop_at_eos=False is the seed's behaviour (it set eos_token_id=100_000): EOS may be sampled like any other
+    token and generation goes on to the drawn length. An EOS id no token can have says "never stop"; leaving it
+    None would not do, because generate() fills None from the model's own config and stops at EOS, and
+    min_new_tokens would ban EOS (its logit set to −inf) — a different distribution from the policy's."""
+    never = model.get_output_embeddings().weight.shape[0]  # one past the last token id
+    return GenerationConfig(do_sample=True, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                            eos_token_id=tokenizer.eos_token_id if stop_at_eos else never,
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], lengths: list[int], *, stop_at_eos: bool,
              max_prompt_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -59,13 +73,7 @@ def generate(model, tokenizer, prompts: list[str], lengths: list[int], *, stop_a
     tokenizer.truncation_side = "left"  # keep the end of a long prompt: that is where "Answer:" is
     enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_length,
                     add_special_tokens=True).to(device)
-    gen_config = GenerationConfig(
-        do_sample=True, top_k=0, top_p=1.0, max_new_tokens=max(lengths),
-        # stop_at_eos=False is the seed's behaviour (it set eos_token_id=100_000): generate to the length.
-        eos_token_id=tokenizer.eos_token_id if stop_at_eos else None,
-        min_new_tokens=0 if stop_at_eos else max(lengths),
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-    )
+    gen_config = generation_config(model, tokenizer, max(lengths), stop_at_eos)
     out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                          generation_config=gen_config)
     P = enc["input_ids"].shape[1]
