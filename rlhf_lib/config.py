@@ -61,7 +61,17 @@ class DatasetSource(_Section):
     source: str = Field("sample", description="`sample`, a Deep Lake URI (hub://, al://, local dir), a .jsonl/.parquet file, or (preference only) `ai_feedback`.")
     eval_source: str = Field("", description="Held-out split source; empty carves `eval_rows` out of `source`.")
     max_rows: int = Field(0, ge=0, description="Rows to take from the source; 0 takes all.")
-    eval_rows: int = Field(64, ge=1, description="Held-out rows (taken from eval_source, or carved from source).")
+    eval_rows: int = Field(0, ge=0, description="Held-out rows: from eval_source (0 = all of it), or carved from the start of source (0 = 64).")
+    format: Literal["", "alpaca", "openorca", "hh"] = Field("", description="Shorthand column mapping for a common shape: `alpaca` (instruction/input/output), `openorca` (question/response), `hh` (chosen/rejected).")
+    columns: dict[str, str | list[str]] = Field(default_factory=dict, description="This kind's column -> the source's column (a list is joined with newlines, empty parts skipped); overrides `format`.")
+
+    @property
+    def carved_eval_rows(self) -> int:
+        """Rows held out from the start of `source` when there is no eval_source."""
+        return self.eval_rows or DEFAULT_EVAL_ROWS
+
+
+DEFAULT_EVAL_ROWS = 64
 
 
 class DataSection(_Section):
@@ -70,6 +80,23 @@ class DataSection(_Section):
     prompts: DatasetSource = Field(default_factory=DatasetSource, description="RL prompts (Alpaca-OrcaChat schema).")
     sample_rows: int = Field(1200, ge=16, description="Rows generated per `sample` dataset before max_rows applies.")
     stream_batch_size: int = Field(256, ge=1, description="Rows per batch when stages stream a Deep Lake dataset.")
+
+    @model_validator(mode="after")
+    def _mappings_fit_their_kind(self) -> "DataSection":
+        from rlhf_lib.data.lake import FORMATS, SCHEMAS
+
+        for kind in SCHEMAS:
+            section = getattr(self, kind)
+            if section.format and kind not in FORMATS[section.format]:
+                fits = [f for f, kinds in FORMATS.items() if kind in kinds]
+                raise ValueError(f"data.{kind}.format = {section.format!r} does not describe {kind} data; use one "
+                                 f"of {fits} or map columns with data.{kind}.columns")
+            own = SCHEMAS[kind]["required"] + SCHEMAS[kind]["optional"]
+            unknown = [c for c in section.columns if c not in own]
+            if unknown:
+                raise ValueError(f"data.{kind}.columns maps {unknown}, which {kind} data does not have; its "
+                                 f"columns are {own}")
+        return self
 
 
 class TinyModelSpec(_Section):

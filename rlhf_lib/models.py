@@ -71,20 +71,29 @@ def _train_bpe_tokenizer(texts: list[str], vocab_size: int):
                                    unk_token="<unk>", padding_side="left")
 
 
+def tiny_policy_config(spec: TinyModelSpec, vocab_size: int | None = None, pad_token_id: int = 0,
+                       bos_token_id: int = 1, eos_token_id: int = 1):
+    """The tiny OPT's architecture (the vocabulary size is the trained tokenizer's; spec.vocab_size before)."""
+    from transformers import OPTConfig
+
+    return OPTConfig(
+        vocab_size=vocab_size or spec.vocab_size, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads, ffn_dim=spec.ffn_dim, max_position_embeddings=spec.max_positions,
+        word_embed_proj_dim=spec.hidden_size, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id, dropout=0.0,
+    )
+
+
 def build_tiny_policy(out: Path, spec: TinyModelSpec, seed: int) -> None:
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import OPTForCausalLM
 
     from rlhf_lib.data import sample
 
     torch.manual_seed(seed)
     corpus = list(sample.pretraining_text(4000, seed))
     tokenizer = _train_bpe_tokenizer(corpus + [q + " " + a for q, a in sample._facts()], spec.vocab_size)
-    config = OPTConfig(
-        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads, ffn_dim=spec.ffn_dim, max_position_embeddings=spec.max_positions,
-        word_embed_proj_dim=spec.hidden_size, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, dropout=0.0,
-    )
+    config = tiny_policy_config(spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
+                                tokenizer.eos_token_id)
     model = OPTForCausalLM(config)
     _pretrain(model, tokenizer, corpus, spec.pretrain_steps, seed)
     model.save_pretrained(out, safe_serialization=True)
@@ -271,3 +280,21 @@ def merge_adapter(base_ref: str, adapter_dir: str, out_dir: Path, trust_remote_c
                        trust_remote_code).save_pretrained(tmp)
 
     return _atomic_dir(Path(out_dir), build)
+
+
+# bitsandbytes' CPU 4-bit kernel packs a weight's output rows in blocks of 32 and its input columns in pairs
+# ("N must be divisible by block_n"); on a GPU any width works.
+BNB_CPU_BLOCK_N = 32
+
+
+def layers_4bit_cpu_cannot_run(config) -> list[tuple[str, int, int]]:
+    """(name, in_features, out_features) of every layer 4-bit quantization would touch (each Linear but the
+    output head) that bitsandbytes' CPU kernel cannot run. Built on the meta device: nothing is allocated."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    return [(name, m.in_features, m.out_features) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m is not head
+            and (m.out_features % BNB_CPU_BLOCK_N or m.in_features % 2)]

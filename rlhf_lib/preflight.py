@@ -17,7 +17,7 @@ class PreflightError(ValueError):
     pass
 
 
-def _check_source(key: str, source: str, kind: str) -> str | None:
+def _check_source(key: str, source: str, kind: str, mapping: dict[str, list[str]] | None = None) -> str | None:
     if source == "sample" or (kind == "preference" and source == AI_FEEDBACK):
         return None
     skind = lake.source_kind(source)
@@ -29,10 +29,14 @@ def _check_source(key: str, source: str, kind: str) -> str | None:
         return f"{key}: cannot read {source!r}: {err}"
     if not columns:
         return f"{key}: {source!r} is empty; point it at a dataset with rows"
-    missing = [c for c in lake.SCHEMAS[kind]["required"] if c not in columns]
+    mapping = mapping or lake.column_map(kind)
+    required = lake.SCHEMAS[kind]["required"]
+    missing = [mapping[c][0] for c in required if mapping[c][0] not in columns]
     if missing:
-        return (f"{key}: {source!r} lacks column(s) {missing} (has {columns}); a {kind} dataset needs "
-                f"{lake.SCHEMAS[kind]['required']}")
+        mapped = {c: mapping[c][0] for c in required if mapping[c][0] != c}
+        how = f" (mapped as {mapped} by data.{kind}.format/columns)" if mapped else ""
+        return (f"{key}: {source!r} lacks column(s) {missing}{how} (has {columns}); a {kind} dataset needs "
+                f"{required}: set data.{kind}.format or map them with data.{kind}.columns")
     return None
 
 
@@ -56,6 +60,31 @@ def _check_reward_model_config(ref: str, trust_remote_code: bool) -> str | None:
     return None
 
 
+def _check_4bit_on_cpu(cfg: RunConfig) -> str | None:
+    """QLoRA's NF4 runs on a CPU only for layer widths bitsandbytes' CPU kernel packs; say so now, not mid-SFT."""
+    import torch
+
+    from rlhf_lib import models
+
+    if not cfg.sft.quantize_4bit or cfg.run.gpus > 0 or torch.cuda.is_available():
+        return None  # on a GPU, NF4 takes any width
+    ref = cfg.policy.model
+    if ref == models.TINY:
+        config = models.tiny_policy_config(cfg.policy.tiny)
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(ref, trust_remote_code=cfg.run.trust_remote_code)
+    bad = models.layers_4bit_cpu_cannot_run(config)
+    if not bad:
+        return None
+    name, k, n = bad[0]
+    return (f"sft.quantize_4bit: bitsandbytes' CPU 4-bit kernel needs every quantized layer's output width to be a "
+            f"multiple of {models.BNB_CPU_BLOCK_N} (and its input width even); {ref!r} has {len(bad)} layer(s) that "
+            f"are not, e.g. {name} ({k} -> {n}). Set sft.quantize_4bit = false (LoRA on the full-precision base) "
+            f"or run SFT on a GPU")
+
+
 def check(cfg: RunConfig) -> list[str]:
     """All problems found, empty when the run can start."""
     from rlhf_lib import models
@@ -66,7 +95,8 @@ def check(cfg: RunConfig) -> list[str]:
         for field in ("source", "eval_source"):
             value = getattr(section, field)
             if value:
-                problem = _check_source(f"data.{kind}.{field}", value, kind)
+                problem = _check_source(f"data.{kind}.{field}", value, kind,
+                                        lake.column_map(kind, section.format, section.columns))
                 if problem:
                     problems.append(problem)
     for key, ref in (("policy.model", cfg.policy.model), ("reward_model.model", cfg.reward_model.model)):
@@ -89,6 +119,10 @@ def check(cfg: RunConfig) -> list[str]:
                         f"text file of principles (the default is configs/constitution.txt)")
     if not any(p.startswith("reward_model.model") for p in problems):
         problem = _check_reward_model_config(cfg.reward_model.model, cfg.run.trust_remote_code)
+        if problem:
+            problems.append(problem)
+    if not any(p.startswith("policy.model") for p in problems):
+        problem = _check_4bit_on_cpu(cfg)
         if problem:
             problems.append(problem)
     root = cfg.storage_root

@@ -43,6 +43,9 @@ def _cases(tmp, tiny_policy):
         "reward model has 2 labels": ({"reward_model": {"model": _classifier(tmp / "cls2", 2)}},
                                       "needs num_labels=1"),
         "too little disk": ({"run": {"min_free_disk_gb": 1e9}}, "free space or point run.storage_root elsewhere"),
+        "4-bit on CPU, width 172": ({"policy": {"tiny": {"ffn_dim": 172}}},
+                                    "bitsandbytes' CPU 4-bit kernel needs every quantized layer's output width to be a "
+                                    "multiple of 32"),
         "unknown method": ({"run": {"methods": ["ppo", "grpo"]}}, "run.methods names unknown method(s) ['grpo']"),
         "no method": ({"run": {"methods": []}}, "run.methods is empty"),
         "ReST thresholds not increasing": ({"rest": {"thresholds": [0.7, 0.5]}},
@@ -59,7 +62,7 @@ def _cases(tmp, tiny_policy):
 CASES = ["unknown key", "wrong type", "min length > max length", "missing column", "empty dataset",
          "nonexistent dataset path", "nonexistent model path", "hub id unreachable offline",
          "reward model is a causal LM", "reward model has 2 labels", "too little disk", "unknown method", "no method",
-         "ReST thresholds not increasing", "DPO beta <= 0", "AI feedback without a judge", "constitution file missing"]
+         "ReST thresholds not increasing", "DPO beta <= 0", "AI feedback without a judge", "constitution file missing", "4-bit on CPU, width 172"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -2,6 +2,10 @@
 
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # whole flow runs
+
 
 def test_steps_chain_in_order(flow_run):
     steps = [s.id for s in flow_run]

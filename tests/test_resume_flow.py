@@ -19,6 +19,8 @@ import pytest
 from conftest import ROOT, write_config
 from rlhf_lib import launch
 
+pytestmark = pytest.mark.slow  # whole flow runs
+
 FLOW = str(ROOT / "flows" / "rlhf_flow.py")
 SECRET = "sk-test-do-not-store-0123456789"
 

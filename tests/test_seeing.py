@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pytest
 
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # whole flow runs
 
 NOTEBOOK = ROOT / "notebooks" / "inspect_run.ipynb"
 
@@ -62,3 +65,17 @@ def test_wandb_offline_files_for_every_stage(flow_run):
     for stage in ("sft", "merge", "reward", "ppo", "dpo", "rest", "evaluate"):
         name = f"{stage}-{flow_run.id}".encode()
         assert any(name in r.read_bytes() for r in runs), f"no offline W&B run named {stage}-{flow_run.id}"
+
+
+def test_readme_client_api_snippet_runs_outside_the_checkout(flow_run, tmp_path):
+    """The README's Client API snippet, as a user pastes it, from another directory with no rlhf_lib around."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("- **Client API** from any Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    code = "\n".join(line.removeprefix("  ") for line in block.strip("\n").splitlines())
+    code = code.replace("/path/to/this/checkout", str(ROOT))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "METAFLOW_HOME",
+                                                             "METAFLOW_DATASTORE_SYSROOT_LOCAL")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "win_rate_vs_sft" in proc.stdout and "'ppo'" in proc.stdout

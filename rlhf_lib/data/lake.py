@@ -34,6 +34,13 @@ SCHEMAS: dict[str, dict[str, list[str]]] = {
     "preference": {"required": ["chosen", "rejected"], "optional": []},
     "prompts": {"required": ["instruction"], "optional": ["input", "output"]},
 }
+# `format` shorthands: per kind, this kind's column -> the source columns it is built from (joined by newlines,
+# empty parts skipped). A kind a format leaves out cannot take that format; an empty mapping is the identity.
+FORMATS: dict[str, dict[str, dict[str, list[str]]]] = {
+    "alpaca": {"sft": {"question": ["instruction", "input"], "response": ["output"]}, "prompts": {}},
+    "openorca": {"sft": {}, "prompts": {"instruction": ["question"], "output": ["response"]}},
+    "hh": {"preference": {}},
+}
 REMOTE_PREFIXES = ("hub://", "al://", "s3://", "gcs://", "gs://", "azure://", "az://")
 DONE_MARKER = ".rlhf_complete"
 
@@ -133,10 +140,33 @@ def source_columns(source: str) -> list[str]:
     return _lake_columns(_open_lake(source))
 
 
-def read_source(source: str, kind: str) -> Iterator[dict]:
-    """Rows of a non-sample source with the kind's columns (missing optional ones filled with '')."""
+def column_map(kind: str, fmt: str = "", columns: dict | None = None) -> dict[str, list[str]]:
+    """This kind's column -> the source columns it is read from: identity, then `fmt`'s shorthand, then
+    `columns`. Mapping an SFT `question` to `instruction` also appends Alpaca's `input` when a row has one."""
     schema = SCHEMAS[kind]
-    wanted = schema["required"] + schema["optional"]
+    mapping = {c: [c] for c in schema["required"] + schema["optional"]}
+    mapping.update({k: list(v) for k, v in FORMATS.get(fmt, {}).get(kind, {}).items()} if fmt else {})
+    for ours, theirs in (columns or {}).items():
+        mapping[ours] = [theirs] if isinstance(theirs, str) else list(theirs)
+        if kind == "sft" and ours == "question" and mapping[ours] == ["instruction"]:
+            mapping[ours].append("input")
+    return mapping
+
+
+def _join(row: dict, parts: list[str]) -> str:
+    """One column's value as it is (hh transcripts keep their leading break); several joined by newlines."""
+    values = [row.get(c) for c in parts]
+    if len(values) == 1:
+        return "" if values[0] is None else str(values[0])
+    return "\n".join(str(v).strip() for v in values if v is not None and str(v).strip())
+
+
+def read_source(source: str, kind: str, mapping: dict[str, list[str]] | None = None) -> Iterator[dict]:
+    """Rows of a non-sample source with the kind's columns (missing optional ones filled with ''), each read
+    from the source columns `mapping` names (see column_map)."""
+    schema = SCHEMAS[kind]
+    mapping = mapping or column_map(kind)
+    wanted = list(dict.fromkeys(c for parts in mapping.values() for c in parts))
     skind = source_kind(source)
     if skind == "jsonl":
         rows: Iterable[dict] = _read_jsonl(_local_path(source))
@@ -145,12 +175,12 @@ def read_source(source: str, kind: str) -> Iterator[dict]:
     else:
         rows = _read_lake(source, wanted)
     for lineno, row in enumerate(rows, 1):
-        missing = [c for c in schema["required"] if c not in row]
+        missing = [mapping[c][0] for c in schema["required"] if mapping[c][0] not in row]
         if missing:
             raise DataError(
                 f"{source} row {lineno} lacks column(s) {missing}; a {kind} dataset needs {schema['required']}"
             )
-        yield {c: "" if row.get(c) is None else str(row.get(c, "")) for c in wanted}
+        yield {c: _join(row, parts) for c, parts in mapping.items()}
 
 
 # ---------------------------------------------------------------- materialising
@@ -208,12 +238,15 @@ def materialise(kind: str, cfg_source, split: str, storage_root: Path, seed: int
     src, eval_src = cfg_source.source, cfg_source.eval_source
     if split == "eval":
         source = eval_src or src
-        n, skip = cfg_source.eval_rows, 0
+        # An eval_source is used whole unless eval_rows caps it; otherwise the held-out rows are carved.
+        n, skip = (cfg_source.eval_rows if eval_src else cfg_source.carved_eval_rows), 0
     else:
         source = src
         n = cfg_source.max_rows or (sample_rows if src == "sample" else 0)
-        skip = 0 if (eval_src or src == "sample") else cfg_source.eval_rows
-    fp = _fingerprint(kind, split, source, n, skip, seed, sample_rows if source == "sample" else None)
+        skip = 0 if (eval_src or src == "sample") else cfg_source.carved_eval_rows
+    mapping = column_map(kind, cfg_source.format, cfg_source.columns)
+    fp = _fingerprint(kind, split, source, n, skip, seed, sample_rows if source == "sample" else None,
+                      None if source == "sample" else sorted(mapping.items()))
     path = storage_root / "datasets" / f"{kind}-{split}-{fp}"
     if not (path / DONE_MARKER).exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,7 +254,7 @@ def materialise(kind: str, cfg_source, split: str, storage_root: Path, seed: int
             rows: Iterable[dict] = sample.GENERATORS[kind](n, split, seed)
             rows = ({c: r.get(c, "") for c in columns} for r in rows)
         else:
-            rows = read_source(source, kind)
+            rows = read_source(source, kind, mapping)
             rows = islice(rows, skip, skip + n if n else None)
         count = _write_lake(path, rows, columns)
         if count == 0:

@@ -9,7 +9,7 @@ For each of `rlaif.num_prompts` training prompts, two completions are sampled fr
 log p(" B"). Both orders are scored; a judge that always prefers the first slot is corrected by subtracting
 its mean first-slot preference (`rlaif.calibrate_position_bias`), and a pair whose two orders still disagree
 is dropped. Kept pairs are written in hh-rlhf form (`\\n\\nHuman: …\\n\\nAssistant: …`) as two Deep Lake
-datasets, DIR/pairs-train and DIR/pairs-eval (the first `data.preference.eval_rows`, at most a fifth), which
+datasets, DIR/pairs-train and DIR/pairs-eval (the first `data.preference.eval_rows` — 64 when 0 — at most a fifth), which
 the reward stage reads like human pairs. With the tiny profile's judge (a 1 M-parameter model) the labels are
 close to noise — the point there is that the whole path runs, not the numbers.
 """
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> Path:
     if len(judged) < 2:
         raise SystemExit(f"[rlaif] the judge's two orders agreed on {len(judged)} of {len(pairs)} pairs: too few to "
                          "train a reward model. Raise rlaif.num_prompts or use a stronger rlaif.judge_model")
-    n_eval = min(cfg.data.preference.eval_rows, max(1, len(judged) // 5))
+    n_eval = min(cfg.data.preference.carved_eval_rows, max(1, len(judged) // 5))
     columns = ["chosen", "rejected"]
     eval_set = lake.write_rows(out / "pairs-eval", judged[:n_eval], columns)
     train_set = lake.write_rows(out / "pairs-train", judged[n_eval:], columns)
