@@ -321,3 +321,27 @@ def parse_toml(text: str) -> dict[str, Any]:
 
 def load(path: str | Path = DEFAULT_CONFIG) -> RunConfig:
     return validate(tomllib.loads(Path(path).read_text()))
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(type(value))
+
+
+def dump_toml(data: dict) -> str:
+    """Enough TOML for configs: top-level tables whose values are scalars, lists or inline tables."""
+    lines = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rlhf_lib import env  # noqa: E402
+from rlhf_lib.config import dump_toml  # noqa: E402
 
 env.configure()
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the test suite may touch the network
@@ -28,30 +29,6 @@ import transformers  # noqa: E402,F401
 
 SHARED = ROOT.parent / "shared"
 TEST_CONFIG = ROOT / "configs" / "test.toml"
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(type(value))
-
-
-def dump_toml(data: dict) -> str:
-    """Enough TOML for configs: top-level tables whose values are scalars, lists or inline tables."""
-    lines = []
-    for section, values in data.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
-        lines.append("")
-    return "\n".join(lines)
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:

@@ -129,8 +129,21 @@ def atomic_write_json(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+def peak_memory() -> dict[str, float]:
+    """This process's peak resident memory and, on a GPU, peak allocated GPU memory (GB)."""
+    import resource
+
+    import torch
+
+    peak = {"cpu_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)}  # KiB on Linux
+    if torch.cuda.is_available():
+        peak["gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+    return peak
+
+
 def write_result(output: Path, stage: str, started: float, **payload: Any) -> Path:
-    result = {"stage": stage, "seconds": round(time.time() - started, 1), "versions": versions(), **payload}
+    result = {"stage": stage, "seconds": round(time.time() - started, 1), "versions": versions(),
+              "peak_memory": peak_memory(), **payload}
     path = Path(output) / RESULT_FILE
     atomic_write_json(path, result)
     return path
