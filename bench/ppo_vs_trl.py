@@ -146,7 +146,9 @@ def worker_trl(inputs: dict, steps: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(inputs["policy"], padding_side="left")
     prompts = json.loads(Path(inputs["prompts"]).read_text())[: steps * BATCH]
     train = datasets.Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]})
-    args = PPOConfig(output_dir=str(Path(inputs["prompts"]).parent / "trl-out"), per_device_train_batch_size=MINI_BATCH,
+    # TRL's rollout batch is per_device_train_batch_size x gradient_accumulation_steps, split into num_mini_batches;
+    # accumulation would also delay optimizer steps, so: 32 per device, 4 mini-batches of 8, one step each.
+    args = PPOConfig(output_dir=str(Path(inputs["prompts"]).parent / "trl-out"), per_device_train_batch_size=BATCH,
                      gradient_accumulation_steps=1, num_mini_batches=BATCH // MINI_BATCH, num_ppo_epochs=EPOCHS,
                      response_length=RESPONSE_LENGTH, stop_token=None, temperature=1.0, kl_coef=KL_COEF,
                      learning_rate=LR, total_episodes=steps * BATCH, local_rollout_forward_batch_size=BATCH,
@@ -157,6 +159,7 @@ def worker_trl(inputs: dict, steps: int) -> dict:
     value = AutoModelForSequenceClassification.from_pretrained(inputs["reward"], num_labels=1)
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward,
                          value_model=value, train_dataset=train, peft_config=LoraConfig(**LORA, task_type="CAUSAL_LM"))
+    assert (args.local_batch_size, args.local_mini_batch_size) == (BATCH, MINI_BATCH), "TRL batch sizes differ"
     # Step boundaries and generation time, measured around TRL's own functions (nothing else changed).
     marks, generate_seconds = [], []
     original_generation = trl_ppo.batch_generation
