@@ -233,3 +233,34 @@ def save_trained(trainer, tokenizer, directory: Path) -> bool:
     tokenizer.save_pretrained(directory)
     (Path(directory) / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing here needs it
     return True
+
+
+def checkpoint_resume_point(resume_from: str | Path | None, own_root: Path, load, step_of
+                            ) -> tuple[Path, dict] | None:
+    """Where a stage with its own atomic checkpoints (ppo, rest) continues: the newest loadable checkpoint among
+    this stage's own and those at `resume_from` (a `step-N` directory or a directory of them, e.g. a Metaflow
+    resume's origin run), newest by `step_of(state)`. One from elsewhere is first copied into `own_root`, so a
+    resume of *this* run still finds it if this run dies before its first save."""
+    from rlhf_lib import checkpoints
+
+    candidates = []
+    own = checkpoints.latest_valid(own_root, load)
+    if own:
+        candidates.append(own)
+    if resume_from is not None:
+        resume_from = Path(resume_from)
+        if checkpoints.marked_step(resume_from) is not None:
+            try:
+                candidates.append((resume_from, load(resume_from)))
+            except Exception as err:
+                print(f"warning: cannot load checkpoint {resume_from}: {err}", flush=True)
+        else:
+            external = checkpoints.latest_valid(resume_from, load)
+            if external:
+                candidates.append(external)
+    if not candidates:
+        return None
+    path, state = max(candidates, key=lambda c: step_of(c[1]))
+    if Path(path).parent.resolve() != Path(own_root).resolve():
+        path = adopt(Path(path), Path(own_root))
+    return path, state

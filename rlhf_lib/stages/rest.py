@@ -95,18 +95,6 @@ def _load(path: Path) -> dict:
     return state
 
 
-def find_resume_point(resume_from: str | None, own_root: Path) -> tuple[Path, dict] | None:
-    """The newest loadable checkpoint of this stage's own directory or of `resume_from` (adopted if foreign)."""
-    found = [c for c in (checkpoints.latest_valid(own_root, _load),
-                         checkpoints.latest_valid(Path(resume_from), _load) if resume_from else None) if c]
-    if not found:
-        return None
-    path, state = max(found, key=lambda c: c[1]["improves_done"])
-    if Path(path).parent.resolve() != Path(own_root).resolve():
-        path = common.adopt(Path(path), Path(own_root))
-    return path, state
-
-
 def main(argv: list[str] | None = None) -> Path:
     from peft import get_peft_model, set_peft_model_state_dict
 
@@ -124,7 +112,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     ckpt_root = out / "checkpoints"
     state = {"improves_done": 0, "thresholds": None, "iterations": [], "grown": {}}
-    found = find_resume_point(args.resume_from, ckpt_root)
+    found = common.checkpoint_resume_point(args.resume_from, ckpt_root, _load, lambda st: st["improves_done"])
     if found:
         path, loaded = found
         set_peft_model_state_dict(policy, loaded.pop("adapter"))

@@ -253,32 +253,6 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def find_resume_point(resume_from: Path | None, own_root: Path) -> tuple[Path, dict] | None:
-    """The newest loadable checkpoint among this stage's own and those at `resume_from` (a `step-N` directory
-    or a directory of them, e.g. a Metaflow resume's origin run). One from elsewhere is first copied into
-    `own_root`, so a resume of *this* run still finds it if this run dies before its first save."""
-    candidates = []
-    own = checkpoints.latest_valid(own_root, load_checkpoint)
-    if own:
-        candidates.append(own)
-    if resume_from is not None:
-        if checkpoints.marked_step(resume_from) is not None:
-            try:
-                candidates.append((resume_from, load_checkpoint(resume_from)))
-            except Exception as err:
-                print(f"[ppo] warning: cannot load checkpoint {resume_from}: {err}", flush=True)
-        else:
-            external = checkpoints.latest_valid(resume_from, load_checkpoint)
-            if external:
-                candidates.append(external)
-    if not candidates:
-        return None
-    path, state = max(candidates, key=lambda c: c[1]["step"])
-    if Path(path).parent.resolve() != Path(own_root).resolve():
-        path = common.adopt(Path(path), Path(own_root))
-    return path, state
-
-
 def _restore(state: dict, policy, optimizer, kl_ctl, sampler, length_gen) -> None:
     from peft import set_peft_model_state_dict
 
@@ -322,7 +296,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     # W&B first: whatever randomness its start-up uses must not come after the restored RNG state.
     wandb_run = tracking.init_wandb(cfg, "ppo") if accelerator.is_main_process else None
-    found = find_resume_point(Path(args.resume_from) if args.resume_from else None, ckpt_root)
+    found = common.checkpoint_resume_point(args.resume_from, ckpt_root, load_checkpoint, lambda st: st["step"])
     if found:
         path, state = found
         _restore(state, policy, optimizer, kl_ctl, sampler, length_gen)
