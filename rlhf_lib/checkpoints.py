@@ -62,8 +62,10 @@ def step_dir(root: Path, step: int) -> Path:
     return Path(root) / f"step-{step:06d}"
 
 
-def save(root: Path, step: int, write: Callable[[Path], None], keep: int | None = None) -> Path:
-    """Write checkpoint `step` under root via write(tmp_dir), mark it complete, then prune to the last `keep`."""
+def save(root: Path, step: int, write: Callable[[Path], None], keep: int | None = None,
+         mirror: str | None = None) -> Path:
+    """Write checkpoint `step` under root via write(tmp_dir), mark it complete, then prune to the last `keep`;
+    with `mirror` (the stage's checkpoint URI in S3), upload it there too before returning."""
 
     def build(tmp: Path) -> None:
         write(tmp)
@@ -73,6 +75,8 @@ def save(root: Path, step: int, write: Callable[[Path], None], keep: int | None 
     if keep:
         for old in list_complete(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+    if mirror:
+        publish(path, mirror, keep)
     return path
 
 
@@ -107,3 +111,68 @@ def latest_valid(root: Path, load: Callable[[Path], object]) -> tuple[Path, obje
         except Exception as err:  # a truncated or corrupted file: fall back to the previous checkpoint
             warnings.warn(f"skipping corrupt checkpoint {path}: {type(err).__name__}: {err}", stacklevel=2)
     return None
+
+
+# ------------------------------------------------------------------ checkpoints in S3
+# On a cluster a checkpoint on the pod's disk dies with the pod. Each one is mirrored to the stage's storage as it
+# is written: its files first, the COMPLETE marker object last, so a torn upload is never chosen; a retried or
+# resumed task on a fresh machine downloads the newest complete one before the stage starts.
+
+_ANY_CKPT_DIR = re.compile(r"^(?:step|checkpoint)-(\d+)$")  # ours (ppo, rest) and the HF Trainer's
+
+
+def publish(checkpoint: Path, remote_root: str, keep: int | None = None) -> str:
+    """Upload a finished local checkpoint (`step-N` or `checkpoint-N`) to `remote_root/<name>/`, marker last;
+    then delete remote checkpoints older than the newest `keep` (their marker first)."""
+    from rlhf_lib import storage
+
+    checkpoint = Path(checkpoint)
+    step = int(_ANY_CKPT_DIR.match(checkpoint.name).group(1))
+    if marked_step(checkpoint) != step:  # HF checkpoints have no marker of their own: complete once saved
+        (checkpoint / MARKER).write_text(json.dumps({"step": step}))
+    target = storage.join(remote_root, checkpoint.name)
+    storage.upload_dir(checkpoint, target, last=(MARKER,))
+    print(f"[checkpoints] step {step} stored at {target}", flush=True)
+    if keep:
+        for _, name in remote_complete(remote_root)[:-keep]:
+            old = storage.join(remote_root, name)
+            files = storage.list_files(old)
+            storage.delete(old, [MARKER] + [f for f in files if f != MARKER])
+    return target
+
+
+def remote_complete(remote_root: str) -> list[tuple[int, str]]:
+    """(step, name) of the checkpoints under `remote_root` whose marker names their step, oldest first."""
+    from rlhf_lib import storage
+
+    found = []
+    for name in storage.list_dirs(remote_root):
+        m = _ANY_CKPT_DIR.match(name)
+        if not m:
+            continue
+        marker = storage.join(remote_root, name, MARKER)
+        try:
+            step = int(json.loads(storage.read_text(marker))["step"]) if storage.exists(marker) else None
+        except (ValueError, KeyError, TypeError):
+            step = None
+        if step == int(m.group(1)):
+            found.append((step, name))
+        else:
+            warnings.warn(f"skipping incomplete checkpoint {storage.join(remote_root, name)} (no valid {MARKER})",
+                          stacklevel=2)
+    return sorted(found)
+
+
+def fetch_latest(remote_root: str, local_root: Path) -> Path | None:
+    """Download the newest complete checkpoint under `remote_root` into `local_root/<name>` (unless a complete copy
+    is there already); None when there is none."""
+    from rlhf_lib import storage
+
+    done = remote_complete(remote_root)
+    if not done:
+        return None
+    step, name = done[-1]
+    local = Path(local_root) / name
+    if marked_step(local) != step:
+        storage.download_dir(storage.join(remote_root, name), local)
+    return local

@@ -36,7 +36,7 @@ class _Section(BaseModel):
 class RunSection(_Section):
     name: str = Field("tiny", description="Profile name, shown in logs and W&B run names.")
     seed: int = Field(42, description="Seed for data sampling, model init and training.")
-    storage_root: str = Field("artifacts", description="Where datasets, models and checkpoints go; relative to the repo root.")
+    storage_root: str = Field("artifacts", description="Where datasets, models and checkpoints go: a local path (relative to the repo root) or an s3:// URI; with Metaflow's S3 datastore a local value means `<METAFLOW_DATASTORE_SYSROOT_S3>/rlhf`.")
     gpus: int = Field(0, ge=0, description="GPUs per GPU step (`@resources(gpu=...)`); 0 runs every stage on CPU.")
     wandb_mode: Literal["offline", "online", "disabled"] = Field("offline", description="W&B mode; online needs WANDB_API_KEY.")
     wandb_project: str = Field("rlhf-flow", description="W&B project name.")
@@ -44,6 +44,9 @@ class RunSection(_Section):
     min_free_disk_gb: float = Field(1.0, ge=0, description="Refuse to start with less free disk than this under storage_root.")
     cpu_threads: int = Field(0, ge=0, description="torch intra-op threads per CPU stage; 0 = the cores free when the stage starts (rlhf_lib/cpu.py).")
     methods: list[str] = Field(default_factory=lambda: ["ppo"], description=f"Alignment methods to run after `reward`, any of {list(METHODS)}; the others record `skipped`.")
+    retries: int = Field(2, ge=0, le=3, description="`@retry` times for every compute step: a killed or preempted task is re-run in the same run and continues from its own newest checkpoint.")
+    retry_wait_minutes: int = Field(1, ge=0, description="Minutes Metaflow waits before a retry.")
+    nodes: int = Field(1, ge=1, description="Machines the PPO stage spans (Metaflow `@parallel`, torch.distributed across them); 1 changes nothing.")
 
     @model_validator(mode="after")
     def _known_methods(self) -> "RunSection":
@@ -242,8 +245,15 @@ class EvalSection(_Section):
     num_samples_shown: int = Field(8, ge=0, description="Sample generations kept in the report.")
 
 
+class ResourcesSection(_Section):
+    cpu: int = Field(4, ge=1, description="CPU cores each stage step requests (`@resources(cpu=...)`).")
+    memory_mb: int = Field(16384, ge=512, description="Memory (MB) each stage step requests.")
+    shared_memory_mb: int = Field(2048, ge=1, description="Shared memory (MB) each stage step requests (/dev/shm: data loaders, NCCL).")
+
+
 class RunConfig(_Section):
     run: RunSection = Field(default_factory=RunSection, description="Run-wide settings.")
+    resources: ResourcesSection = Field(default_factory=ResourcesSection, description="What each stage step asks of a cluster (GPUs: run.gpus).")
     data: DataSection = Field(default_factory=DataSection, description="Dataset sources.")
     policy: ModelSection = Field(default_factory=ModelSection, description="The causal LM to align.")
     reward_model: ModelSection = Field(default_factory=ModelSection, description="The reward model (num_labels=1).")
@@ -280,9 +290,21 @@ class RunConfig(_Section):
         return "rule" if self.data.prompts.source == "sample" else "reward_model"
 
     @property
-    def storage_root(self) -> Path:
+    def storage_uri(self) -> str:
+        """run.storage_root as a URI: an s3:// (or other scheme) URI as given, else an absolute local path."""
+        from rlhf_lib import storage
+
+        if storage.is_remote(self.run.storage_root):
+            return self.run.storage_root.rstrip("/")
         root = Path(self.run.storage_root).expanduser()
-        return root if root.is_absolute() else PROJECT_ROOT / root
+        return str(root if root.is_absolute() else PROJECT_ROOT / root)
+
+    @property
+    def local_root(self) -> Path:
+        """Where this machine keeps files: the storage root itself when it is local, else the scratch dir."""
+        from rlhf_lib import storage
+
+        return storage.scratch_root() if storage.is_remote(self.storage_uri) else Path(self.storage_uri)
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(), indent=2)

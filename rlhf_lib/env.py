@@ -2,8 +2,12 @@
 
 Metaflow only reads a project's `.metaflowconfig/` when `METAFLOW_HOME` points at it, refuses to run without a
 user name, and finds its local datastore by walking up from the current directory. The flow, the tests and the
-notebook all call `configure()` first, so they see one datastore wherever they are started from and whatever
-the user exported.
+notebook all call `configure()` first, so they see one datastore wherever they are started from.
+
+The user's own Metaflow configuration wins: the project's `.metaflowconfig/` (local datastore and metadata) is
+used only when there is none — no `METAFLOW_HOME`, no `METAFLOW_PROFILE`, no `~/.metaflowconfig/config*.json`,
+no `METAFLOW_DEFAULT_DATASTORE` — so a deployment's S3 datastore, Kubernetes namespace and image are never
+silently ignored. `metaflow_config_source()` says which one this process uses (`start` prints it).
 """
 
 from __future__ import annotations
@@ -30,11 +34,41 @@ def _fallback_user() -> str:
     return name if name and name != "root" else "rlhf"
 
 
+CONFIG_SOURCE_VAR = "RLHF_METAFLOW_CONFIG"  # the decision, kept for child processes (which see METAFLOW_HOME set)
+
+
+def _users_metaflow_config() -> str | None:
+    """Where the user's own Metaflow configuration comes from, or None when they have none."""
+    if os.environ.get("METAFLOW_HOME"):
+        return f"METAFLOW_HOME={os.environ['METAFLOW_HOME']}"
+    if os.environ.get("METAFLOW_PROFILE"):
+        return f"METAFLOW_PROFILE={os.environ['METAFLOW_PROFILE']} (~/.metaflowconfig)"
+    home = Path("~/.metaflowconfig").expanduser()
+    found = sorted(home.glob("config*.json")) if home.is_dir() else []
+    if found:
+        return str(found[0])
+    if os.environ.get("METAFLOW_DEFAULT_DATASTORE"):
+        return f"METAFLOW_DEFAULT_DATASTORE={os.environ['METAFLOW_DEFAULT_DATASTORE']} in the environment"
+    return None
+
+
+def metaflow_config_source() -> str:
+    """Which Metaflow configuration this process runs with, in words."""
+    configure()
+    return os.environ[CONFIG_SOURCE_VAR]
+
+
 def configure() -> None:
-    """Set the environment defaults the project relies on; values the user exported win."""
-    os.environ.setdefault("METAFLOW_HOME", str(METAFLOW_HOME))
-    # Absolute, so `.metaflow/` is the repo's one whatever the working directory (a notebook runs in notebooks/).
-    os.environ.setdefault("METAFLOW_DATASTORE_SYSROOT_LOCAL", str(PROJECT_ROOT))
+    """Set the environment defaults the project relies on; values the user exported (or configured) win."""
+    if CONFIG_SOURCE_VAR not in os.environ:
+        users = _users_metaflow_config()
+        if users is None:
+            os.environ["METAFLOW_HOME"] = str(METAFLOW_HOME)
+            # Absolute, so `.metaflow/` is the repo's one whatever the working directory (a notebook runs in
+            # notebooks/).
+            os.environ.setdefault("METAFLOW_DATASTORE_SYSROOT_LOCAL", str(PROJECT_ROOT))
+        os.environ[CONFIG_SOURCE_VAR] = f"yours: {users}" if users else \
+            f"the project's default: {METAFLOW_HOME} (local datastore and metadata)"
     if not _metaflow_can_name_user():  # e.g. CI containers: no USER, or root
         os.environ["METAFLOW_USER"] = _fallback_user()
     # W&B blocks on a login prompt when it has neither a key nor a mode; offline is the project's default.

@@ -113,7 +113,7 @@ class PairwiseJudge:
     def load(cls, ref: str, constitution_path: str | Path, max_length: int = 512, trust_remote_code: bool = False):
         from rlhf_lib import models
 
-        model = models.load_causal_lm(ref, trust_remote_code=trust_remote_code)
+        model = models.load_causal_lm(ref, trust_remote_code=trust_remote_code).to(models.inference_device())
         tokenizer = models.load_tokenizer(ref, trust_remote_code, padding_side="left")
         return cls(model, tokenizer, Path(constitution_path).read_text(), max_length)
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import subprocess
@@ -37,8 +39,45 @@ def visible_gpus() -> int:
         return 0
 
 
-def accelerate_command(stage: str, stage_args: list[str], num_gpus: int | None = None) -> list[str]:
+# Stages that only run models (no gradient sync to spread): one process on one GPU, not one per GPU each doing
+# the same work and writing the same files.
+SINGLE_PROCESS_STAGES = frozenset({"merge", "rlaif", "evaluate"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Nodes:
+    """The machines one stage spans (Metaflow `@parallel`): how many, which one this is, where rank 0 listens."""
+
+    count: int = 1
+    index: int = 0
+    main_ip: str = "127.0.0.1"
+    port: int = 29500
+
+    @classmethod
+    def of(cls, parallel, key: str = "") -> "Nodes":
+        """From `current.parallel`; the port is derived from `key` (the run id) so that two gangs on one
+        machine (local runs, tests) do not collide, and every node derives the same one."""
+        port = 20000 + int(hashlib.sha1(key.encode()).hexdigest(), 16) % 20000
+        return cls(parallel.num_nodes, parallel.node_index, parallel.main_ip, port)
+
+
+def accelerate_command(stage: str, stage_args: list[str], num_gpus: int | None = None,
+                       nodes: Nodes | None = None) -> list[str]:
+    """The command that runs a stage: accelerate on one machine; across several, accelerate's multi-machine
+    launch on GPUs, torch.distributed.run (gloo) on CPUs (accelerate wants mpirun for multi-node CPU)."""
     gpus = visible_gpus() if num_gpus is None else num_gpus
+    if stage in SINGLE_PROCESS_STAGES:
+        gpus = min(gpus, 1)
+    module = ["-m", f"rlhf_lib.stages.{stage}", *stage_args]
+    if nodes is not None and nodes.count > 1:
+        if gpus == 0:
+            return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes.count), "--node_rank",
+                    str(nodes.index), "--nproc_per_node", "1", "--master_addr", nodes.main_ip, "--master_port",
+                    str(nodes.port), *module]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines",
+                str(nodes.count), "--machine_rank", str(nodes.index), "--main_process_ip", nodes.main_ip,
+                "--main_process_port", str(nodes.port), "--num_processes", str(nodes.count * gpus),
+                "--mixed_precision", "bf16", "--dynamo_backend", "no", *module]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no"]
     if gpus > 0:
         cmd += ["--num_processes", str(gpus), "--mixed_precision", "bf16"]
@@ -46,7 +85,7 @@ def accelerate_command(stage: str, stage_args: list[str], num_gpus: int | None =
             cmd += ["--multi_gpu"]
     else:
         cmd += ["--cpu", "--num_processes", "1", "--mixed_precision", "no"]
-    return cmd + ["-m", f"rlhf_lib.stages.{stage}", *stage_args]
+    return cmd + module
 
 
 @contextlib.contextmanager
@@ -69,8 +108,11 @@ def machine_lock(root: Path, name: str):
 
 def launch(stage: str, config_json: str, output: Path, inputs: dict[str, str], *, run_id: str = "standalone",
            resume_from: str | None = None, env: dict[str, str] | None = None, tail_lines: int = 40,
-           extra_args: list[str] | None = None) -> dict:
-    """Run `rlhf_lib.stages.<stage>` and return its parsed result.json."""
+           extra_args: list[str] | None = None, checkpoint_uri: str | None = None,
+           nodes: Nodes | None = None) -> dict | None:
+    """Run `rlhf_lib.stages.<stage>` and return its parsed result.json. `checkpoint_uri`: where the stage also
+    stores each checkpoint as it writes it (S3). `nodes`: this machine's place in a multi-machine stage; only
+    node 0 (global rank 0) writes a result, the others return None."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     config_path = output / "run_config.json"
@@ -83,8 +125,10 @@ def launch(stage: str, config_json: str, output: Path, inputs: dict[str, str], *
         stage_args += ["--input", f"{name}={path}"]
     if resume_from:
         stage_args += ["--resume-from", resume_from]
+    if checkpoint_uri:
+        stage_args += ["--checkpoint-uri", checkpoint_uri]
     stage_args += extra_args or []
-    cmd = accelerate_command(stage, stage_args)
+    cmd = accelerate_command(stage, stage_args, nodes=nodes)
     log_path = output / "stage.log"
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     child_env = {**os.environ, **(env or {})}
@@ -99,6 +143,9 @@ def launch(stage: str, config_json: str, output: Path, inputs: dict[str, str], *
             log.write(line)
             tail.append(line.rstrip("\n"))
         returncode = proc.wait()
-    if returncode != 0 or not result_path.exists():
+    writes_result = nodes is None or nodes.index == 0
+    if returncode != 0 or (writes_result and not result_path.exists()):
         raise StageFailed(stage, returncode, "\n".join(tail), log_path)
+    if not writes_result:
+        return None
     return json.loads(result_path.read_text())

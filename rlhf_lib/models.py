@@ -248,6 +248,12 @@ def lora_config(lora: LoraSection, task_type: str = "CAUSAL_LM"):
                       target_modules=list(lora.target_modules), bias="none", task_type=task_type)
 
 
+def inference_device() -> torch.device:
+    """Where a stage that only runs models (merge, rlaif, evaluate) puts them: the one GPU it was given, else CPU.
+    Those stages run as a single process (launch.SINGLE_PROCESS_STAGES): once, not once per GPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_causal_lm(ref: str, quantize_4bit: bool = False, trust_remote_code: bool = False, device_map=None):
     from transformers import AutoModelForCausalLM
 
@@ -273,7 +279,7 @@ def merge_adapter(base_ref: str, adapter_dir: str, out_dir: Path, trust_remote_c
     from peft import PeftModel
 
     def build(tmp: Path) -> None:
-        base = load_causal_lm(base_ref, quantize_4bit=False, trust_remote_code=trust_remote_code)
+        base = load_causal_lm(base_ref, quantize_4bit=False, trust_remote_code=trust_remote_code).to(inference_device())
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         merged.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").exists() else base_ref,

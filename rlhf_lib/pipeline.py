@@ -1,55 +1,183 @@
 """What the flow's steps call: one function per step body, so flows/rlhf_flow.py only wires.
 
-Stage outputs go to `<storage_root>/RLHFFlow/<run id>/<stage>/`; paths handed to Metaflow artifacts are
-absolute, because `current.run_id` changes on `resume` while cloned artifacts must still point at the origin
-run's files.
+Stage outputs go to `<storage root>/RLHFFlow/<run id>/<stage>/`, a local directory or an S3 prefix (see
+rlhf_lib/storage.py). Artifacts hold absolute paths or URIs, because `current.run_id` changes on `resume` while
+cloned artifacts must still point at the origin run's files. With an S3 root a stage runs in a local scratch
+directory on whatever machine runs the step: its inputs are downloaded first, its checkpoints uploaded as they are
+written, everything else after it succeeds, `result.json` last; the artifacts then name the S3 URIs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 from pathlib import Path
 
-from rlhf_lib import launch, tracking
+from rlhf_lib import checkpoints, launch, storage, tracking
 from rlhf_lib.config import AI_FEEDBACK, RunConfig, validate
+from rlhf_lib.launch import Nodes
+from rlhf_lib.stages.common import RESULT_FILE, atomic_write_json
 
 FLOW_NAME = "RLHFFlow"
 SKIPPED = "skipped"
+S3_DATASTORE_SUBDIR = "rlhf"  # stage outputs under the Metaflow S3 datastore's root, beside its own files
 
 
-def config_from_flow(config_value) -> RunConfig:
-    """The typed config from the flow's `metaflow.Config` value (a read-only mapping)."""
+class OriginUnreachable(RuntimeError):
+    """A `resume` whose origin run's checkpoints cannot be reached from this machine."""
+
+
+def config_from_flow(config_value, storage_root: str | None = None) -> RunConfig:
+    """The typed config from the flow's `metaflow.Config` value (a read-only mapping), with run.storage_root set
+    to the root `start` resolved (its `storage_root` artifact), so every step and stage uses the same one."""
     raw = config_value.to_dict() if hasattr(config_value, "to_dict") else dict(config_value)
+    if storage_root is not None:
+        raw = {**raw, "run": {**raw["run"], "storage_root": storage_root}}
     return validate(raw)
 
 
-def stage_dir(cfg: RunConfig, run_id: str, stage: str) -> Path:
-    return (cfg.storage_root / FLOW_NAME / str(run_id) / stage).resolve()
+def resolve_storage_root(cfg: RunConfig, datastore_type: str | None) -> str:
+    """Where this run's stage outputs go: run.storage_root when it is a URI; the Metaflow S3 datastore's root
+    (`<sysroot>/rlhf`) when the run's datastore is S3 (on a cluster a local path would vanish with each pod);
+    else the local path."""
+    if storage.is_remote(cfg.run.storage_root) or datastore_type != "s3":
+        return cfg.storage_uri
+    from metaflow.metaflow_config import DATASTORE_SYSROOT_S3
+
+    if not DATASTORE_SYSROOT_S3:
+        raise storage.StorageError("Metaflow's datastore is S3 but METAFLOW_DATASTORE_SYSROOT_S3 is not set; set "
+                                   "it, or set run.storage_root to an s3:// URI")
+    return storage.join(DATASTORE_SYSROOT_S3, S3_DATASTORE_SUBDIR)
+
+
+def stage_uri(cfg: RunConfig, run_id: str, stage: str) -> str:
+    return storage.join(cfg.storage_uri, FLOW_NAME, str(run_id), stage)
+
+
+def _scratch(run_id: str, stage: str) -> Path:
+    return storage.scratch_root() / FLOW_NAME / str(run_id) / stage
 
 
 def origin_checkpoints(cfg: RunConfig, origin_run_id: str | None, stage: str) -> str | None:
-    """On `resume`, the checkpoint directory of the same stage in the run being resumed (if it has one)."""
+    """On `resume`, a local directory holding the newest checkpoint(s) the origin run left for this stage (its
+    own directory when local; downloaded when in S3); None when the origin run never checkpointed the stage.
+    Raises OriginUnreachable when the origin run's outputs cannot be reached: starting from step 0 instead
+    would silently throw its work away."""
     if not origin_run_id:
         return None
-    path = stage_dir(cfg, origin_run_id, stage) / "checkpoints"
-    return str(path) if path.is_dir() else None
+    run_root = storage.join(cfg.storage_uri, FLOW_NAME, str(origin_run_id))
+    remote = storage.join(stage_uri(cfg, origin_run_id, stage), "checkpoints")
+    if not storage.is_remote(run_root):
+        if not Path(run_root).is_dir():
+            raise OriginUnreachable(
+                f"[{stage}] resume: origin run {origin_run_id} stored its stage outputs and checkpoints under "
+                f"{run_root}, which this machine cannot reach; resume where that directory is, or use an "
+                f"s3:// run.storage_root (or Metaflow's S3 datastore) so every machine can")
+        found = checkpoints.list_complete(remote) or checkpoints.latest_trainer_checkpoint(Path(remote))
+        if found:
+            print(f"[{stage}] resuming: origin run {origin_run_id} left checkpoints in {remote}", flush=True)
+            return remote
+    else:
+        try:
+            found = checkpoints.fetch_latest(remote, _scratch(origin_run_id, stage) / "checkpoints")
+        except Exception as err:  # credentials, endpoint, bucket: say which, never fall back to step 0
+            raise OriginUnreachable(
+                f"[{stage}] resume: cannot reach origin run {origin_run_id}'s checkpoints at {remote}: "
+                f"{type(err).__name__}: {err}") from err
+        if found:
+            print(f"[{stage}] resuming: origin run {origin_run_id} left {found.name} in {remote}", flush=True)
+            return str(found.parent)
+    print(f"[{stage}] origin run {origin_run_id} left no {stage} checkpoint: starting from step 0", flush=True)
+    return None
+
+
+def _rewrite(value, prefixes: dict[str, str]):
+    """`value` with every string that starts with a local path in `prefixes` pointed at its URI instead."""
+    if isinstance(value, dict):
+        return {k: _rewrite(v, prefixes) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rewrite(v, prefixes) for v in value]
+    if isinstance(value, str):
+        for local, uri in prefixes.items():
+            if value == local or value.startswith(local + "/"):
+                return uri + value[len(local):]
+    return value
+
+
+def publish(work: Path, uri: str, result: dict, downloaded: dict[str, str] | None = None) -> dict:
+    """Upload a finished stage's local directory to `uri` (checkpoints are there already), `result.json` last,
+    with every local path in it turned into its URI; then free the scratch space. Returns the rewritten result."""
+    prefixes = {str(Path(work).resolve()): uri, str(work): uri}
+    for source, local in (downloaded or {}).items():  # downloaded inputs: name them by where they came from
+        prefixes[local] = source
+    result = _rewrite(result, prefixes)
+    atomic_write_json(Path(work) / RESULT_FILE, result)
+    storage.upload_dir(Path(work), uri, last=(RESULT_FILE,), skip_top=("checkpoints",))
+    print(f"[storage] uploaded {work} -> {uri}", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return result
 
 
 def run_stage(cfg: RunConfig, stage: str, run_id: str, inputs: dict[str, str], origin_run_id: str | None = None,
-              *, name: str | None = None, extra_args: list[str] | None = None) -> dict:
-    """Launch a stage through accelerate and return its result.json. On a Metaflow `resume`, the stage is
-    pointed at the origin run's checkpoints and continues from the newest valid one. `name` (default: the
+              *, name: str | None = None, extra_args: list[str] | None = None, nodes: Nodes | None = None
+              ) -> dict | None:
+    """Launch a stage through accelerate and return its result.json. It continues from the newest checkpoint of
+    its own earlier attempt (a `@retry`) or, on a Metaflow `resume`, of the origin run. `name` (default: the
     stage) names the output directory, so one stage module can run twice in a step (the gold reward model).
+    `nodes`: this machine's place in a multi-machine stage (`@parallel`); node 0 writes, stores and returns the
+    result, the others return None.
 
-    Stages on one machine take turns (a lock under storage_root): parallel branches of a local run would
-    otherwise share its cores or GPUs and starve each other; on a cluster each step has its own machine."""
+    Stages on one machine take turns (a lock in a local directory): parallel branches of a local run would
+    otherwise share its cores or GPUs and starve each other; on a cluster each step has its own machine. The
+    nodes of one gang never wait for each other's turn: they must all run at once."""
     name = name or stage
+    nodes = nodes or Nodes()
+    uri = stage_uri(cfg, run_id, name)
+    remote = storage.is_remote(uri)
+    work = _scratch(run_id, name) if remote else Path(uri)
+    checkpoint_uri = storage.join(uri, "checkpoints")
     resume_from = origin_checkpoints(cfg, origin_run_id, name)
-    if resume_from:
-        print(f"[{name}] resuming: origin run {origin_run_id} left checkpoints in {resume_from}", flush=True)
-    with launch.machine_lock(cfg.storage_root, name):
-        return launch.launch(stage, cfg.to_json(), stage_dir(cfg, run_id, name), inputs, run_id=str(run_id),
-                             resume_from=resume_from, env=tracking.wandb_env(cfg, name, str(run_id)),
-                             extra_args=extra_args)
+    if nodes.index > 0:  # every rank loads the checkpoint rank 0 continues from; only rank 0 writes any
+        work = work.with_name(f"{name}-node-{nodes.index}")
+        if not remote and (checkpoints.list_complete(checkpoint_uri) or
+                           checkpoints.latest_trainer_checkpoint(Path(checkpoint_uri))):
+            resume_from = checkpoint_uri
+    local_inputs = dict(inputs)
+    if remote:
+        own = checkpoints.fetch_latest(checkpoint_uri, work / "checkpoints")
+        if own:
+            print(f"[{name}] an earlier attempt of this task stored {own.name} in {checkpoint_uri}: continuing "
+                  f"from it", flush=True)
+        local_inputs = {k: storage.localize(v) for k, v in inputs.items()}
+    lock = contextlib.nullcontext() if nodes.count > 1 else \
+        launch.machine_lock(storage.scratch_root() if remote else cfg.local_root, name)
+    with lock:
+        result = launch.launch(stage, cfg.to_json(), work, local_inputs, run_id=str(run_id),
+                               resume_from=resume_from, env=tracking.wandb_env(cfg, name, str(run_id)),
+                               extra_args=extra_args, checkpoint_uri=checkpoint_uri if remote else None,
+                               nodes=nodes if nodes.count > 1 else None)
+    if result is None:  # a node other than 0: nothing of its own to keep
+        if remote:
+            shutil.rmtree(work, ignore_errors=True)
+        return None
+    if remote:
+        result = publish(work, uri, result, {inputs[k]: v for k, v in local_inputs.items() if v != inputs[k]})
+    return result
+
+
+def prepare_data(cfg: RunConfig, run_id: str) -> dict:
+    """The `data` step: every dataset split as a Deep Lake dataset and the base models (tiny ones built here),
+    under the local storage root, or built in scratch and uploaded to `<root>/RLHFFlow/<run>/data/`."""
+    from rlhf_lib import models
+    from rlhf_lib.data.ingest import prepare_datasets
+
+    uri = stage_uri(cfg, run_id, "data")
+    root = _scratch(run_id, "data") if storage.is_remote(uri) else cfg.local_root
+    out = {"datasets": prepare_datasets(cfg, root),
+           "policy_base": models.prepare(cfg.policy.model, cfg.policy.tiny, "policy", root, cfg.run.seed),
+           "reward_base": models.prepare(cfg.reward_model.model, cfg.reward_model.tiny, "reward", root,
+                                         cfg.run.seed)}
+    return publish(root, uri, out) if storage.is_remote(uri) else out
 
 
 def uses_ai_feedback(cfg: RunConfig) -> bool:

@@ -125,7 +125,12 @@ def check(cfg: RunConfig) -> list[str]:
         problem = _check_4bit_on_cpu(cfg)
         if problem:
             problems.append(problem)
-    root = cfg.storage_root
+    from rlhf_lib import storage
+
+    problem = storage.check_root(cfg.storage_uri)
+    if problem:
+        problems.append(problem)
+    root = cfg.local_root
     existing = next((p for p in [root, *root.parents] if p.exists()), Path("/"))
     free_gb = shutil.disk_usage(existing).free / 1e9
     if free_gb < cfg.run.min_free_disk_gb:

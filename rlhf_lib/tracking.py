@@ -14,7 +14,7 @@ from rlhf_lib.config import RunConfig
 
 def wandb_env(cfg: RunConfig, stage: str, run_id: str) -> dict[str, str]:
     """Environment for a stage subprocess; HF trainers and our PPO loop pick W&B settings up from it."""
-    wandb_dir = cfg.storage_root / "wandb"
+    wandb_dir = cfg.local_root / "wandb"
     wandb_dir.mkdir(parents=True, exist_ok=True)
     return {
         "WANDB_MODE": cfg.run.wandb_mode,
@@ -39,7 +39,7 @@ def init_wandb(cfg: RunConfig, stage: str, config: dict | None = None):
         return None
     import wandb
 
-    wandb_dir = os.environ.get("WANDB_DIR", str(cfg.storage_root / "wandb"))
+    wandb_dir = os.environ.get("WANDB_DIR", str(cfg.local_root / "wandb"))
     os.makedirs(wandb_dir, exist_ok=True)
     return wandb.init(
         mode=cfg.run.wandb_mode, project=os.environ.get("WANDB_PROJECT", cfg.run.wandb_project),

@@ -9,7 +9,8 @@ pytestmark = pytest.mark.slow  # whole flow runs
 
 def test_steps_chain_in_order(flow_run):
     steps = [s.id for s in flow_run]
-    assert set(steps) == {"start", "data", "sft", "merge", "rlaif", "reward", "ppo", "dpo", "rest", "evaluate", "end"}
+    assert set(steps) == {"start", "data", "sft", "merge", "rlaif", "reward", "ppo", "ppo_train", "ppo_join", "dpo",
+                          "rest", "evaluate", "end"}
     assert flow_run["rlaif"].task.data.rlaif_status == "skipped"  # human (sample) pairs in this profile
 
 
@@ -102,7 +103,7 @@ def test_rest_branch_keeps_its_grown_sets(flow_run):
 def test_ppo_card_exists(flow_run):
     from metaflow.cards import get_cards
 
-    assert len(get_cards(flow_run["ppo"].task)) == 1
+    assert len(get_cards(flow_run["ppo_join"].task)) == 1
 
 
 def test_ai_feedback_run_trains_the_reward_model_on_judged_pairs(tmp_path):

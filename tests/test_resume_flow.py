@@ -42,7 +42,8 @@ def crashed_and_resumed(tmp_path_factory):
     store = tmp_path_factory.mktemp("resume_store")
     # Fixed threads: the comparison with an uninterrupted run is to 1e-4, and a different thread count (the auto
     # policy follows the machine's load) reorders float sums.
-    cfg = write_config(store / "cfg.toml", {"run": {"storage_root": str(store), "cpu_threads": 2},
+    # No retries: this test is about `resume` after the run failed (tests/test_cluster.py covers @retry).
+    cfg = write_config(store / "cfg.toml", {"run": {"storage_root": str(store), "cpu_threads": 2, "retries": 0},
                                             "ppo": {"steps": 12}})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_API_KEY": SECRET,
            "HF_TOKEN": SECRET}

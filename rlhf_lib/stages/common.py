@@ -32,6 +32,8 @@ def parse_args(stage: str, argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="directory for this stage's outputs")
     parser.add_argument("--input", action="append", default=[], metavar="NAME=PATH", help="an upstream path")
     parser.add_argument("--resume-from", default=None, help="checkpoint directory to resume from")
+    parser.add_argument("--checkpoint-uri", default=None,
+                        help="also store each checkpoint here as it is written (an s3:// URI; marker last)")
     parser.add_argument("--run-id", default="standalone", help="Metaflow run id (names W&B runs)")
     parser.add_argument("--part", default=None, metavar="K/N",
                         help="train on rows i with i %% N == K only (disjoint parts train independent models)")
@@ -215,9 +217,26 @@ def trainer_resume_point(resume_from: str | None, own_root: Path) -> str | None:
     return own
 
 
-def train_resumable(trainer, stage: str, resume_from: str | None, output: Path):
+def mirror_checkpoints_callback(checkpoint_uri: str, keep: int | None):
+    """An HF TrainerCallback that stores each checkpoint at `checkpoint_uri` as soon as the Trainer has saved it."""
+    from transformers import TrainerCallback
+
+    from rlhf_lib import checkpoints
+
+    class MirrorCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                checkpoints.publish(Path(args.output_dir) / f"checkpoint-{state.global_step}", checkpoint_uri, keep)
+
+    return MirrorCheckpoints()
+
+
+def train_resumable(trainer, stage: str, resume_from: str | None, output: Path, checkpoint_uri: str | None = None):
     """trainer.train() continued from the newest checkpoint of this stage's own directory or of `resume_from`
-    (a retry, or a Metaflow resume's origin run). Returns (train output, the checkpoint resumed from)."""
+    (a retry, or a Metaflow resume's origin run), each new checkpoint also stored at `checkpoint_uri` when given.
+    Returns (train output, the checkpoint resumed from)."""
+    if checkpoint_uri:
+        trainer.add_callback(mirror_checkpoints_callback(checkpoint_uri, trainer.args.save_total_limit))
     resume = trainer_resume_point(resume_from, Path(output) / "checkpoints")
     if resume:
         print(f"[{stage}] resuming from {resume}", flush=True)

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> Path:
                          max_length=d.max_length, truncation_mode="keep_end")
     trainer = DPOTrainer(model=model, args=dpo_args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=models.lora_config(d.lora))
-    train_out, resume = common.train_resumable(trainer, "dpo", args.resume_from, out)
+    train_out, resume = common.train_resumable(trainer, "dpo", args.resume_from, out, args.checkpoint_uri)
     eval_metrics = trainer.evaluate()
 
     adapter_dir = out / "adapter"

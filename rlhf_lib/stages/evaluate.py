@@ -65,7 +65,7 @@ class GoldJudge:
             ref = inputs.get("gold_reward_model")
             if not ref:
                 raise SystemExit("eval gold judge `reward_model` needs --input gold_reward_model=DIR")
-            self.model = models.load_reward_model(ref, trust)
+            self.model = models.load_reward_model(ref, trust).to(models.inference_device())
             self.tokenizer = models.load_tokenizer(ref, trust, padding_side="right")
         elif self.kind == "judge_model":
             ref = inputs.get("gold_judge_model") or cfg.eval.gold_judge_model
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> Path:
     prompts = [formatting.rl_prompt(r) for r in rows]
     questions = [formatting.rl_question(r) for r in rows]
     held_out = list(lake.stream(sft_eval_uri, ["question", "response"]))
-    reward_model = models.load_reward_model(reward_path, trust)
+    reward_model = models.load_reward_model(reward_path, trust).to(models.inference_device())
     reward_tokenizer = models.load_tokenizer(reward_path, trust, padding_side="right")
     gold = GoldJudge(cfg, args.inputs)
     print(f"[evaluate] proxy judge: the reward model {reward_path}; gold judge: {gold.kind}", flush=True)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> Path:
     answers, scores, gold_scores, report = {}, {}, {}, {}
     sft_model = sft_tokenizer = None
     for name in order:
-        model = models.load_causal_lm(policies[name], trust_remote_code=trust).eval()
+        model = models.load_causal_lm(policies[name], trust_remote_code=trust).to(models.inference_device()).eval()
         tokenizer = models.load_tokenizer(policies[name], trust)
         answers[name], tokens = rl.sample_answers(model, tokenizer, prompts, e.max_new_tokens, cfg.run.seed)
         scores[name] = score_responses(reward_model, reward_tokenizer, prompts, answers[name],

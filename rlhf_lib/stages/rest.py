@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from rlhf_lib import checkpoints
 from rlhf_lib.stages import common
 
 STATE_FILE = "rest_state.json"
+GROWN_DIR = "grown"
 
 
 def absolute_thresholds(scores: torch.Tensor, quantiles: list[float]) -> list[float]:
@@ -79,12 +81,15 @@ def improve(policy, tokenizer, rows: list[dict], cfg, out: Path, tag: str) -> fl
     return float(loss)
 
 
-def _save(root: Path, index: int, policy, state: dict, keep: int = 2) -> Path:
+def _save(root: Path, index: int, policy, state: dict, keep: int = 2, mirror: str | None = None) -> Path:
     def write(tmp: Path) -> None:
         policy.save_pretrained(tmp / "adapter", safe_serialization=True)
         (tmp / STATE_FILE).write_text(json.dumps(state))
+        # The grown sets travel with the checkpoint: a resume on another machine has no `out/grow-N` to read.
+        for uri in state["grown"].values():
+            shutil.copytree(uri, tmp / GROWN_DIR / Path(uri).name)
 
-    return checkpoints.save(root, index, write, keep=keep)
+    return checkpoints.save(root, index, write, keep=keep, mirror=mirror)
 
 
 def _load(path: Path) -> dict:
@@ -117,6 +122,9 @@ def main(argv: list[str] | None = None) -> Path:
         path, loaded = found
         set_peft_model_state_dict(policy, loaded.pop("adapter"))
         state = loaded
+        for g, uri in state["grown"].items():  # from a checkpoint written on another machine (or run)
+            if not Path(uri).exists():
+                state["grown"][g] = str(shutil.copytree(Path(path) / GROWN_DIR / Path(uri).name, out / Path(uri).name))
         print(f"[rest] resumed from step {state['improves_done']} ({path})", flush=True)
     resumed_from = state["improves_done"]
     wandb_run = tracking.init_wandb(cfg, "rest")
@@ -151,7 +159,7 @@ def main(argv: list[str] | None = None) -> Path:
             wandb_run.log({f"rest/{k}": v for k, v in record.items() if isinstance(v, (int, float))},
                           step=index + 1)
         if common.is_main_process():
-            _save(ckpt_root, index + 1, policy, state)
+            _save(ckpt_root, index + 1, policy, state, mirror=args.checkpoint_uri)
 
     if not common.is_main_process():
         return out

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> Path:
     train_pairs_used = len(trainer.train_dataset)
     print(f"[reward] training on {train_pairs_used} of {len(train_ds)} pairs (TRL keeps those within "
           f"max_length={r.max_length} tokens)", flush=True)
-    train_out, resume = common.train_resumable(trainer, "reward", args.resume_from, out)
+    train_out, resume = common.train_resumable(trainer, "reward", args.resume_from, out, args.checkpoint_uri)
 
     model_dir = out / "model"
     if not common.save_trained(trainer, tokenizer, model_dir):

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> Path:
                          packing_strategy="wrapped", dataset_text_field="text")
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=models.lora_config(s.lora))
-    train_out, resume = common.train_resumable(trainer, "sft", args.resume_from, out)
+    train_out, resume = common.train_resumable(trainer, "sft", args.resume_from, out, args.checkpoint_uri)
     eval_metrics = trainer.evaluate()
 
     adapter_dir = out / "adapter"  # adapter weights only (safetensors) + adapter_config.json

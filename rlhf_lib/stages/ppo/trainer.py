@@ -232,14 +232,15 @@ def _save_weights(policy: PolicyWithValueHead, directory: Path) -> None:
               directory / VALUE_HEAD_FILE)
 
 
-def save_checkpoint(root: Path, step: int, policy, optimizer, kl_ctl, sampler, length_gen, stats, keep: int) -> Path:
+def save_checkpoint(root: Path, step: int, policy, optimizer, kl_ctl, sampler, length_gen, stats, keep: int,
+                    mirror: str | None = None) -> Path:
     def write(tmp: Path) -> None:
         _save_weights(policy, tmp)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "kl_ctl": kl_ctl.state_dict(),
                     "sampler": sampler.state_dict(), "length_rng": length_gen.get_state(), "rng": _rng_state(),
                     "stats": stats}, tmp / STATE_FILE)
 
-    return checkpoints.save(root, step, write, keep=keep)
+    return checkpoints.save(root, step, write, keep=keep, mirror=mirror)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> Path:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 save_checkpoint(ckpt_root, step + 1, accelerator.unwrap_model(policy), optimizer, kl_ctl, sampler,
-                                length_gen, stats_history, p.keep_checkpoints)
+                                length_gen, stats_history, p.keep_checkpoints, mirror=args.checkpoint_uri)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return out

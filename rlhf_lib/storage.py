@@ -1,0 +1,273 @@
+"""Where stage outputs live — a local directory (the default) or an S3 prefix — and moving files between the two.
+
+A storage root is a string: an absolute local path, or `s3://bucket/prefix`. On a cluster every step runs in its
+own pod, so nothing a step leaves on its local disk survives it: with an S3 root a stage works in a local scratch
+directory (`scratch_root()`), downloads what it reads, and uploads what it writes under
+`<root>/RLHFFlow/<run id>/<stage>/`. Readers trust a directory only through a marker written after everything
+else (a stage's `result.json`, a checkpoint's `COMPLETE`, a download's rename), so a torn upload or download is
+never used.
+
+S3 goes through boto3 (credentials from its usual chain: env, ~/.aws, instance or pod roles; never logged). The
+endpoint is Metaflow's (`METAFLOW_S3_ENDPOINT_URL`, from the environment or the Metaflow config) so a MinIO or
+test server serves both Metaflow's datastore and these files.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+S3 = "s3://"
+_SUPPORTED = (S3,)
+# A root-relative name for files whose upload order matters: uploaded after every other file.
+UPLOAD_WORKERS = 8
+
+
+class StorageError(RuntimeError):
+    """Storage that cannot be used; the message names the location and the fix."""
+
+
+def scheme(uri: str) -> str:
+    """`s3://` for S3 URIs, `gs://`-style prefixes as they are, '' for local paths."""
+    head, sep, _ = str(uri).partition("://")
+    return f"{head}://" if sep and "/" not in head else ""
+
+
+def is_remote(uri: str | Path | None) -> bool:
+    return bool(uri) and scheme(str(uri)) != ""
+
+
+def join(root: str | Path, *parts: str) -> str:
+    if is_remote(root):
+        return "/".join([str(root).rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(root).joinpath(*parts))
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """s3://bucket/a/b -> ("bucket", "a/b")."""
+    if scheme(uri) != S3:
+        raise StorageError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[len(S3):].partition("/")
+    return bucket, key.strip("/")
+
+
+def endpoint_url() -> str | None:
+    """Metaflow's S3 endpoint (env or Metaflow config), so this and Metaflow's datastore talk to one server."""
+    url = os.environ.get("METAFLOW_S3_ENDPOINT_URL")
+    if url:
+        return url
+    try:
+        from metaflow.metaflow_config import S3_ENDPOINT_URL
+    except Exception:
+        return None
+    return S3_ENDPOINT_URL or None
+
+
+def client(fail_fast: bool = False):
+    """A boto3 S3 client; `fail_fast` gives up within seconds (the `start` checks)."""
+    import boto3
+    from botocore.config import Config
+
+    timeouts = dict(connect_timeout=3, read_timeout=10, retries={"max_attempts": 1, "mode": "standard"}) \
+        if fail_fast else dict(connect_timeout=10, read_timeout=120, retries={"max_attempts": 8, "mode": "adaptive"})
+    return boto3.client("s3", endpoint_url=endpoint_url(), config=Config(**timeouts))
+
+
+# ------------------------------------------------------------------ the `start` check
+
+
+def check_root(root: str) -> str | None:
+    """None when `root` can store a run's outputs; else one line naming the location and the fix. An S3 root is
+    probed within seconds: endpoint, credentials, bucket, and a write (the probe object is deleted again)."""
+    kind = scheme(root)
+    if kind == "":
+        return None
+    if kind not in _SUPPORTED:
+        return (f"run.storage_root: {root!r} uses {kind}, which this pipeline cannot write; use a local path or "
+                f"an s3:// URI")
+    from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError,
+                                     PartialCredentialsError)
+
+    bucket, prefix = split_s3(root)
+    where = endpoint_url() or "AWS S3"
+    if not bucket:
+        return f"run.storage_root: {root!r} names no bucket; use s3://BUCKET/PREFIX"
+    s3 = client(fail_fast=True)
+    probe = "/".join(p for p in (prefix, f".rlhf-write-check-{uuid.uuid4().hex[:8]}") if p)
+    try:
+        s3.head_bucket(Bucket=bucket)
+        s3.put_object(Bucket=bucket, Key=probe, Body=b"")
+        s3.delete_object(Bucket=bucket, Key=probe)
+    except (NoCredentialsError, PartialCredentialsError):
+        return (f"run.storage_root: no AWS credentials to reach bucket {bucket!r}; set AWS_ACCESS_KEY_ID and "
+                f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or a pod/instance role)")
+    except EndpointConnectionError:
+        return (f"run.storage_root: cannot reach the S3 endpoint {where} for bucket {bucket!r}; check "
+                f"METAFLOW_S3_ENDPOINT_URL and the network")
+    except ClientError as err:
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchBucket"):
+            return (f"run.storage_root: bucket {bucket!r} does not exist at {where}; create it or point "
+                    f"run.storage_root (or METAFLOW_DATASTORE_SYSROOT_S3) at a bucket that does")
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return (f"run.storage_root: access to bucket {bucket!r} denied ({code}); the credentials need "
+                    f"s3:ListBucket, s3:GetObject, s3:PutObject and s3:DeleteObject on {root}")
+        return f"run.storage_root: bucket {bucket!r} at {where} failed the write check: {code or err}"
+    except BotoCoreError as err:
+        return f"run.storage_root: cannot use bucket {bucket!r} at {where}: {type(err).__name__}: {err}"
+    return None
+
+
+# ------------------------------------------------------------------ objects and prefixes
+
+
+def _keys(s3, bucket: str, prefix: str) -> list[str]:
+    keys = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    return keys
+
+
+def list_files(uri: str) -> list[str]:
+    """Paths (relative to `uri`) of every file under a local directory or an S3 prefix."""
+    if not is_remote(uri):
+        root = Path(uri)
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    bucket, prefix = split_s3(uri)
+    prefix = prefix + "/" if prefix else ""
+    return sorted(k[len(prefix):] for k in _keys(client(), bucket, prefix))
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Names of the immediate sub-directories of a local directory or S3 prefix."""
+    if not is_remote(uri):
+        root = Path(uri)
+        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    bucket, prefix = split_s3(uri)
+    prefix = prefix + "/" if prefix else ""
+    names = []
+    for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+        names += [p["Prefix"][len(prefix):].strip("/") for p in page.get("CommonPrefixes", [])]
+    return sorted(names)
+
+
+def exists(uri: str) -> bool:
+    if not is_remote(uri):
+        return Path(uri).exists()
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    try:
+        client().head_object(Bucket=bucket, Key=key)
+        return True
+    except ClientError as err:
+        if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise
+
+
+def read_text(uri: str) -> str:
+    if not is_remote(uri):
+        return Path(uri).read_text()
+    bucket, key = split_s3(uri)
+    return client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+
+
+def write_text(uri: str, text: str) -> None:
+    if not is_remote(uri):
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        Path(uri).write_text(text)
+        return
+    bucket, key = split_s3(uri)
+    client().put_object(Bucket=bucket, Key=key, Body=text.encode())
+
+
+def delete(uri: str, names: list[str]) -> None:
+    """Delete `names` (relative paths) under `uri`, in the order given."""
+    if not is_remote(uri):
+        for name in names:
+            (Path(uri) / name).unlink(missing_ok=True)
+        return
+    bucket, prefix = split_s3(uri)
+    s3 = client()
+    for name in names:
+        s3.delete_object(Bucket=bucket, Key=f"{prefix}/{name}" if prefix else name)
+
+
+def upload_dir(local: Path, uri: str, *, last: tuple[str, ...] = (), skip_top: tuple[str, ...] = ()) -> None:
+    """Upload every file under `local` to the S3 prefix `uri`; the files named in `last` (relative paths) after
+    all others, in that order, so a reader that waits for them never sees a partial directory. Top-level entries
+    named in `skip_top` stay behind (e.g. checkpoints, already uploaded as they were written)."""
+    local = Path(local)
+    bucket, prefix = split_s3(uri)
+    files = [p for p in sorted(local.rglob("*")) if p.is_file()
+             and p.relative_to(local).parts[0] not in skip_top]
+    tail = [local / name for name in last if (local / name).is_file()]
+    body = [p for p in files if p not in tail]
+    s3 = client()
+
+    def put(path: Path) -> None:
+        rel = path.relative_to(local).as_posix()
+        s3.upload_file(str(path), bucket, f"{prefix}/{rel}" if prefix else rel)
+
+    with concurrent.futures.ThreadPoolExecutor(UPLOAD_WORKERS) as pool:
+        list(pool.map(put, body))  # list(): re-raise the first failure
+    for path in tail:
+        put(path)
+
+
+def download_dir(uri: str, local: Path) -> Path:
+    """Download the S3 prefix `uri` into `local`, atomically: a temporary sibling renamed into place, so an
+    interrupted download never looks like a finished one. An existing `local` is replaced."""
+    local = Path(local)
+    bucket, prefix = split_s3(uri)
+    prefix = prefix + "/" if prefix else ""
+    s3 = client()
+    keys = _keys(s3, bucket, prefix)
+    if not keys:
+        raise StorageError(f"nothing stored at {uri}")
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".tmp-{local.name}-{uuid.uuid4().hex[:8]}")
+
+    def get(key: str) -> None:
+        target = tmp / key[len(prefix):]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(bucket, key, str(target))
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(UPLOAD_WORKERS) as pool:
+            list(pool.map(get, keys))
+        if local.exists():
+            shutil.rmtree(local)
+        os.replace(tmp, local)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return local
+
+
+# ------------------------------------------------------------------ local scratch
+
+
+def scratch_root() -> Path:
+    """Local working space for stages whose outputs live in S3 (`RLHF_SCRATCH_DIR`, default under the system's
+    temp dir). Nothing here is needed after a stage has uploaded its outputs."""
+    return Path(os.environ.get("RLHF_SCRATCH_DIR") or Path(tempfile.gettempdir()) / "rlhf-scratch")
+
+
+def localize(uri: str | None, scratch: Path | None = None) -> str | None:
+    """A local path for an input: S3 URIs are downloaded once per machine (cached by URI under the scratch
+    root); local paths and hub ids pass through."""
+    if uri is None or not is_remote(uri):
+        return uri
+    if scheme(uri) != S3:
+        raise StorageError(f"cannot read {uri!r}: only local paths and s3:// URIs are supported")
+    cache = (scratch or scratch_root()) / "inputs" / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    if not cache.exists():
+        print(f"[storage] downloading {uri}", flush=True)
+        download_dir(uri, cache)
+    return str(cache)
