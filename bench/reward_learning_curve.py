@@ -43,8 +43,8 @@ def run_one(lr: float, args, work: Path) -> dict:
                          batch_size=args.batch_size, max_length=args.max_length, save_steps=args.steps,
                          eval_steps=args.eval_every, logging_steps=args.eval_every, lr_scheduler="linear")
     cfg = config.validate(raw)
-    train = lake.materialise("preference", cfg.data.preference, "train", cfg.storage_root, 0, 0)
-    held = lake.materialise("preference", cfg.data.preference, "eval", cfg.storage_root, 0, 0)
+    train = lake.materialise("preference", cfg.data.preference, "train", cfg.local_root, 0, 0)
+    held = lake.materialise("preference", cfg.data.preference, "eval", cfg.local_root, 0, 0)
     started = time.time()
     result = launch.launch("reward", cfg.to_json(), work / f"reward-lr{lr:g}", {
         "base_model": cfg.reward_model.model, "train": train["uri"], "eval": held["uri"]})

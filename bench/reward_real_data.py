@@ -47,8 +47,8 @@ def main() -> None:
     raw["reward"].update(learning_rate=5e-5, warmup_steps=30, max_steps=args.steps, batch_size=args.batch_size,
                          max_length=args.max_length, save_steps=args.steps, eval_steps=args.steps, logging_steps=25)
     cfg = config.validate(raw)
-    train = lake.materialise("preference", cfg.data.preference, "train", cfg.storage_root, 0, 0)
-    held = lake.materialise("preference", cfg.data.preference, "eval", cfg.storage_root, 0, 0)
+    train = lake.materialise("preference", cfg.data.preference, "train", cfg.local_root, 0, 0)
+    held = lake.materialise("preference", cfg.data.preference, "eval", cfg.local_root, 0, 0)
     started = time.time()
     result = launch.launch("reward", cfg.to_json(), work / "reward", {
         "base_model": cfg.reward_model.model, "train": train["uri"], "eval": held["uri"]})

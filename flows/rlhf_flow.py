@@ -47,10 +47,11 @@ def parse_config(text: str) -> dict:
         raise MetaflowException(str(err)) from None
 
 
-def stage_resources(config):
-    """What a stage step asks of a cluster, from the config: run.gpus GPUs, resources.cpu/memory/shared memory."""
-    return resources(gpu=config.run.gpus, cpu=config.resources.cpu, memory=config.resources.memory_mb,
-                     shared_memory=config.resources.shared_memory_mb)
+def stage_resources(config, gpu: bool = True):
+    """What a stage step asks of a cluster, from the config: run.gpus GPUs (unless `gpu` is False) and
+    resources.cpu / memory_mb / shared_memory_mb."""
+    return resources(gpu=config.run.gpus if gpu else 0, cpu=config.resources.cpu,
+                     memory=config.resources.memory_mb, shared_memory=config.resources.shared_memory_mb)
 
 
 def stage_retry(config):
@@ -83,6 +84,8 @@ class RLHFFlow(FlowSpec):
         print(f"[start] profile {cfg.run.name}; GPUs visible: {self.gpus_visible}")
         self.next(self.data)
 
+    @stage_retry(config)
+    @stage_resources(config, gpu=False)
     @step
     def data(self):
         """Ingest every dataset split into Deep Lake; resolve (or build) the base models."""

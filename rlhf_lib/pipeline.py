@@ -16,7 +16,7 @@ from pathlib import Path
 from rlhf_lib import checkpoints, launch, storage, tracking
 from rlhf_lib.config import AI_FEEDBACK, RunConfig, validate
 from rlhf_lib.launch import Nodes
-from rlhf_lib.stages.common import RESULT_FILE, atomic_write_json
+from rlhf_lib.stages.common import RESULT_FILE, atomic_write_json, latest_trainer_checkpoint
 
 FLOW_NAME = "RLHFFlow"
 SKIPPED = "skipped"
@@ -73,7 +73,7 @@ def origin_checkpoints(cfg: RunConfig, origin_run_id: str | None, stage: str) ->
                 f"[{stage}] resume: origin run {origin_run_id} stored its stage outputs and checkpoints under "
                 f"{run_root}, which this machine cannot reach; resume where that directory is, or use an "
                 f"s3:// run.storage_root (or Metaflow's S3 datastore) so every machine can")
-        found = checkpoints.list_complete(remote) or checkpoints.latest_trainer_checkpoint(Path(remote))
+        found = checkpoints.list_complete(remote) or latest_trainer_checkpoint(Path(remote))
         if found:
             print(f"[{stage}] resuming: origin run {origin_run_id} left checkpoints in {remote}", flush=True)
             return remote
@@ -140,7 +140,7 @@ def run_stage(cfg: RunConfig, stage: str, run_id: str, inputs: dict[str, str], o
     if nodes.index > 0:  # every rank loads the checkpoint rank 0 continues from; only rank 0 writes any
         work = work.with_name(f"{name}-node-{nodes.index}")
         if not remote and (checkpoints.list_complete(checkpoint_uri) or
-                           checkpoints.latest_trainer_checkpoint(Path(checkpoint_uri))):
+                           latest_trainer_checkpoint(Path(checkpoint_uri))):
             resume_from = checkpoint_uri
     local_inputs = dict(inputs)
     if remote:

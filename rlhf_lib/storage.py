@@ -75,7 +75,8 @@ def client(fail_fast: bool = False):
 
     timeouts = dict(connect_timeout=3, read_timeout=10, retries={"max_attempts": 1, "mode": "standard"}) \
         if fail_fast else dict(connect_timeout=10, read_timeout=120, retries={"max_attempts": 8, "mode": "adaptive"})
-    return boto3.client("s3", endpoint_url=endpoint_url(), config=Config(**timeouts))
+    # A fresh session: boto3's default one caches the credentials it found first, for the process's life.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url(), config=Config(**timeouts))
 
 
 # ------------------------------------------------------------------ the `start` check

@@ -69,3 +69,76 @@ def flow_run(tmp_path_factory):
         result = runner.run()
         assert result.status == "successful", result.stderr[-4000:]
         yield result.run
+
+
+# ------------------------------------------------------------------ a real S3 server (moto's) on 127.0.0.1
+# CI starts one and exports RLHF_TEST_S3_ENDPOINT (.ci/run); without it the fixture starts its own.
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-do-not-store",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """The URL of a running S3 server on 127.0.0.1."""
+    import subprocess
+    import time
+    import urllib.request
+
+    endpoint = os.environ.get("RLHF_TEST_S3_ENDPOINT")
+    proc = None
+    if not endpoint:
+        port = _free_port()
+        endpoint = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except Exception:
+            if time.time() > deadline:
+                raise RuntimeError(f"no S3 server at {endpoint}")
+            time.sleep(0.2)
+    yield endpoint
+    if proc is not None:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_env(s3_endpoint, monkeypatch):
+    """Environment for talking to the test S3 server (also applied to this process), and a fresh bucket."""
+    import uuid
+
+    import boto3
+
+    values = {**S3_CREDENTIALS, "METAFLOW_S3_ENDPOINT_URL": s3_endpoint}
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"rlhf-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    return {**values, "BUCKET": bucket}
+
+
+def stage_process(pid: int, stage: str):
+    """The innermost `rlhf_lib.stages.<stage>` process under `pid` (not the accelerate launcher that wraps it)."""
+    import psutil
+
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if f"rlhf_lib.stages.{stage}" in cmd and "accelerate.commands.launch" not in cmd \
+                and "torch.distributed.run" not in cmd:
+            return child
+    return None

@@ -43,3 +43,26 @@ def test_stage_runs_alone_and_writes_result(tiny_policy, tmp_path):
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["stage"] == "merge" and "torch" in result["versions"]
     assert (tmp_path / "out" / "merged" / "model.safetensors").exists()
+
+
+def test_model_only_stages_run_once_on_one_gpu():
+    """merge, rlaif and evaluate do no gradient sync: one process on one GPU, not one per GPU doing the same."""
+    for stage in ("merge", "rlaif", "evaluate"):
+        cmd = launch.accelerate_command(stage, [], num_gpus=8)
+        assert cmd[cmd.index("--num_processes") + 1] == "1" and "--multi_gpu" not in cmd, stage
+
+
+def test_multi_node_commands():
+    nodes = launch.Nodes(count=2, index=1, main_ip="10.0.0.5", port=29400)
+    cpu = launch.accelerate_command("ppo", ["--x"], num_gpus=0, nodes=nodes)
+    assert cpu[1:3] == ["-m", "torch.distributed.run"]
+    assert cpu[cpu.index("--nnodes") + 1] == "2" and cpu[cpu.index("--node_rank") + 1] == "1"
+    assert cpu[cpu.index("--master_addr") + 1] == "10.0.0.5" and cpu[-2:] == ["rlhf_lib.stages.ppo", "--x"]
+    gpu = launch.accelerate_command("ppo", [], num_gpus=4, nodes=nodes)
+    assert gpu[gpu.index("--num_processes") + 1] == "8" and gpu[gpu.index("--machine_rank") + 1] == "1"
+    assert gpu[gpu.index("--main_process_ip") + 1] == "10.0.0.5"
+    # Every node derives the same rendezvous port from the run id.
+    from types import SimpleNamespace
+
+    node = SimpleNamespace(num_nodes=2, node_index=0, main_ip="127.0.0.1")
+    assert launch.Nodes.of(node, "123").port == launch.Nodes.of(node, "123").port != launch.Nodes.of(node, "124").port

@@ -13,28 +13,15 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from conftest import ROOT, write_config
+from conftest import ROOT, stage_process, write_config
 from rlhf_lib import launch
 
 pytestmark = pytest.mark.slow  # whole flow runs
 
 FLOW = str(ROOT / "flows" / "rlhf_flow.py")
 SECRET = "sk-test-do-not-store-0123456789"
-
-
-def _ppo_stage_process(parent: psutil.Process) -> psutil.Process | None:
-    """The innermost `rlhf_lib.stages.ppo` process (not the accelerate launcher that wraps it)."""
-    for child in parent.children(recursive=True):
-        try:
-            cmd = " ".join(child.cmdline())
-        except psutil.Error:
-            continue
-        if "rlhf_lib.stages.ppo" in cmd and "accelerate.commands.launch" not in cmd:
-            return child
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +39,7 @@ def crashed_and_resumed(tmp_path_factory):
     killed_at, deadline = None, time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         done = sorted(store.glob("RLHFFlow/*/ppo/checkpoints/step-*/COMPLETE"))
-        stage = _ppo_stage_process(psutil.Process(proc.pid))
+        stage = stage_process(proc.pid, "ppo")
         if done and stage is not None:
             stage.send_signal(signal.SIGKILL)
             killed_at = done

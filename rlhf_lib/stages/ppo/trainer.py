@@ -198,6 +198,7 @@ def ppo_step(policy, optimizer, accelerator, batch: rollout.RolloutBatch, kl_ctl
         "response_length_mean": float(g_len.mean()),
         **{k: float(torch.stack(v).mean()) if v else 0.0 for k, v in agg.items()},
         "early_stopped": early_stopped,
+        "samples": len(g_scores),  # gathered from every rank
     }
     kl_ctl.update(stats["kl"], len(g_scores))
     return stats
@@ -288,6 +289,9 @@ def main(argv: list[str] | None = None) -> Path:
     prompts_all = lake.rl_prompts(prompts_uri, cfg.data.stream_batch_size)
     sampler = PromptSampler(prompts_all, cfg.run.seed, accelerator.process_index,
                             accelerator.num_processes)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    print(f"[ppo] rank {rank}/{world}: prompts [{rank * p.batch_size}, {(rank + 1) * p.batch_size}) of each global "
+          f"batch of {world * p.batch_size}; stats gathered from all ranks; rank 0 writes checkpoints", flush=True)
     optimizer = torch.optim.Adam(_trainable_parameters(policy), lr=p.learning_rate)
     kl_ctl = (losses.AdaptiveKLController(p.init_kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
               else losses.FixedKLController(p.init_kl_coef))
@@ -346,7 +350,7 @@ def main(argv: list[str] | None = None) -> Path:
         value_head_path=str((out / VALUE_HEAD_FILE).resolve()), checkpoint_dir=str(ckpt_root.resolve()),
         sft_model=sft_model, reward_model=reward_model, stats=stats_history, resumed_from_step=start_step,
         metrics={"score_first_quarter": first_q, "score_last_quarter": last_q,
-                 "final_beta": kl_ctl.value, "steps": len(stats_history)})
+                 "final_beta": kl_ctl.value, "steps": len(stats_history), "ranks": accelerator.num_processes})
     print(f"[ppo] model: {merged.resolve()}  mean score first quarter {first_q:.3f} -> last quarter {last_q:.3f}  "
           f"({result})", flush=True)
     return out

@@ -1,0 +1,1 @@
+STEP_DECORATORS_DESC = [("podsim", ".podsim_decorator.PodSimDecorator")]

@@ -1,0 +1,371 @@
+"""On a cluster: the code package, the Argo compile, the user's Metaflow config, and — against a real S3 server —
+the flow run step by step as pods would run it, a preempted PPO task retried in the same run, and `resume ppo`
+on a machine with none of the crashed run's local files.
+
+Pods are simulated by `tests/podsim` (`--with podsim`): each task attempt runs in a new empty directory holding
+only the code package downloaded from the S3 datastore, deleted when the step ends.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, S3_CREDENTIALS, stage_process, write_config
+
+FLOW = str(ROOT / "flows" / "rlhf_flow.py")
+PODSIM = str(ROOT / "tests" / "podsim")
+# What the project sets for itself when the user has no Metaflow config: a "user" must not inherit it.
+PROJECT_METAFLOW_VARS = ("RLHF_METAFLOW_CONFIG", "METAFLOW_HOME", "METAFLOW_DATASTORE_SYSROOT_LOCAL",
+                         "METAFLOW_DEFAULT_DATASTORE", "METAFLOW_DEFAULT_METADATA")
+WANDB_SECRET = "wandb-key-do-not-store-0123456789"
+# Small enough for CI, long enough to kill PPO after its second checkpoint with steps still to go.
+SMALL = {"run": {"methods": ["ppo"], "cpu_threads": 2}, "sft": {"max_steps": 10, "save_steps": 5},
+         "reward": {"max_steps": 20, "save_steps": 10}, "ppo": {"steps": 12, "save_freq": 3}}
+
+
+def user_env(home: Path, **extra) -> dict:
+    """The environment of a user whose own Metaflow config lives in `home`."""
+    env = {k: v for k, v in os.environ.items() if k not in PROJECT_METAFLOW_VARS}
+    return {**env, "HOME": str(home), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **extra}
+
+
+def s3_user(tmp: Path, s3: dict) -> tuple[Path, dict]:
+    """A HOME with ~/.metaflowconfig/config.json naming the S3 datastore, and that user's environment."""
+    home = tmp / "home"
+    (home / ".metaflowconfig").mkdir(parents=True)
+    (home / ".metaflowconfig" / "config.json").write_text(json.dumps({
+        "METAFLOW_DEFAULT_DATASTORE": "s3", "METAFLOW_DATASTORE_SYSROOT_S3": f"s3://{s3['BUCKET']}/metaflow",
+        "METAFLOW_S3_ENDPOINT_URL": s3["METAFLOW_S3_ENDPOINT_URL"], "METAFLOW_DEFAULT_METADATA": "local",
+        # Stands in for the metadata service a deployment has: where runs are recorded, not a step's files.
+        "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp / "metadata")}))
+    env = user_env(home, **S3_CREDENTIALS, RLHF_SCRATCH_DIR=str(tmp / "scratch"), PODSIM_ROOT=str(tmp / "pods"),
+                   PYTHONPATH=PODSIM, WANDB_API_KEY=WANDB_SECRET)
+    env.pop("METAFLOW_S3_ENDPOINT_URL", None)  # from the user's config only
+    (tmp / "pods").mkdir()
+    return home, env
+
+
+# ------------------------------------------------------------------ quick checks
+
+
+def test_code_package_holds_rlhf_lib_and_configs(tmp_path):
+    """A pod gets only the code package: it must hold rlhf_lib and configs/, and import them from there."""
+    subprocess.run([sys.executable, FLOW, "package", "save", str(tmp_path / "job.tar")], check=True,
+                   capture_output=True, timeout=120)
+    pod = tmp_path / "pod"
+    with tarfile.open(tmp_path / "job.tar") as tar:
+        tar.extractall(pod, filter="data")
+    assert (pod / "rlhf_flow.py").is_file()
+    assert (pod / ".mf_code" / "rlhf_lib" / "stages" / "ppo" / "trainer.py").is_file()
+    assert (pod / ".mf_code" / "configs" / "constitution.txt").is_file()
+    check = ("import rlhf_lib.stages.ppo.trainer, rlhf_lib.config as c; "
+             "print(rlhf_lib.__file__); print(c.DEFAULT_CONSTITUTION.is_file())")
+    env = {**user_env(tmp_path), "PYTHONPATH": str(pod / ".mf_code")}
+    out = subprocess.run([sys.executable, "-c", check], cwd=pod, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    where, constitution = out.stdout.split()[:2]
+    assert Path(where).is_relative_to(pod) and constitution == "True"
+
+
+def test_argo_workflow_compiles_with_the_configs_resources(s3_env, tmp_path):
+    cfg = write_config(tmp_path / "cfg.toml", {"run": {"gpus": 1, "nodes": 2},
+                                                "resources": {"cpu": 3, "memory_mb": 12000, "shared_memory_mb": 1024}})
+    env = user_env(tmp_path, **{k: v for k, v in s3_env.items() if k != "BUCKET"}, METAFLOW_DEFAULT_DATASTORE="s3",
+                   METAFLOW_DATASTORE_SYSROOT_S3=f"s3://{s3_env['BUCKET']}/metaflow",
+                   METAFLOW_KUBERNETES_NAMESPACE="rlhf")
+    proc = subprocess.run([sys.executable, FLOW, "--config", "config", str(cfg), "--with", "kubernetes",
+                           "argo-workflows", "create", "--only-json"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    workflow = json.loads(proc.stdout[proc.stdout.index("{"):])
+    templates = {t["name"]: t for t in workflow["spec"]["templates"]}
+    for step in ("sft", "merge", "rlaif", "reward", "dpo", "rest", "evaluate"):
+        res = templates[step]["container"]["resources"]
+        assert res["limits"]["nvidia.com/gpu"] == "1", step
+        assert float(res["requests"]["cpu"]) == 3 and float(res["requests"]["memory"].rstrip("M")) == 12000, step
+        shm = [v for v in templates[step]["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+        assert shm and shm[0]["emptyDir"]["sizeLimit"] == "1024Mi", step
+    data = templates["data"]["container"]["resources"]
+    assert float(data["requests"]["cpu"]) == 3 and data["limits"].get("nvidia.com/gpu", "0") == "0"
+    # The PPO gang is a JobSet of run.nodes pods, each with the GPU and CPUs the config asks for.
+    manifest = templates["ppo-train"]["resource"]["manifest"]
+    assert "kind: JobSet" in manifest and "nvidia.com/gpu: '1'" in manifest
+    assert "--with 'kubernetes:cpu=3" in manifest or "cpu=3" in manifest
+    assert "rlhf_lib" not in json.dumps(templates["sft"]["container"]["env"])  # the code comes in the package
+
+
+def test_users_metaflow_config_wins(tmp_path):
+    probe = ("import os; from rlhf_lib import env; env.configure(); "
+             "print(os.environ.get('METAFLOW_HOME', '-')); print(env.metaflow_config_source())")
+    run = lambda e: subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=e, capture_output=True,  # noqa: E731
+                                   text=True, timeout=60).stdout.splitlines()
+    home = tmp_path / "home"
+    home.mkdir()
+    home_var, source = run(user_env(home))
+    assert home_var.endswith(".metaflowconfig") and source.startswith("the project's default")
+    (home / ".metaflowconfig").mkdir()
+    (home / ".metaflowconfig" / "config.json").write_text('{"METAFLOW_DEFAULT_DATASTORE": "s3"}')
+    home_var, source = run(user_env(home))
+    assert home_var == "-" and source == f"yours: {home / '.metaflowconfig' / 'config.json'}"
+    home_var, source = run(user_env(tmp_path / "empty", METAFLOW_PROFILE="k8s"))
+    assert home_var == "-" and "METAFLOW_PROFILE=k8s" in source
+
+
+# ------------------------------------------------------------------ whole runs against S3
+
+
+def _objects(bucket: str) -> dict[str, bytes]:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=os.environ["METAFLOW_S3_ENDPOINT_URL"], **_boto_credentials())
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def _run_and_kill_ppo(cmd: list[str], env: dict, bucket: str, after_checkpoint: int, cwd: Path) -> tuple:
+    """Run the flow; SIGKILL its PPO subprocess once the `after_checkpoint`-th checkpoint is complete in S3."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=os.environ["METAFLOW_S3_ENDPOINT_URL"], **_boto_credentials())
+    marker = f"ppo/checkpoints/step-{after_checkpoint * SMALL['ppo']['save_freq']:06d}/COMPLETE"
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed, deadline = None, time.time() + 900
+    while time.time() < deadline and proc.poll() is None and killed is None:
+        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="metaflow/rlhf/")
+                for o in page.get("Contents", [])]
+        done = [k for k in keys if k.endswith(marker)]
+        stage = stage_process(proc.pid, "ppo") if done else None
+        if stage is not None:
+            stage.send_signal(signal.SIGKILL)
+            killed = done[0].split("/")[3]  # metaflow/rlhf/RLHFFlow/<run id>/ppo/...
+        time.sleep(0.2)
+    log = proc.communicate(timeout=900)[0]
+    assert killed, f"PPO never reached checkpoint {after_checkpoint} in S3:\n{log[-3000:]}"
+    return killed, proc.returncode, log
+
+
+CLIENT = """
+import json, sys
+sys.path.insert(0, {root!r})
+from rlhf_lib import env
+env.configure()
+from metaflow import Run
+
+run = Run("RLHFFlow/{run_id}")
+found = []
+
+def walk(where, value):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            walk(f"{{where}}.{{k}}", v)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            walk(f"{{where}}[{{i}}]", v)
+    elif isinstance(value, str) and (value.startswith(("/", "s3://")) or "/RLHFFlow/" in value):
+        found.append([where, value])
+
+for step in run:
+    for task in step:
+        for artifact in task.artifacts:
+            if not artifact.id.startswith("_") and artifact.id not in ("metaflow_config", "config", "run_config"):
+                walk(f"{{step.id}}.{{artifact.id}}", artifact.data)
+ppo = run["ppo_train"].task
+d = run.data
+print(json.dumps({{"successful": run.successful, "paths": found, "stats": d.ppo_stats,
+                  "resumed_from_step": d.ppo_resumed_from_step, "ppo_attempt": ppo.current_attempt,
+                  "sft_merged_path": d.sft_merged_path, "reward_model_path": d.reward_model_path,
+                  "prompts": d.datasets["prompts_train"]["uri"], "metaflow_config": d.metaflow_config,
+                  "storage_root": d.storage_root, "eval_report": d.eval_report}}))
+"""
+
+
+def client_view(env: dict, run_id: str) -> dict:
+    """What the Client API shows of a run, read as that user (their datastore and metadata), in a subprocess."""
+    proc = subprocess.run([sys.executable, "-c", CLIENT.format(root=str(ROOT), run_id=run_id)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _reference_ppo(view: dict, cfg_path: Path, tmp: Path) -> list[dict]:
+    """An uninterrupted PPO stage on the same inputs (downloaded from S3)."""
+    from rlhf_lib import config, launch, storage
+
+    cfg = config.load(cfg_path)
+    scratch = tmp / "reference-inputs"
+    result = launch.launch("ppo", cfg.to_json(), tmp / "reference", {
+        "sft_model": storage.localize(view["sft_merged_path"], scratch),
+        "reward_model": storage.localize(view["reward_model_path"], scratch),
+        "prompts": storage.localize(view["prompts"], scratch)})
+    return result["stats"]
+
+
+def _assert_stats_equal(got: list[dict], expected: list[dict]) -> None:
+    assert len(got) == len(expected) == SMALL["ppo"]["steps"]
+    for a, b in zip(got, expected):
+        for key, value in b.items():
+            if isinstance(value, float):
+                assert math.isclose(a[key], value, rel_tol=1e-4, abs_tol=1e-4), (a["step"], key, a[key], value)
+
+
+def _assert_no_secret(bucket: str, roots: list[Path], log: str) -> None:
+    secrets = [S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"], WANDB_SECRET]
+    for key, body in _objects(bucket).items():
+        for secret in secrets:
+            assert secret.encode() not in body, key
+    for root in roots:
+        for path in Path(root).rglob("*"):
+            if path.is_file() and path.stat().st_size < 50_000_000:
+                for secret in secrets:
+                    assert secret.encode() not in path.read_bytes(), path
+    for secret in secrets:
+        assert secret not in log
+
+
+@pytest.fixture(scope="module")
+def pod_run(s3_endpoint, tmp_path_factory):
+    """The default flow (small) with an S3 datastore, every step in a fresh pod; its PPO task is killed once
+    after its second checkpoint and retried by Metaflow in the same run."""
+    import boto3
+
+    tmp = tmp_path_factory.mktemp("pods")
+    bucket = "rlhf-pods"
+    boto3.client("s3", endpoint_url=s3_endpoint, **_boto_credentials()).create_bucket(Bucket=bucket)
+    s3 = {**S3_CREDENTIALS, "METAFLOW_S3_ENDPOINT_URL": s3_endpoint, "BUCKET": bucket}
+    home, env = s3_user(tmp, s3)
+    cfg = write_config(tmp / "cfg.toml", {**SMALL, "run": {**SMALL["run"], "retries": 1}})
+    with _s3_client_env(s3_endpoint):
+        run_id, returncode, log = _run_and_kill_ppo(
+            [sys.executable, FLOW, "--config", "config", str(cfg), "--with", "podsim", "run"], env, bucket, 2, tmp)
+        assert returncode == 0, log[-4000:]
+        view = client_view(env, run_id)
+        reference = _reference_ppo(view, cfg, tmp)
+    return {"tmp": tmp, "env": env, "log": log, "run_id": run_id, "view": view, "reference": reference,
+            "bucket": bucket, "endpoint": s3_endpoint, "home": home}
+
+
+def _boto_credentials() -> dict:
+    return {"aws_access_key_id": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"], "region_name": "us-east-1"}
+
+
+class _s3_client_env:
+    """This process's environment pointed at the test S3 server (for boto3 here), restored afterwards."""
+
+    def __init__(self, endpoint: str):
+        self.values = {**S3_CREDENTIALS, "METAFLOW_S3_ENDPOINT_URL": endpoint}
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in self.values}
+        os.environ.update(self.values)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.mark.slow
+def test_every_step_ran_in_its_own_fresh_pod(pod_run):
+    steps = {line.split()[2] for line in pod_run["log"].splitlines() if "[podsim] step " in line
+             for line in [line[line.index("[podsim]"):]]}
+    assert {"start", "data", "sft", "merge", "rlaif", "reward", "ppo", "ppo_train", "ppo_join", "evaluate",
+            "end"} <= steps
+    assert not list((pod_run["tmp"] / "pods").iterdir())  # every pod directory was deleted
+    view = pod_run["view"]
+    assert view["successful"]
+    assert view["metaflow_config"] == f"yours: {pod_run['home'] / '.metaflowconfig' / 'config.json'}"
+    assert view["storage_root"] == f"s3://{pod_run['bucket']}/metaflow/rlhf"
+    assert f"[start] stage outputs and checkpoints: s3://{pod_run['bucket']}/metaflow/rlhf" in pod_run["log"]
+
+
+@pytest.mark.slow
+def test_every_path_artifact_is_an_s3_uri(pod_run):
+    paths = pod_run["view"]["paths"]
+    assert len(paths) > 15
+    local = [(where, value) for where, value in paths if not value.startswith("s3://")]
+    assert local == []
+
+
+@pytest.mark.slow
+def test_killed_ppo_task_is_retried_from_its_own_checkpoint(pod_run):
+    view, log = pod_run["view"], pod_run["log"]
+    step = 2 * SMALL["ppo"]["save_freq"]
+    assert view["ppo_attempt"] == 1  # the second attempt finished the task
+    assert f"stored step-{step:06d} in s3://" in log and f"resumed from step {step}" in log
+    assert view["resumed_from_step"] == step
+    _assert_stats_equal(view["stats"], pod_run["reference"])
+
+
+@pytest.mark.slow
+def test_notebook_opens_the_s3_run(pod_run, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    for key in PROJECT_METAFLOW_VARS:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in pod_run["env"].items():
+        if key in ("HOME", "RLHF_SCRATCH_DIR") or key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RLHF_RUN_ID", pod_run["run_id"])
+    nb = nbformat.read(ROOT / "notebooks" / "inspect_run.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    text = json.dumps(nb)
+    assert pod_run["run_id"] in text and f"s3://{pod_run['bucket']}" in text
+    printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.get("name") == "stdout")
+    assert printed.startswith("Question: What is the capital of France?")
+
+
+@pytest.mark.slow
+def test_no_secret_reaches_s3_metadata_or_logs(pod_run):
+    with _s3_client_env(pod_run["endpoint"]):
+        _assert_no_secret(pod_run["bucket"], [pod_run["tmp"] / "metadata", pod_run["tmp"] / "scratch"],
+                          pod_run["log"])
+
+
+@pytest.mark.slow
+def test_resume_ppo_on_a_clean_machine_continues_from_s3(s3_endpoint, tmp_path):
+    """PPO killed after its second checkpoint, no retries: the run fails. Every local scratch directory is
+    deleted; `resume ppo` from another directory downloads the newest checkpoint from S3 and finishes with the
+    stats of an uninterrupted PPO."""
+    import boto3
+
+    bucket = "rlhf-resume"
+    boto3.client("s3", endpoint_url=s3_endpoint, **_boto_credentials()).create_bucket(Bucket=bucket)
+    s3 = {**S3_CREDENTIALS, "METAFLOW_S3_ENDPOINT_URL": s3_endpoint, "BUCKET": bucket}
+    _, env = s3_user(tmp_path, s3)
+    cfg = write_config(tmp_path / "cfg.toml", {**SMALL, "run": {**SMALL["run"], "retries": 0}})
+    with _s3_client_env(s3_endpoint):
+        origin, returncode, log = _run_and_kill_ppo(
+            [sys.executable, FLOW, "--config", "config", str(cfg), "run"], env, bucket, 2, ROOT)
+        assert returncode != 0, "the run must fail when PPO is killed and retries = 0"
+        shutil.rmtree(tmp_path / "scratch")
+        elsewhere = tmp_path / "another-machine"
+        elsewhere.mkdir()
+        resume = subprocess.run([sys.executable, FLOW, "resume", "ppo", "--origin-run-id", origin], env=env,
+                                cwd=elsewhere, capture_output=True, text=True, timeout=900)
+        out = resume.stdout + resume.stderr
+        assert resume.returncode == 0, out[-4000:]
+        step = 2 * SMALL["ppo"]["save_freq"]
+        assert f"left step-{step:06d} in s3://{bucket}/metaflow/rlhf/RLHFFlow/{origin}/ppo/checkpoints" in out
+        assert f"resumed from step {step}" in out
+        resumed_id = re.search(r"Workflow starting \(run-id (\w+)\)", out).group(1)
+        view = client_view(env, resumed_id)
+        assert view["successful"] and view["resumed_from_step"] == step
+        _assert_stats_equal(view["stats"], _reference_ppo(view, cfg, tmp_path))
+        _assert_no_secret(bucket, [tmp_path / "metadata", tmp_path / "scratch"], log + out)

@@ -1,0 +1,57 @@
+"""PPO across machines: Metaflow `@parallel` with run.nodes = 2, here as two local processes (Metaflow runs a
+gang as local processes on one machine), one CPU process each, torch.distributed over gloo. Rank r samples its
+own slice of every global prompt batch, the stats are gathered from both, and only rank 0 writes checkpoints."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, write_config
+
+pytestmark = pytest.mark.slow  # a whole flow run
+
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def two_node_run(tmp_path_factory):
+    store = tmp_path_factory.mktemp("multinode")
+    cfg = write_config(store / "cfg.toml", {
+        "run": {"storage_root": str(store), "methods": ["ppo"], "nodes": 2, "cpu_threads": 1, "retries": 0},
+        "sft": {"max_steps": 10, "save_steps": 10}, "reward": {"max_steps": 20, "save_steps": 20},
+        "ppo": {"steps": 4, "save_freq": 2, "batch_size": BATCH, "mini_batch_size": 4}})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, str(ROOT / "flows" / "rlhf_flow.py"), "--config", "config", str(cfg),
+                           "run"], env=env, capture_output=True, text=True, timeout=1200)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    run_id = re.search(r"Workflow starting \(run-id (\w+)\)", log).group(1)
+    from metaflow import Run
+
+    return {"run": Run(f"RLHFFlow/{run_id}"), "log": log, "stage_dir": store / "RLHFFlow" / run_id}
+
+
+def test_each_rank_samples_its_own_slice(two_node_run):
+    log = two_node_run["log"]
+    assert f"[ppo] rank 0/2: prompts [0, {BATCH}) of each global batch of {2 * BATCH}" in log
+    assert f"[ppo] rank 1/2: prompts [{BATCH}, {2 * BATCH}) of each global batch of {2 * BATCH}" in log
+
+
+def test_stats_are_gathered_from_both_ranks(two_node_run):
+    data = two_node_run["run"].data
+    assert data.ppo_status == "done" and data.ppo_metrics["ranks"] == 2
+    assert len(data.ppo_stats) == 4
+    assert all(s["samples"] == 2 * BATCH for s in data.ppo_stats)
+
+
+def test_one_set_of_checkpoints_written_by_rank_zero(two_node_run):
+    stage_dir = two_node_run["stage_dir"]
+    written = sorted(p.name for p in (stage_dir / "ppo" / "checkpoints").glob("step-*"))
+    assert written == ["step-000002", "step-000004"]
+    # The second node kept its own log and nothing else of PPO's.
+    assert (stage_dir / "ppo-node-1" / "stage.log").exists()
+    assert not list((stage_dir / "ppo-node-1").glob("checkpoints/step-*"))
+    assert not (stage_dir / "ppo-node-1" / "result.json").exists()
