@@ -6,6 +6,7 @@ Pods are simulated by `tests/podsim` (`--with podsim`): each task attempt runs i
 only the code package downloaded from the S3 datastore, deleted when the step ends.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -29,7 +30,8 @@ PROJECT_METAFLOW_VARS = ("RLHF_METAFLOW_CONFIG", "METAFLOW_HOME", "METAFLOW_DATA
                          "METAFLOW_DEFAULT_DATASTORE", "METAFLOW_DEFAULT_METADATA")
 WANDB_SECRET = "wandb-key-do-not-store-0123456789"
 # Small enough for CI, long enough to kill PPO after its second checkpoint with steps still to go.
-SMALL = {"run": {"methods": ["ppo"], "cpu_threads": 2}, "sft": {"max_steps": 10, "save_steps": 5},
+SMALL = {"run": {"methods": ["ppo"], "cpu_threads": 2}, "policy": {"tiny": {"pretrain_steps": 20}},
+         "eval": {"num_prompts": 16}, "sft": {"max_steps": 10, "save_steps": 5},
          "reward": {"max_steps": 20, "save_steps": 10}, "ppo": {"steps": 12, "save_freq": 3}}
 
 
@@ -39,20 +41,32 @@ def user_env(home: Path, **extra) -> dict:
     return {**env, "HOME": str(home), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **extra}
 
 
-def s3_user(tmp: Path, s3: dict) -> tuple[Path, dict]:
-    """A HOME with ~/.metaflowconfig/config.json naming the S3 datastore, and that user's environment."""
+def s3_user(tmp: Path, endpoint: str) -> tuple[Path, dict, str]:
+    """A new bucket, a HOME whose ~/.metaflowconfig/config.json names it as the S3 datastore, and that user's
+    environment."""
+    import uuid
+
+    import boto3
+
+    bucket = f"rlhf-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint, **_boto_credentials()).create_bucket(Bucket=bucket)
     home = tmp / "home"
     (home / ".metaflowconfig").mkdir(parents=True)
     (home / ".metaflowconfig" / "config.json").write_text(json.dumps({
-        "METAFLOW_DEFAULT_DATASTORE": "s3", "METAFLOW_DATASTORE_SYSROOT_S3": f"s3://{s3['BUCKET']}/metaflow",
-        "METAFLOW_S3_ENDPOINT_URL": s3["METAFLOW_S3_ENDPOINT_URL"], "METAFLOW_DEFAULT_METADATA": "local",
+        "METAFLOW_DEFAULT_DATASTORE": "s3", "METAFLOW_DATASTORE_SYSROOT_S3": f"s3://{bucket}/metaflow",
+        "METAFLOW_S3_ENDPOINT_URL": endpoint, "METAFLOW_DEFAULT_METADATA": "local",
         # Stands in for the metadata service a deployment has: where runs are recorded, not a step's files.
         "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp / "metadata")}))
     env = user_env(home, **S3_CREDENTIALS, RLHF_SCRATCH_DIR=str(tmp / "scratch"), PODSIM_ROOT=str(tmp / "pods"),
                    PYTHONPATH=PODSIM, WANDB_API_KEY=WANDB_SECRET)
     env.pop("METAFLOW_S3_ENDPOINT_URL", None)  # from the user's config only
     (tmp / "pods").mkdir()
-    return home, env
+    return home, env, bucket
+
+
+def _boto_credentials() -> dict:
+    return {"aws_access_key_id": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"], "region_name": "us-east-1"}
 
 
 # ------------------------------------------------------------------ quick checks
@@ -134,8 +148,10 @@ def _objects(bucket: str) -> dict[str, bytes]:
     return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
 
 
-def _run_and_kill_ppo(cmd: list[str], env: dict, bucket: str, after_checkpoint: int, cwd: Path) -> tuple:
-    """Run the flow; SIGKILL its PPO subprocess once the `after_checkpoint`-th checkpoint is complete in S3."""
+def _run_and_kill_ppo(cmd: list[str], env: dict, bucket: str, after_checkpoint: int, cwd: Path,
+                      prefix: str = "metaflow/rlhf") -> tuple:
+    """Run the flow; SIGKILL its PPO subprocess once the `after_checkpoint`-th checkpoint is complete in S3
+    (under s3://bucket/prefix/RLHFFlow/<run id>/ppo/checkpoints). Returns (run id, exit code, log)."""
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=os.environ["METAFLOW_S3_ENDPOINT_URL"], **_boto_credentials())
@@ -143,13 +159,13 @@ def _run_and_kill_ppo(cmd: list[str], env: dict, bucket: str, after_checkpoint: 
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed, deadline = None, time.time() + 900
     while time.time() < deadline and proc.poll() is None and killed is None:
-        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="metaflow/rlhf/")
+        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
                 for o in page.get("Contents", [])]
         done = [k for k in keys if k.endswith(marker)]
         stage = stage_process(proc.pid, "ppo") if done else None
         if stage is not None:
             stage.send_signal(signal.SIGKILL)
-            killed = done[0].split("/")[3]  # metaflow/rlhf/RLHFFlow/<run id>/ppo/...
+            killed = done[0][len(prefix):].split("/")[2]  # <prefix>/RLHFFlow/<run id>/ppo/...
         time.sleep(0.2)
     log = proc.communicate(timeout=900)[0]
     assert killed, f"PPO never reached checkpoint {after_checkpoint} in S3:\n{log[-3000:]}"
@@ -238,15 +254,10 @@ def _assert_no_secret(bucket: str, roots: list[Path], log: str) -> None:
 def pod_run(s3_endpoint, tmp_path_factory):
     """The default flow (small) with an S3 datastore, every step in a fresh pod; its PPO task is killed once
     after its second checkpoint and retried by Metaflow in the same run."""
-    import boto3
-
     tmp = tmp_path_factory.mktemp("pods")
-    bucket = "rlhf-pods"
-    boto3.client("s3", endpoint_url=s3_endpoint, **_boto_credentials()).create_bucket(Bucket=bucket)
-    s3 = {**S3_CREDENTIALS, "METAFLOW_S3_ENDPOINT_URL": s3_endpoint, "BUCKET": bucket}
-    home, env = s3_user(tmp, s3)
+    home, env, bucket = s3_user(tmp, s3_endpoint)
     cfg = write_config(tmp / "cfg.toml", {**SMALL, "run": {**SMALL["run"], "retries": 1}})
-    with _s3_client_env(s3_endpoint):
+    with s3_client_env(s3_endpoint):
         run_id, returncode, log = _run_and_kill_ppo(
             [sys.executable, FLOW, "--config", "config", str(cfg), "--with", "podsim", "run"], env, bucket, 2, tmp)
         assert returncode == 0, log[-4000:]
@@ -256,23 +267,16 @@ def pod_run(s3_endpoint, tmp_path_factory):
             "bucket": bucket, "endpoint": s3_endpoint, "home": home}
 
 
-def _boto_credentials() -> dict:
-    return {"aws_access_key_id": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-            "aws_secret_access_key": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"], "region_name": "us-east-1"}
-
-
-class _s3_client_env:
+@contextlib.contextmanager
+def s3_client_env(endpoint: str):
     """This process's environment pointed at the test S3 server (for boto3 here), restored afterwards."""
-
-    def __init__(self, endpoint: str):
-        self.values = {**S3_CREDENTIALS, "METAFLOW_S3_ENDPOINT_URL": endpoint}
-
-    def __enter__(self):
-        self.saved = {k: os.environ.get(k) for k in self.values}
-        os.environ.update(self.values)
-
-    def __exit__(self, *exc):
-        for k, v in self.saved.items():
+    values = {**S3_CREDENTIALS, "METAFLOW_S3_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
@@ -333,26 +337,23 @@ def test_notebook_opens_the_s3_run(pod_run, monkeypatch):
 
 @pytest.mark.slow
 def test_no_secret_reaches_s3_metadata_or_logs(pod_run):
-    with _s3_client_env(pod_run["endpoint"]):
+    with s3_client_env(pod_run["endpoint"]):
         _assert_no_secret(pod_run["bucket"], [pod_run["tmp"] / "metadata", pod_run["tmp"] / "scratch"],
                           pod_run["log"])
 
 
 @pytest.mark.slow
 def test_resume_ppo_on_a_clean_machine_continues_from_s3(s3_endpoint, tmp_path):
-    """PPO killed after its second checkpoint, no retries: the run fails. Every local scratch directory is
-    deleted; `resume ppo` from another directory downloads the newest checkpoint from S3 and finishes with the
-    stats of an uninterrupted PPO."""
-    import boto3
-
-    bucket = "rlhf-resume"
-    boto3.client("s3", endpoint_url=s3_endpoint, **_boto_credentials()).create_bucket(Bucket=bucket)
-    s3 = {**S3_CREDENTIALS, "METAFLOW_S3_ENDPOINT_URL": s3_endpoint, "BUCKET": bucket}
-    _, env = s3_user(tmp_path, s3)
-    cfg = write_config(tmp_path / "cfg.toml", {**SMALL, "run": {**SMALL["run"], "retries": 0}})
-    with _s3_client_env(s3_endpoint):
+    """`run.storage_root = "s3://…"` given explicitly. PPO killed after its second checkpoint, no retries: the
+    run fails. Every local scratch directory is deleted; `resume ppo` from another directory downloads the newest
+    checkpoint from S3 and finishes with the stats of an uninterrupted PPO. Every stage's output is in S3 and
+    none on the local disk."""
+    _, env, bucket = s3_user(tmp_path, s3_endpoint)
+    root = f"s3://{bucket}/explicit"
+    cfg = write_config(tmp_path / "cfg.toml", {**SMALL, "run": {**SMALL["run"], "retries": 0, "storage_root": root}})
+    with s3_client_env(s3_endpoint):
         origin, returncode, log = _run_and_kill_ppo(
-            [sys.executable, FLOW, "--config", "config", str(cfg), "run"], env, bucket, 2, ROOT)
+            [sys.executable, FLOW, "--config", "config", str(cfg), "run"], env, bucket, 2, ROOT, "explicit")
         assert returncode != 0, "the run must fail when PPO is killed and retries = 0"
         shutil.rmtree(tmp_path / "scratch")
         elsewhere = tmp_path / "another-machine"
@@ -362,10 +363,30 @@ def test_resume_ppo_on_a_clean_machine_continues_from_s3(s3_endpoint, tmp_path):
         out = resume.stdout + resume.stderr
         assert resume.returncode == 0, out[-4000:]
         step = 2 * SMALL["ppo"]["save_freq"]
-        assert f"left step-{step:06d} in s3://{bucket}/metaflow/rlhf/RLHFFlow/{origin}/ppo/checkpoints" in out
+        assert f"left step-{step:06d} in {root}/RLHFFlow/{origin}/ppo/checkpoints" in out
         assert f"resumed from step {step}" in out
         resumed_id = re.search(r"Workflow starting \(run-id (\w+)\)", out).group(1)
         view = client_view(env, resumed_id)
         assert view["successful"] and view["resumed_from_step"] == step
         _assert_stats_equal(view["stats"], _reference_ppo(view, cfg, tmp_path))
         _assert_no_secret(bucket, [tmp_path / "metadata", tmp_path / "scratch"], log + out)
+        assert view["storage_root"] == root
+        stored = _objects(bucket)
+        for run_id, stages in ((origin, ("data", "sft", "merge", "reward")), (resumed_id, ("ppo", "evaluate"))):
+            for stage in stages:
+                assert f"explicit/RLHFFlow/{run_id}/{stage}/result.json" in stored, (run_id, stage)
+        # Nothing went to the profile's local default (artifacts/test) or to a directory named `s3:`.
+        assert not (ROOT / "artifacts" / "test" / "RLHFFlow" / origin).exists() and not (ROOT / "s3:").exists()
+
+
+def test_dockerfile_builds_the_image_the_readme_documents():
+    """No Docker daemon here: check the Dockerfile's parts and that the README's commands use it."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert dockerfile.startswith("#") and "\nFROM nvidia/cuda:" in dockerfile and "runtime" in dockerfile
+    assert 'pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"' in dockerfile
+    assert "ARG TORCH_VERSION=2.13.0" in dockerfile and "download.pytorch.org/whl/cu" in dockerfile
+    assert "pip install -r /opt/rlhf/requirements.txt" in dockerfile and "COPY rlhf_lib" in dockerfile
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Run on Kubernetes / AWS Batch / Argo"):]
+    assert "docker build -t REGISTRY/rlhf-flow" in section and "METAFLOW_KUBERNETES_CONTAINER_IMAGE" in section
+    assert "--with kubernetes argo-workflows create" in section and "--with batch" in section

@@ -1,0 +1,100 @@
+"""Benchmark: what S3 storage costs a run — the same flow with stage outputs on the local disk and in S3.
+
+    python bench/storage_overhead.py                       # configs/tiny.toml, 2 rounds
+    python bench/storage_overhead.py --config configs/compare.toml --rounds 1
+
+Starts moto's S3 server on 127.0.0.1 (a stand-in for S3: it measures our download/upload/mirroring work, not
+network), then runs the flow alternately with `run.storage_root` local and `s3://…`, alone on the machine, and
+prints a Markdown table of wall times, their ratio, and the bytes the S3 run stored. Both runs must report the
+same evaluation figures: S3 changes where files live, not what is computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rlhf_lib.config import dump_toml  # noqa: E402
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _server() -> tuple[subprocess.Popen, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(150):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return proc, url
+        except Exception:
+            time.sleep(0.2)
+    raise RuntimeError("moto server did not start")
+
+
+def _run(config: Path, env: dict) -> tuple[float, str]:
+    started = time.time()
+    proc = subprocess.run([sys.executable, str(ROOT / "flows" / "rlhf_flow.py"), "--config", "config", str(config),
+                           "run"], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
+    summary = [line.split("] ", 1)[-1] for line in proc.stdout.splitlines() if "win-rate vs SFT" in line]
+    return time.time() - started, "; ".join(summary)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.toml"))
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    import boto3
+
+    server, url = _server()
+    work = Path(tempfile.mkdtemp(prefix="storage-bench-"))
+    env = {**os.environ, **CREDENTIALS, "METAFLOW_S3_ENDPOINT_URL": url, "RLHF_SCRATCH_DIR": str(work / "scratch")}
+    s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id="bench", aws_secret_access_key="bench",
+                      region_name="us-east-1")
+    s3.create_bucket(Bucket="bench")
+    base = tomllib.loads(Path(args.config).read_text())
+    times: dict[str, list[float]] = {"local": [], "s3": []}
+    figures = {}
+    try:
+        for r in range(args.rounds):
+            for kind in ("local", "s3"):
+                root = str(work / f"local-{r}") if kind == "local" else f"s3://bench/round-{r}"
+                cfg = work / f"{kind}-{r}.toml"
+                cfg.write_text(dump_toml({**base, "run": {**base.get("run", {}), "storage_root": root}}))
+                seconds, figures[kind] = _run(cfg, env)
+                times[kind].append(seconds)
+                print(f"round {r + 1} {kind}: {seconds:.0f} s  {figures[kind]}", flush=True)
+        stored = sum(o["Size"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="bench",
+                                                                                         Prefix="round-0/")
+                     for o in page.get("Contents", []))
+    finally:
+        server.terminate()
+    local, remote = min(times["local"]), min(times["s3"])
+    print(f"\n{platform.node()} ({os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}, config {args.config}, "
+          f"best of {args.rounds}\n")
+    print("| storage | wall (s) | vs local | stored in S3 |\n|---|---|---|---|")
+    print(f"| local disk | {local:.0f} | 1.00× | – |")
+    print(f"| S3 (moto on 127.0.0.1) | {remote:.0f} | {remote / local:.2f}× | {stored / 1e6:.1f} MB |")
+    print(f"\nsame figures: {figures['local'] == figures['s3']} ({figures['s3']})")
+
+
+if __name__ == "__main__":
+    main()
