@@ -189,9 +189,10 @@ class RLHFFlow(FlowSpec):
             self.ppo_status, self.ppo_model_path, self.ppo_stats, self.ppo_seconds = pipeline.SKIPPED, None, [], None
             self.ppo_config = cfg.ppo.model_dump()
         if pipeline.method_enabled(cfg, "ppo"):
+            nodes = pipeline.Nodes.of(current.parallel, current.run_id)
             result = pipeline.run_stage(cfg, "ppo", current.run_id, origin_run_id=current.origin_run_id, inputs={
                 "sft_model": self.sft_merged_path, "reward_model": self.reward_model_path,
-                "prompts": self.datasets["prompts_train"]["uri"]}, nodes=pipeline.Nodes.of(current.parallel, current.run_id))
+                "prompts": self.datasets["prompts_train"]["uri"]}, nodes=nodes)
             if current.parallel.node_index == 0:  # the rank that writes results and checkpoints
                 self.ppo_status, self.ppo_seconds = "done", result["seconds"]
                 self.ppo_model_path = result["model_path"]

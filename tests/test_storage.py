@@ -34,7 +34,8 @@ def test_directory_round_trip(s3_env, tmp_path):
     assert (got / "sub" / "b.txt").read_text() == "b"
     assert not list(tmp_path.glob(".tmp-*"))  # the download went through a temporary sibling
     assert storage.localize(uri, tmp_path / "scratch") != uri
-    assert storage.localize("/local/path") == "/local/path" and storage.localize("facebook/opt-1.3b") == "facebook/opt-1.3b"
+    assert storage.localize("/local/path") == "/local/path"
+    assert storage.localize("facebook/opt-1.3b") == "facebook/opt-1.3b"  # a hub id passes through
 
 
 def test_torn_checkpoint_upload_is_never_chosen(s3_env, tmp_path):
