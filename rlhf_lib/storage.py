@@ -24,7 +24,7 @@ from pathlib import Path
 
 S3 = "s3://"
 _SUPPORTED = (S3,)
-# A root-relative name for files whose upload order matters: uploaded after every other file.
+# Files transferred at once per directory (boto3 also splits each large file into parallel parts).
 UPLOAD_WORKERS = 8
 
 
