@@ -148,28 +148,33 @@ def _objects(bucket: str) -> dict[str, bytes]:
     return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
 
 
-def _run_and_kill_ppo(cmd: list[str], env: dict, bucket: str, after_checkpoint: int, cwd: Path,
-                      prefix: str = "metaflow/rlhf") -> tuple:
-    """Run the flow; SIGKILL its PPO subprocess once the `after_checkpoint`-th checkpoint is complete in S3
-    (under s3://bucket/prefix/RLHFFlow/<run id>/ppo/checkpoints). Returns (run id, exit code, log)."""
+def _run_and_kill_ppo(cmd: list[str], env: dict, bucket: str, prefix: str, kill_after: list[int],
+                      cwd: Path, log_path: Path) -> tuple[str, int, str]:
+    """Run the flow; SIGKILL its PPO subprocess each time the next checkpoint in `kill_after` (counted in
+    checkpoints) is complete in S3 under s3://bucket/prefix/RLHFFlow/<run id>/ppo/checkpoints.
+    Returns (run id, exit code, log)."""
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=os.environ["METAFLOW_S3_ENDPOINT_URL"], **_boto_credentials())
-    marker = f"ppo/checkpoints/step-{after_checkpoint * SMALL['ppo']['save_freq']:06d}/COMPLETE"
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed, deadline = None, time.time() + 900
-    while time.time() < deadline and proc.poll() is None and killed is None:
-        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
-                for o in page.get("Contents", [])]
-        done = [k for k in keys if k.endswith(marker)]
-        stage = stage_process(proc.pid, "ppo") if done else None
-        if stage is not None:
-            stage.send_signal(signal.SIGKILL)
-            killed = done[0][len(prefix):].split("/")[2]  # <prefix>/RLHFFlow/<run id>/ppo/...
-        time.sleep(0.2)
-    log = proc.communicate(timeout=900)[0]
-    assert killed, f"PPO never reached checkpoint {after_checkpoint} in S3:\n{log[-3000:]}"
-    return killed, proc.returncode, log
+    targets = [f"ppo/checkpoints/step-{n * SMALL['ppo']['save_freq']:06d}/COMPLETE" for n in kill_after]
+    run_id, deadline = None, time.time() + 900
+    with open(log_path, "w") as log:  # a file, not a pipe: an unread pipe would block the flow when full
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        while targets and time.time() < deadline and proc.poll() is None:
+            keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                                     Prefix=f"{prefix}/")
+                    for o in page.get("Contents", [])]
+            done = [k for k in keys if k.endswith(targets[0])]
+            stage = stage_process(proc.pid, "ppo") if done else None
+            if stage is not None:
+                stage.send_signal(signal.SIGKILL)
+                run_id = done[0][len(prefix):].split("/")[2]  # <prefix>/RLHFFlow/<run id>/ppo/...
+                targets.pop(0)
+            time.sleep(0.2)
+        proc.wait(timeout=900)
+    text = log_path.read_text()
+    assert not targets, f"PPO never reached {targets[0]} in S3:\n{text[-3000:]}"
+    return run_id, proc.returncode, text
 
 
 CLIENT = """
@@ -251,20 +256,33 @@ def _assert_no_secret(bucket: str, roots: list[Path], log: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def pod_run(s3_endpoint, tmp_path_factory):
-    """The default flow (small) with an S3 datastore, every step in a fresh pod; its PPO task is killed once
-    after its second checkpoint and retried by Metaflow in the same run."""
-    tmp = tmp_path_factory.mktemp("pods")
+def s3_run(s3_endpoint, tmp_path_factory):
+    """The default flow (small) with `run.storage_root = "s3://…"` and Metaflow's S3 datastore named in the
+    user's ~/.metaflowconfig, every step in a fresh pod. PPO is SIGKILLed after its 2nd checkpoint: Metaflow's
+    @retry continues it from S3 in the same run; SIGKILLed again after its 3rd, with the retries spent, the run
+    fails. Every local scratch directory is then deleted and `resume ppo` runs from another directory."""
+    tmp = tmp_path_factory.mktemp("s3run")
     home, env, bucket = s3_user(tmp, s3_endpoint)
-    cfg = write_config(tmp / "cfg.toml", {**SMALL, "run": {**SMALL["run"], "retries": 1}})
+    root = f"s3://{bucket}/explicit"
+    cfg = write_config(tmp / "cfg.toml", {**SMALL, "run": {**SMALL["run"], "retries": 1, "storage_root": root}})
     with s3_client_env(s3_endpoint):
-        run_id, returncode, log = _run_and_kill_ppo(
-            [sys.executable, FLOW, "--config", "config", str(cfg), "--with", "podsim", "run"], env, bucket, 2, tmp)
-        assert returncode == 0, log[-4000:]
-        view = client_view(env, run_id)
+        origin, returncode, log = _run_and_kill_ppo(
+            [sys.executable, FLOW, "--config", "config", str(cfg), "--with", "podsim", "run"], env, bucket,
+            "explicit", [2, 3], tmp, tmp / "run.log")
+        assert returncode != 0, "killed twice with one retry, the run must fail"
+        shutil.rmtree(tmp / "scratch")
+        elsewhere = tmp / "another-machine"
+        elsewhere.mkdir()
+        resume = subprocess.run([sys.executable, FLOW, "--with", "podsim", "resume", "ppo", "--origin-run-id", origin],
+                                env=env, cwd=elsewhere, capture_output=True, text=True, timeout=900)
+        resume_log = resume.stdout + resume.stderr
+        assert resume.returncode == 0, resume_log[-4000:]
+        resumed = re.search(r"Workflow starting \(run-id (\w+)\)", resume_log).group(1)
+        view = client_view(env, resumed)
         reference = _reference_ppo(view, cfg, tmp)
-    return {"tmp": tmp, "env": env, "log": log, "run_id": run_id, "view": view, "reference": reference,
-            "bucket": bucket, "endpoint": s3_endpoint, "home": home}
+    return {"tmp": tmp, "env": env, "log": log, "resume_log": resume_log, "origin": origin, "run_id": resumed,
+            "view": view, "reference": reference, "bucket": bucket, "root": root, "endpoint": s3_endpoint,
+            "home": home}
 
 
 @contextlib.contextmanager
@@ -284,99 +302,84 @@ def s3_client_env(endpoint: str):
 
 
 @pytest.mark.slow
-def test_every_step_ran_in_its_own_fresh_pod(pod_run):
-    steps = {line.split()[2] for line in pod_run["log"].splitlines() if "[podsim] step " in line
-             for line in [line[line.index("[podsim]"):]]}
+def test_every_step_ran_in_its_own_fresh_pod(s3_run):
+    steps = {line[line.index("[podsim]"):].split()[2] for line in (s3_run["log"] + s3_run["resume_log"]).splitlines()
+             if "[podsim] step " in line}
     assert {"start", "data", "sft", "merge", "rlaif", "reward", "ppo", "ppo_train", "ppo_join", "evaluate",
             "end"} <= steps
-    assert not list((pod_run["tmp"] / "pods").iterdir())  # every pod directory was deleted
-    view = pod_run["view"]
+    assert not list((s3_run["tmp"] / "pods").iterdir())  # every pod directory was deleted
+    view = s3_run["view"]
     assert view["successful"]
-    assert view["metaflow_config"] == f"yours: {pod_run['home'] / '.metaflowconfig' / 'config.json'}"
-    assert view["storage_root"] == f"s3://{pod_run['bucket']}/metaflow/rlhf"
-    assert f"[start] stage outputs and checkpoints: s3://{pod_run['bucket']}/metaflow/rlhf" in pod_run["log"]
+    assert view["metaflow_config"] == f"yours: {s3_run['home'] / '.metaflowconfig' / 'config.json'}"
+    assert view["storage_root"] == s3_run["root"]
+    assert f"[start] stage outputs and checkpoints: {s3_run['root']}" in s3_run["log"]
 
 
 @pytest.mark.slow
-def test_every_path_artifact_is_an_s3_uri(pod_run):
-    paths = pod_run["view"]["paths"]
+def test_every_path_artifact_is_an_s3_uri(s3_run):
+    paths = s3_run["view"]["paths"]
     assert len(paths) > 15
     local = [(where, value) for where, value in paths if not value.startswith("s3://")]
     assert local == []
 
 
 @pytest.mark.slow
-def test_killed_ppo_task_is_retried_from_its_own_checkpoint(pod_run):
-    view, log = pod_run["view"], pod_run["log"]
-    step = 2 * SMALL["ppo"]["save_freq"]
-    assert view["ppo_attempt"] == 1  # the second attempt finished the task
-    assert f"stored step-{step:06d} in s3://" in log and f"resumed from step {step}" in log
-    assert view["resumed_from_step"] == step
-    _assert_stats_equal(view["stats"], pod_run["reference"])
+def test_every_stage_output_is_in_s3_and_none_on_the_local_disk(s3_run):
+    with s3_client_env(s3_run["endpoint"]):
+        stored = _objects(s3_run["bucket"])
+    for run_id, stages in ((s3_run["origin"], ("data", "sft", "merge", "reward")),
+                           (s3_run["run_id"], ("ppo", "evaluate"))):
+        for stage in stages:
+            assert f"explicit/RLHFFlow/{run_id}/{stage}/result.json" in stored, (run_id, stage)
+    # Nothing went to the profile's local default (artifacts/test) or to a directory named `s3:`.
+    assert not (ROOT / "artifacts" / "test" / "RLHFFlow" / s3_run["origin"]).exists()
+    assert not (ROOT / "s3:").exists()
 
 
 @pytest.mark.slow
-def test_notebook_opens_the_s3_run(pod_run, monkeypatch):
+def test_killed_ppo_task_is_retried_from_its_own_checkpoint(s3_run):
+    step = 2 * SMALL["ppo"]["save_freq"]
+    assert f"an earlier attempt of this task stored step-{step:06d} in {s3_run['root']}" in s3_run["log"]
+    assert f"resumed from step {step}" in s3_run["log"]
+
+
+@pytest.mark.slow
+def test_resume_on_a_clean_machine_continues_from_s3(s3_run):
+    """Steps 1-6 from the first attempt, 7-9 from the retried one, 10-12 from `resume ppo` on a machine with no
+    local file of the crashed run: together equal to an uninterrupted PPO, to 1e-4."""
+    step = 3 * SMALL["ppo"]["save_freq"]
+    origin_ckpts = f"{s3_run['root']}/RLHFFlow/{s3_run['origin']}/ppo/checkpoints"
+    assert f"left step-{step:06d} in {origin_ckpts}" in s3_run["resume_log"]
+    assert f"resumed from step {step}" in s3_run["resume_log"]
+    assert s3_run["view"]["resumed_from_step"] == step
+    _assert_stats_equal(s3_run["view"]["stats"], s3_run["reference"])
+
+
+@pytest.mark.slow
+def test_notebook_opens_the_s3_run(s3_run, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
     for key in PROJECT_METAFLOW_VARS:
         monkeypatch.delenv(key, raising=False)
-    for key, value in pod_run["env"].items():
+    for key, value in s3_run["env"].items():
         if key in ("HOME", "RLHF_SCRATCH_DIR") or key.startswith("AWS_"):
             monkeypatch.setenv(key, value)
-    monkeypatch.setenv("RLHF_RUN_ID", pod_run["run_id"])
+    monkeypatch.setenv("RLHF_RUN_ID", s3_run["run_id"])
     nb = nbformat.read(ROOT / "notebooks" / "inspect_run.ipynb", as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     text = json.dumps(nb)
-    assert pod_run["run_id"] in text and f"s3://{pod_run['bucket']}" in text
+    assert s3_run["run_id"] in text and s3_run["root"] in text
     printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.get("name") == "stdout")
     assert printed.startswith("Question: What is the capital of France?")
 
 
 @pytest.mark.slow
-def test_no_secret_reaches_s3_metadata_or_logs(pod_run):
-    with s3_client_env(pod_run["endpoint"]):
-        _assert_no_secret(pod_run["bucket"], [pod_run["tmp"] / "metadata", pod_run["tmp"] / "scratch"],
-                          pod_run["log"])
-
-
-@pytest.mark.slow
-def test_resume_ppo_on_a_clean_machine_continues_from_s3(s3_endpoint, tmp_path):
-    """`run.storage_root = "s3://…"` given explicitly. PPO killed after its second checkpoint, no retries: the
-    run fails. Every local scratch directory is deleted; `resume ppo` from another directory downloads the newest
-    checkpoint from S3 and finishes with the stats of an uninterrupted PPO. Every stage's output is in S3 and
-    none on the local disk."""
-    _, env, bucket = s3_user(tmp_path, s3_endpoint)
-    root = f"s3://{bucket}/explicit"
-    cfg = write_config(tmp_path / "cfg.toml", {**SMALL, "run": {**SMALL["run"], "retries": 0, "storage_root": root}})
-    with s3_client_env(s3_endpoint):
-        origin, returncode, log = _run_and_kill_ppo(
-            [sys.executable, FLOW, "--config", "config", str(cfg), "run"], env, bucket, 2, ROOT, "explicit")
-        assert returncode != 0, "the run must fail when PPO is killed and retries = 0"
-        shutil.rmtree(tmp_path / "scratch")
-        elsewhere = tmp_path / "another-machine"
-        elsewhere.mkdir()
-        resume = subprocess.run([sys.executable, FLOW, "resume", "ppo", "--origin-run-id", origin], env=env,
-                                cwd=elsewhere, capture_output=True, text=True, timeout=900)
-        out = resume.stdout + resume.stderr
-        assert resume.returncode == 0, out[-4000:]
-        step = 2 * SMALL["ppo"]["save_freq"]
-        assert f"left step-{step:06d} in {root}/RLHFFlow/{origin}/ppo/checkpoints" in out
-        assert f"resumed from step {step}" in out
-        resumed_id = re.search(r"Workflow starting \(run-id (\w+)\)", out).group(1)
-        view = client_view(env, resumed_id)
-        assert view["successful"] and view["resumed_from_step"] == step
-        _assert_stats_equal(view["stats"], _reference_ppo(view, cfg, tmp_path))
-        _assert_no_secret(bucket, [tmp_path / "metadata", tmp_path / "scratch"], log + out)
-        assert view["storage_root"] == root
-        stored = _objects(bucket)
-        for run_id, stages in ((origin, ("data", "sft", "merge", "reward")), (resumed_id, ("ppo", "evaluate"))):
-            for stage in stages:
-                assert f"explicit/RLHFFlow/{run_id}/{stage}/result.json" in stored, (run_id, stage)
-        # Nothing went to the profile's local default (artifacts/test) or to a directory named `s3:`.
-        assert not (ROOT / "artifacts" / "test" / "RLHFFlow" / origin).exists() and not (ROOT / "s3:").exists()
+def test_no_secret_reaches_s3_metadata_or_logs(s3_run):
+    with s3_client_env(s3_run["endpoint"]):
+        _assert_no_secret(s3_run["bucket"], [s3_run["tmp"] / "metadata", s3_run["tmp"] / "another-machine"],
+                          s3_run["log"] + s3_run["resume_log"])
 
 
 def test_dockerfile_builds_the_image_the_readme_documents():

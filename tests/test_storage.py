@@ -170,3 +170,17 @@ def test_start_fails_fast_on_a_missing_bucket(s3_env, tmp_path):
     assert "bucket 'missing-bucket-xyz' does not exist" in proc.stdout + proc.stderr
     assert time.time() - started < 60
     assert not (tmp_path / "s3:").exists() and not (ROOT / "s3:").exists()
+
+
+def test_storage_follows_an_s3_datastore(monkeypatch):
+    """A local run.storage_root with Metaflow's S3 datastore means the datastore's bucket (pods share no disk)."""
+    import metaflow.metaflow_config as metaflow_config
+
+    monkeypatch.setattr(metaflow_config, "DATASTORE_SYSROOT_S3", "s3://team-bucket/metaflow")
+    local = _cfg("artifacts/x")
+    assert pipeline.resolve_storage_root(local, "s3") == "s3://team-bucket/metaflow/rlhf"
+    assert pipeline.resolve_storage_root(local, "local") == str(ROOT / "artifacts" / "x")
+    assert pipeline.resolve_storage_root(_cfg("s3://mine/x/"), "local") == "s3://mine/x"
+    monkeypatch.setattr(metaflow_config, "DATASTORE_SYSROOT_S3", None)
+    with pytest.raises(storage.StorageError, match="METAFLOW_DATASTORE_SYSROOT_S3"):
+        pipeline.resolve_storage_root(local, "s3")
