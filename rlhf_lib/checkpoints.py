@@ -146,13 +146,14 @@ def remote_complete(remote_root: str) -> list[tuple[int, str]]:
     from rlhf_lib import storage
 
     found = []
+    marked = {f.rsplit("/", 1)[0] for f in storage.list_files(remote_root) if f.endswith("/" + MARKER)}
     for name in storage.list_dirs(remote_root):
         m = _ANY_CKPT_DIR.match(name)
         if not m:
             continue
-        marker = storage.join(remote_root, name, MARKER)
         try:
-            step = int(json.loads(storage.read_text(marker))["step"]) if storage.exists(marker) else None
+            step = int(json.loads(storage.read_text(storage.join(remote_root, name, MARKER)))["step"]) \
+                if name in marked else None
         except (ValueError, KeyError, TypeError):
             step = None
         if step == int(m.group(1)):

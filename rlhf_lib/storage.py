@@ -157,35 +157,11 @@ def list_dirs(uri: str) -> list[str]:
     return sorted(names)
 
 
-def exists(uri: str) -> bool:
-    if not is_remote(uri):
-        return Path(uri).exists()
-    from botocore.exceptions import ClientError
-
-    bucket, key = split_s3(uri)
-    try:
-        client().head_object(Bucket=bucket, Key=key)
-        return True
-    except ClientError as err:
-        if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
-            return False
-        raise
-
-
 def read_text(uri: str) -> str:
     if not is_remote(uri):
         return Path(uri).read_text()
     bucket, key = split_s3(uri)
     return client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
-
-
-def write_text(uri: str, text: str) -> None:
-    if not is_remote(uri):
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
-        Path(uri).write_text(text)
-        return
-    bucket, key = split_s3(uri)
-    client().put_object(Bucket=bucket, Key=key, Body=text.encode())
 
 
 def delete(uri: str, names: list[str]) -> None:
