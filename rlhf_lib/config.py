@@ -15,12 +15,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rlhf_lib import methods as method_registry
 from rlhf_lib.env import PROJECT_ROOT
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "tiny.toml"
 DEFAULT_CONSTITUTION = PROJECT_ROOT / "configs" / "constitution.txt"
-# The alignment methods the flow branches into after `reward`; the step names are these.
-METHODS = ("ppo", "dpo", "rest")
 AI_FEEDBACK = "ai_feedback"
 
 
@@ -43,18 +42,20 @@ class RunSection(_Section):
     trust_remote_code: bool = Field(False, description="Allow hub models to run their own code (off unless you trust them).")
     min_free_disk_gb: float = Field(1.0, ge=0, description="Refuse to start with less free disk than this under storage_root.")
     cpu_threads: int = Field(0, ge=0, description="torch intra-op threads per CPU stage; 0 = the cores free when the stage starts (rlhf_lib/cpu.py).")
-    methods: list[str] = Field(default_factory=lambda: ["ppo"], description=f"Alignment methods to run after `reward`, any of {list(METHODS)}; the others record `skipped`.")
-    retries: int = Field(2, ge=0, le=3, description="`@retry` times for every compute step: a killed or preempted task is re-run in the same run and continues from its own newest checkpoint.")
+    methods: list[str] = Field(default_factory=lambda: ["ppo"], description=f"Alignment methods to run after `reward`, any of {method_registry.names()} (rlhf_lib/methods.py); the others record `skipped`.")
+    retries: int = Field(2, ge=0, le=3, description="`@retry` times for every compute step on remote compute (`--with kubernetes`/`batch`, Argo, Step Functions): a killed or preempted task is re-run in the same run and continues from its own newest checkpoint.")
+    local_retries: int = Field(0, ge=0, le=3, description="`@retry` times when the steps run on this machine: 0 shows a failure at once instead of running the failing stage again.")
     retry_wait_minutes: int = Field(1, ge=0, description="Minutes Metaflow waits before a retry.")
     nodes: int = Field(1, ge=1, description="Machines the PPO stage spans (Metaflow `@parallel`, torch.distributed across them); 1 changes nothing.")
 
     @model_validator(mode="after")
     def _known_methods(self) -> "RunSection":
+        known = method_registry.names()
         if not self.methods:
-            raise ValueError(f"run.methods is empty; name at least one of {list(METHODS)}")
-        unknown = [m for m in self.methods if m not in METHODS]
+            raise ValueError(f"run.methods is empty; name at least one of {known}")
+        unknown = [m for m in self.methods if m not in known]
         if unknown:
-            raise ValueError(f"run.methods names unknown method(s) {unknown}; choose from {list(METHODS)}")
+            raise ValueError(f"run.methods names unknown method(s) {unknown}; choose from {known}")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"run.methods lists a method twice: {self.methods}")
         return self
@@ -130,8 +131,9 @@ class LoraSection(_Section):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], description="Module names LoRA wraps.")
 
 
-class TrainerSection(_Section):
-    """What every HF-Trainer stage (sft, reward, dpo, rest's Improve) takes; subclasses change defaults only."""
+class OptimSection(_Section):
+    """The optimizer and checkpoint fields every HF-Trainer stage takes (sft, reward, dpo, rest's Improve, grpo,
+    rloo); subclasses change defaults or add fields."""
 
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: str = Field("linear", description="HF scheduler name.")
@@ -139,9 +141,14 @@ class TrainerSection(_Section):
     max_steps: int = Field(400, ge=1, description="Optimizer steps.")
     batch_size: int = Field(8, ge=1, description="Per-device batch size (pairs for reward and dpo).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    max_length: int = Field(512, ge=16, description="Tokens per training sequence (per text of a pair).")
     save_steps: int = Field(100, ge=1, description="Checkpoint every N steps.")
     logging_steps: int = Field(10, ge=1, description="Log every N steps.")
+
+
+class TrainerSection(OptimSection):
+    """The HF-Trainer stages that train on a fixed dataset (sft, reward, dpo, rest's Improve)."""
+
+    max_length: int = Field(512, ge=16, description="Tokens per training sequence (per text of a pair).")
     eval_steps: int = Field(100, ge=1, description="Evaluate on the held-out split every N steps.")
 
 
@@ -161,6 +168,7 @@ class RewardSection(TrainerSection):
     save_steps: int = Field(200, ge=1, description="Checkpoint every N steps.")
     logging_steps: int = Field(20, ge=1, description="Log every N steps.")
     eval_steps: int = Field(200, ge=1, description="Evaluate on held-out pairs every N steps.")
+    function: str = Field("", description="A Python reward `module:function` (prompts, completions -> one float each) that the online methods (ppo, grpo, rloo, rest) optimise instead of a trained reward model, e.g. `rlhf_lib.judges:rule_reward`; empty: train the reward model.")
 
 
 class DPOSection(TrainerSection):
@@ -176,6 +184,7 @@ class RestSection(TrainerSection):
     prompts_per_grow: int = Field(128, ge=1, description="Training prompts sampled from at each Grow.")
     samples_per_prompt: int = Field(4, ge=1, description="Completions per prompt at each Grow.")
     max_new_tokens: int = Field(64, ge=1, description="Longest sampled completion (tokens; stops at EOS).")
+    reward_max_length: int = Field(512, ge=16, description="Reward-model tokens for prompt + completion when a Grow is scored.")
     thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.9], description="Improve filters, strictly increasing quantiles in [0, 1) of the first Grow's reward-model scores; one Improve per threshold.")
     max_steps: int = Field(50, ge=1, description="Optimizer steps of each Improve.")
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate of each Improve.")
@@ -191,6 +200,37 @@ class RestSection(TrainerSection):
         if not all(0 <= x < 1 for x in t):
             raise ValueError(f"rest.thresholds {t} are quantiles of the Grow scores: each in [0, 1)")
         return self
+
+
+class OnlineSection(OptimSection):
+    """TRL's online trainers (GRPO, RLOO): completions sampled from the policy in groups, scored by the reward."""
+
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group the baseline is computed over).")
+    batch_size: int = Field(16, ge=2, description="Completions per device per optimizer step; a multiple of num_generations.")
+    max_completion_length: int = Field(64, ge=1, description="Longest sampled completion (tokens; stops at EOS).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (1 samples from the policy itself).")
+    beta: float = Field(0.04, ge=0, description="KL coefficient to the SFT model (the adapter switched off); 0 drops the KL term and its reference forward.")
+    epsilon: float = Field(0.2, gt=0, description="Clip range of the importance ratio.")
+    num_iterations: int = Field(1, ge=1, description="Optimizer passes over each generated batch (mu).")
+    reward_max_length: int = Field(512, ge=16, description="Reward-model tokens for prompt + completion.")
+    lora: LoraSection = Field(default_factory=LoraSection, description="The fresh adapter on the merged SFT model.")
+
+    @model_validator(mode="after")
+    def _groups_fit(self) -> "OnlineSection":
+        if self.batch_size % self.num_generations:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_generations "
+                             f"({self.num_generations}): each step trains on whole groups of completions")
+        return self
+
+
+class GRPOSection(OnlineSection):
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field("dapo", description="TRL GRPO loss: `grpo` (the paper's per-sequence mean), `dapo` (TRL's default: token-level), `dr_grpo`, `bnpo`.")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="Divide each advantage by the std of its group's rewards (the paper), of the batch's, or not at all (Dr. GRPO).")
+
+
+class RLOOSection(OnlineSection):
+    beta: float = Field(0.05, ge=0, description="KL coefficient to the SFT model, subtracted from the reward (TRL RLOO's default).")
+    normalize_advantages: bool = Field(False, description="Normalise the leave-one-out advantages over the batch.")
 
 
 class RLAIFSection(_Section):
@@ -239,21 +279,33 @@ class PPOSection(_Section):
 class EvalSection(_Section):
     num_prompts: int = Field(64, ge=1, description="Held-out prompts to generate for.")
     reward_max_length: int = Field(512, ge=16, description="Reward-model tokens for query + answer when scoring.")
-    gold_judge: Literal["auto", "rule", "reward_model", "judge_model"] = Field("auto", description="Independent judge: `rule` (the sample data's generating rule), `reward_model` (a second reward model on the other half of the pairs), `judge_model` (gold_judge_model under the constitution); `auto` = rule on sample prompts, else reward_model.")
+    gold_judge: Literal["auto", "rule", "reward_model", "judge_model", "function"] = Field("auto", description="Independent judge: `rule` (the sample data's generating rule), `reward_model` (a second reward model on the other half of the pairs: the proxy then trains on the first half), `judge_model` (gold_judge_model under the constitution), `function` (gold_function); `auto` = rule on sample prompts, else reward_model.")
     gold_judge_model: str = Field("", description="Causal LM for gold_judge = `judge_model`.")
+    gold_function: str = Field("", description="A Python `module:function` (prompts, completions -> floats) for gold_judge = `function`.")
+    curve: bool = Field(True, description="Score every saved checkpoint of each online method (proxy, gold, KL from SFT): the over-optimisation curve.")
+    curve_prompts: int = Field(32, ge=1, description="Held-out prompts (the first of num_prompts) each checkpoint of the curve is scored on.")
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated per answer.")
     num_samples_shown: int = Field(8, ge=0, description="Sample generations kept in the report.")
 
 
+class StageResources(_Section):
+    cpu: int = Field(4, ge=1, description="CPU cores the step requests (`@resources(cpu=...)`).")
+    memory_mb: int = Field(16384, ge=512, description="Memory (MB) the step requests.")
+    shared_memory_mb: int = Field(2048, ge=1, description="Shared memory (MB) the step requests (/dev/shm: data loaders, NCCL).")
+    disk_mb: int = Field(20480, ge=1024, description="Local disk (MB) the step requests (`@resources(disk=...)`, Kubernetes ephemeral storage); the stage checks it has this much free before it writes.")
+
+
 class ResourcesSection(_Section):
-    cpu: int = Field(4, ge=1, description="CPU cores each stage step requests (`@resources(cpu=...)`).")
-    memory_mb: int = Field(16384, ge=512, description="Memory (MB) each stage step requests.")
-    shared_memory_mb: int = Field(2048, ge=1, description="Shared memory (MB) each stage step requests (/dev/shm: data loaders, NCCL).")
+    """What each step asks of a cluster, by what the step does; GPUs follow from run.gpus (rlhf_lib/resources.py)."""
+
+    train: StageResources = Field(default_factory=StageResources, description="sft, reward and every method in run.methods: run.gpus GPUs, one training process per GPU.")
+    infer: StageResources = Field(default_factory=lambda: StageResources(cpu=4, memory_mb=16384, shared_memory_mb=1024, disk_mb=20480), description="merge, rlaif (with AI feedback) and evaluate: one process on one GPU (when run.gpus > 0).")
+    light: StageResources = Field(default_factory=lambda: StageResources(cpu=2, memory_mb=8192, shared_memory_mb=512, disk_mb=10240), description="data, and the steps that have nothing to do (a method not in run.methods, rlaif without AI feedback): no GPU.")
 
 
 class RunConfig(_Section):
     run: RunSection = Field(default_factory=RunSection, description="Run-wide settings.")
-    resources: ResourcesSection = Field(default_factory=ResourcesSection, description="What each stage step asks of a cluster (GPUs: run.gpus).")
+    resources: ResourcesSection = Field(default_factory=ResourcesSection, description="What each step asks of a cluster, per kind of step (GPUs: run.gpus).")
     data: DataSection = Field(default_factory=DataSection, description="Dataset sources.")
     policy: ModelSection = Field(default_factory=ModelSection, description="The causal LM to align.")
     reward_model: ModelSection = Field(default_factory=ModelSection, description="The reward model (num_labels=1).")
@@ -262,6 +314,8 @@ class RunConfig(_Section):
     ppo: PPOSection = Field(default_factory=PPOSection, description="PPO against the reward model.")
     dpo: DPOSection = Field(default_factory=DPOSection, description="DPO on the preference pairs.")
     rest: RestSection = Field(default_factory=RestSection, description="ReST (Grow/Improve) against the reward model.")
+    grpo: GRPOSection = Field(default_factory=GRPOSection, description="GRPO (TRL GRPOTrainer) against the reward.")
+    rloo: RLOOSection = Field(default_factory=RLOOSection, description="RLOO (TRL RLOOTrainer) against the reward.")
     rlaif: RLAIFSection = Field(default_factory=RLAIFSection, description="AI feedback: a judge model ranks pairs.")
     eval: EvalSection = Field(default_factory=EvalSection, description="Final evaluation.")
 
@@ -280,6 +334,8 @@ class RunConfig(_Section):
                              "path, or `tiny`)")
         if self.eval.gold_judge == "judge_model" and not self.eval.gold_judge_model:
             raise ValueError("eval.gold_judge = \"judge_model\" needs eval.gold_judge_model")
+        if self.eval.gold_judge == "function" and not self.eval.gold_function:
+            raise ValueError("eval.gold_judge = \"function\" needs eval.gold_function (a `module:function`)")
         return self
 
     @property
@@ -330,6 +386,17 @@ def validate(raw: dict[str, Any]) -> RunConfig:
                 # A section-level check names its keys itself; echoing the whole section would bury them.
                 lines.append(f"config key `{key}`: {msg}" + ("" if isinstance(got, dict) else f" (got {got!r})"))
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def parse_config(text: str) -> dict[str, Any]:
+    """The flow's `metaflow.Config` parser: a bad config stops the CLI with the message alone, before any step
+    runs (a MetaflowException, which Metaflow prints without a traceback)."""
+    try:
+        return parse_toml(text)
+    except ConfigError as err:
+        from metaflow.exception import MetaflowException
+
+        raise MetaflowException(str(err)) from None
 
 
 def parse_toml(text: str) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Judges other than the reward model the methods optimise.
 
 - `rule_score`: the sample data's generating rule, computed from the text (helpful and polite beats plain, plain
-  beats rude, an answer beats polite evasion). No method ever trains against it, so on the sample data it is
-  the *gold* judge of `evaluate`.
+  beats rude, an answer beats polite evasion). No method trains against it unless asked to, so on the sample
+  data it is the *gold* judge of `evaluate`; `rule_reward` is the same rule as a reward function.
 - `PairwiseJudge`: a causal LM that, following a constitution, says which of two answers is better. RLAIF uses
   it to rank pairs; `evaluate` can use one as the gold judge. It scores both orders (A/B and B/A) to cancel
   position bias and drops pairs where the two orders disagree.
@@ -76,6 +76,13 @@ def rule_scores(answers: list[str]) -> torch.Tensor:
     return torch.tensor([rule_score(a) for a in answers], dtype=torch.float32)
 
 
+def rule_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    """The sample data's rule as a reward function (`reward.function = "rlhf_lib.judges:rule_reward"`): texts in,
+    floats out, the signature every online method (and TRL's reward functions) takes. A verifiable reward: no
+    reward model, nothing to over-optimise but the rule itself."""
+    return [rule_score(c) for c in completions]
+
+
 # ---------------------------------------------------------------- a causal LM as a pairwise judge
 
 JUDGE_TEMPLATE = ("{constitution}\n\nQuestion: {question}\n\nResponse A: {first}\n\nResponse B: {second}\n\n"
@@ -113,8 +120,7 @@ class PairwiseJudge:
     def load(cls, ref: str, constitution_path: str | Path, max_length: int = 512, trust_remote_code: bool = False):
         from rlhf_lib import models
 
-        model = models.load_causal_lm(ref, trust_remote_code=trust_remote_code).to(models.inference_device())
-        tokenizer = models.load_tokenizer(ref, trust_remote_code, padding_side="left")
+        model, tokenizer = models.policy_on_device(ref, trust_remote_code, padding_side="left")
         return cls(model, tokenizer, Path(constitution_path).read_text(), max_length)
 
     def _first_token(self, text: str) -> int:

@@ -62,13 +62,14 @@ class Nodes:
 
 
 def accelerate_command(stage: str, stage_args: list[str], num_gpus: int | None = None,
-                       nodes: Nodes | None = None) -> list[str]:
-    """The command that runs a stage: accelerate on one machine; across several, accelerate's multi-machine
-    launch on GPUs, torch.distributed.run (gloo) on CPUs (accelerate wants mpirun for multi-node CPU)."""
+                       nodes: Nodes | None = None, module: str | None = None) -> list[str]:
+    """The command that runs a stage (module `rlhf_lib.stages.<stage>` unless `module` names another): accelerate
+    on one machine; across several, accelerate's multi-machine launch on GPUs, torch.distributed.run (gloo) on
+    CPUs (accelerate wants mpirun for multi-node CPU)."""
     gpus = visible_gpus() if num_gpus is None else num_gpus
     if stage in SINGLE_PROCESS_STAGES:
         gpus = min(gpus, 1)
-    module = ["-m", f"rlhf_lib.stages.{stage}", *stage_args]
+    module = ["-m", module or f"rlhf_lib.stages.{stage}", *stage_args]
     if nodes is not None and nodes.count > 1:
         if gpus == 0:
             return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes.count), "--node_rank",
@@ -109,7 +110,7 @@ def machine_lock(root: Path, name: str):
 def launch(stage: str, config_json: str, output: Path, inputs: dict[str, str], *, run_id: str = "standalone",
            resume_from: str | None = None, env: dict[str, str] | None = None, tail_lines: int = 40,
            extra_args: list[str] | None = None, checkpoint_uri: str | None = None,
-           nodes: Nodes | None = None) -> dict | None:
+           nodes: Nodes | None = None, module: str | None = None) -> dict | None:
     """Run `rlhf_lib.stages.<stage>` and return its parsed result.json. `checkpoint_uri`: where the stage also
     stores each checkpoint as it writes it (S3). `nodes`: this machine's place in a multi-machine stage; only
     node 0 (global rank 0) writes a result, the others return None."""
@@ -128,7 +129,7 @@ def launch(stage: str, config_json: str, output: Path, inputs: dict[str, str], *
     if checkpoint_uri:
         stage_args += ["--checkpoint-uri", checkpoint_uri]
     stage_args += extra_args or []
-    cmd = accelerate_command(stage, stage_args, nodes=nodes)
+    cmd = accelerate_command(stage, stage_args, nodes=nodes, module=module)
     log_path = output / "stage.log"
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     child_env = {**os.environ, **(env or {})}

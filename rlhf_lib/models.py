@@ -248,10 +248,27 @@ def lora_config(lora: LoraSection, task_type: str = "CAUSAL_LM"):
                       target_modules=list(lora.target_modules), bias="none", task_type=task_type)
 
 
-def inference_device() -> torch.device:
-    """Where a stage that only runs models (merge, rlaif, evaluate) puts them: the one GPU it was given, else CPU.
-    Those stages run as a single process (launch.SINGLE_PROCESS_STAGES): once, not once per GPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def stage_device() -> torch.device:
+    """The device this stage process computes on: its own GPU (accelerate's LOCAL_RANK; the one GPU of the
+    single-process stages merge, rlaif and evaluate) when it has one, else the CPU. With `run.gpus = 0` the launcher
+    hides every GPU from the stage, so this is the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def policy_on_device(ref: str, trust_remote_code: bool = False, padding_side: str = "left", device=None):
+    """(causal LM in eval mode on this stage's device, its tokenizer): how every stage that samples, scores or
+    fine-tunes a policy loads one, so all of them put it on the same device with the same dtype."""
+    model = load_causal_lm(ref, trust_remote_code=trust_remote_code).to(device or stage_device()).eval()
+    return model, load_tokenizer(ref, trust_remote_code, padding_side=padding_side)
+
+
+def reward_model_on_device(ref: str, trust_remote_code: bool = False, device=None):
+    """(reward model in eval mode, frozen, on this stage's device, its own right-padding tokenizer)."""
+    model = load_reward_model(ref, trust_remote_code).to(device or stage_device()).eval()
+    model.requires_grad_(False)
+    return model, load_tokenizer(ref, trust_remote_code, padding_side="right")
 
 
 def load_causal_lm(ref: str, quantize_4bit: bool = False, trust_remote_code: bool = False, device_map=None):
@@ -279,7 +296,7 @@ def merge_adapter(base_ref: str, adapter_dir: str, out_dir: Path, trust_remote_c
     from peft import PeftModel
 
     def build(tmp: Path) -> None:
-        base = load_causal_lm(base_ref, quantize_4bit=False, trust_remote_code=trust_remote_code).to(inference_device())
+        base = load_causal_lm(base_ref, quantize_4bit=False, trust_remote_code=trust_remote_code).to(stage_device())
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         merged.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").exists() else base_ref,

@@ -13,13 +13,13 @@ import contextlib
 import shutil
 from pathlib import Path
 
-from rlhf_lib import checkpoints, launch, storage, tracking
+from rlhf_lib import checkpoints, launch, methods, scoring, storage, tracking
 from rlhf_lib.config import AI_FEEDBACK, RunConfig, validate
 from rlhf_lib.launch import Nodes
+from rlhf_lib.methods import DONE, OUTCOME_KEYS, SKIPPED
 from rlhf_lib.stages.common import RESULT_FILE, atomic_write_json, latest_trainer_checkpoint
 
 FLOW_NAME = "RLHFFlow"
-SKIPPED = "skipped"
 S3_DATASTORE_SUBDIR = "rlhf"  # stage outputs under the Metaflow S3 datastore's root, beside its own files
 
 
@@ -34,6 +34,64 @@ def config_from_flow(config_value, storage_root: str | None = None) -> RunConfig
     if storage_root is not None:
         raw = {**raw, "run": {**raw["run"], "storage_root": storage_root}}
     return validate(raw)
+
+
+def judge_costs(cfg: RunConfig) -> list[str]:
+    """What the proxy reward and the gold judge cost the run, in words (`start` prints it, the report carries it).
+    A gold reward model is trained on half of the preference pairs, so the proxy gets only the other half."""
+    from rlhf_lib.data import lake
+
+    if cfg.reward.function:
+        proxy = f"proxy reward: the function {cfg.reward.function} (no reward model is trained)"
+    else:
+        pref = cfg.data.preference
+        n = None if pref.source == AI_FEEDBACK else lake.train_rows(pref, cfg.data.sample_rows)
+        pairs = "the judged pairs" if pref.source == AI_FEEDBACK else (f"{n} pairs" if n is not None else "the pairs")
+        if cfg.gold_judge == "reward_model":
+            half = f"{(n + 1) // 2} of {n} pairs" if n is not None else "half of the pairs"
+            proxy = (f"proxy reward model: {half} (the even-numbered); the other half trains the gold reward model "
+                     f"(eval.gold_judge = \"reward_model\"). For all of them in the proxy, choose eval.gold_judge "
+                     f"= \"rule\" / \"function\" (a rule you can compute) or \"judge_model\" (an LM judge)")
+        else:
+            proxy = f"proxy reward model: all {pairs}"
+    gold = {"rule": "gold judge: the sample data's rule (rlhf_lib/judges.py), computed from the text; no training",
+            "reward_model": "gold judge: a second reward model on the other half of the pairs, another seed",
+            "judge_model": f"gold judge: {cfg.eval.gold_judge_model} under the constitution, both answer orders",
+            "function": f"gold judge: the function {cfg.eval.gold_function}"}[cfg.gold_judge]
+    return [proxy, gold]
+
+
+class RunCannotStart(Exception):
+    """`start` found problems the project diagnosed; Metaflow shows the message alone (see `start`)."""
+
+
+def start(config_value, datastore_type: str | None) -> dict:
+    """The `start` step: resolve where outputs go, check everything that could fail an hour in, say what the run
+    will do. Returns the artifacts to store. A problem found here stops the run with the diagnosis alone, not a
+    traceback through Metaflow."""
+    from metaflow.exception import MetaflowException
+
+    from rlhf_lib import env, preflight
+
+    class CannotStart(MetaflowException, RunCannotStart):
+        headline = "The run cannot start"
+
+    cfg = config_from_flow(config_value)
+    try:
+        storage_root = resolve_storage_root(cfg, datastore_type)
+        cfg = config_from_flow(config_value, storage_root)
+        source = env.metaflow_config_source()
+        print(f"[start] Metaflow config: {source}; datastore: {datastore_type}")
+        print(f"[start] stage outputs and checkpoints: {storage_root}")
+        preflight.check_or_raise(cfg)
+    except (preflight.PreflightError, storage.StorageError) as err:
+        raise CannotStart(str(err)) from None
+    gpus = launch.visible_gpus()
+    print(f"[start] profile {cfg.run.name}; methods {cfg.run.methods}; GPUs visible: {gpus}, run.gpus = {cfg.run.gpus}")
+    for line in judge_costs(cfg):
+        print(f"[start] {line}")
+    return {"datastore_type": datastore_type, "storage_root": storage_root, "metaflow_config": source,
+            "run_config": cfg.model_dump(), "gpus_visible": gpus, "judges": judge_costs(cfg)}
 
 
 def resolve_storage_root(cfg: RunConfig, datastore_type: str | None) -> str:
@@ -119,8 +177,8 @@ def publish(work: Path, uri: str, result: dict, downloaded: dict[str, str] | Non
 
 
 def run_stage(cfg: RunConfig, stage: str, run_id: str, inputs: dict[str, str], origin_run_id: str | None = None,
-              *, name: str | None = None, extra_args: list[str] | None = None, nodes: Nodes | None = None
-              ) -> dict | None:
+              *, name: str | None = None, extra_args: list[str] | None = None, nodes: Nodes | None = None,
+              module: str | None = None) -> dict | None:
     """Launch a stage through accelerate and return its result.json. It continues from the newest checkpoint of
     its own earlier attempt (a `@retry`) or, on a Metaflow `resume`, of the origin run. `name` (default: the
     stage) names the output directory, so one stage module can run twice in a step (the gold reward model).
@@ -152,7 +210,7 @@ def run_stage(cfg: RunConfig, stage: str, run_id: str, inputs: dict[str, str], o
     lock = contextlib.nullcontext() if nodes.count > 1 else \
         launch.machine_lock(storage.scratch_root() if remote else cfg.local_root, name)
     with lock:
-        result = launch.launch(stage, cfg.to_json(), work, local_inputs, run_id=str(run_id),
+        result = launch.launch(stage, cfg.to_json(), work, local_inputs, run_id=str(run_id), module=module,
                                resume_from=resume_from, env=tracking.wandb_env(cfg, name, str(run_id)),
                                extra_args=extra_args, checkpoint_uri=checkpoint_uri if remote else None,
                                nodes=nodes if nodes.count > 1 else None)
@@ -190,12 +248,19 @@ def judge_ref(ref: str, policy_base: str) -> str:
 
 
 def reward_models(cfg: RunConfig, run_id: str, origin_run_id: str | None, inputs: dict[str, str]
-                  ) -> tuple[dict, dict | None]:
-    """The proxy reward model and, when the gold judge is a second reward model, that one too: trained on the
-    other half of the pairs with another seed, so the methods never optimise what judges them."""
-    if cfg.gold_judge != "reward_model":
-        return run_stage(cfg, "reward", run_id, inputs, origin_run_id), None
-    proxy = run_stage(cfg, "reward", run_id, inputs, origin_run_id, extra_args=["--part", "0/2"])
+                  ) -> tuple[dict | None, dict | None]:
+    """The proxy reward model (none when reward.function is the proxy) and, when the gold judge is a second reward
+    model, that one too: trained on the other half of the pairs with another seed, so the methods never optimise
+    what judges them."""
+    gold_rm = cfg.gold_judge == "reward_model"
+    proxy = None
+    if cfg.reward.function:
+        print(f"[reward] the online methods optimise the function {cfg.reward.function}: no proxy reward model",
+              flush=True)
+    else:
+        proxy = run_stage(cfg, "reward", run_id, inputs, origin_run_id, extra_args=["--part", "0/2"] if gold_rm else None)
+    if not gold_rm:
+        return proxy, None
     gold_cfg = validate({**cfg.model_dump(), "run": {**cfg.run.model_dump(), "seed": cfg.run.seed + 1}})
     gold = run_stage(gold_cfg, "reward", run_id, inputs, origin_run_id, name="reward_gold",
                      extra_args=["--part", "1/2"])
@@ -207,6 +272,89 @@ def method_enabled(cfg: RunConfig, method: str) -> bool:
     if not enabled:
         print(f"[{method}] {SKIPPED}: not in run.methods {cfg.run.methods}", flush=True)
     return enabled
+
+
+# ------------------------------------------------------------------ the methods (rlhf_lib/methods.py)
+
+
+def method_inputs(flow, method: methods.Method, cfg: RunConfig) -> dict[str, str]:
+    """The stage `--input`s a method's row asks for, from the upstream steps' artifacts."""
+    inputs: dict[str, str] = {}
+    for need in method.needs:
+        if need == "sft_model":
+            inputs["sft_model"] = flow.sft_merged_path
+        elif need == "reward":
+            inputs.update(scoring.reward_input(flow.reward_model_path, cfg.reward.function))
+        elif need == "preference":
+            inputs["train"] = flow.datasets["preference_train"]["uri"]
+            inputs["eval"] = flow.datasets["preference_eval"]["uri"]
+        elif need == "prompts":
+            inputs["prompts"] = flow.datasets["prompts_train"]["uri"]
+    return inputs
+
+
+def _section(cfg: RunConfig, method: methods.Method) -> dict:
+    return getattr(cfg, method.config_section).model_dump() if method.config_section else {}
+
+
+def skipped_outcome(cfg: RunConfig, method: methods.Method) -> dict:
+    """What a method not in run.methods stores: every outcome artifact exists, empty."""
+    return {**{key: None for key in OUTCOME_KEYS + method.extras}, "status": SKIPPED, "metrics": {}, "stats": [],
+            "config": _section(cfg, method)}
+
+
+def run_method(flow, name: str, current) -> dict | None:
+    """A method's step body: its stage on the inputs its registry row names (skipped when it is not in
+    run.methods), continued from its own checkpoints on a retry or a resume. Returns the outcome to store (see
+    `store_outcome`); None on the nodes of a gang other than node 0, which store nothing."""
+    method = methods.get(name)
+    cfg = config_from_flow(flow.config, flow.storage_root)
+    if not method_enabled(cfg, name):
+        return skipped_outcome(cfg, method)
+    nodes = Nodes.of(current.parallel, current.run_id) if method.gang else None
+    result = run_stage(cfg, name, current.run_id, method_inputs(flow, method, cfg), current.origin_run_id,
+                       module=method.module, nodes=nodes)
+    if result is None:
+        return None
+    return {**{key: result.get(key) for key in OUTCOME_KEYS + method.extras}, "status": DONE,
+            "metrics": result.get("metrics") or {}, "stats": result.get("stats") or [],
+            "config": _section(cfg, method)}
+
+
+def store_outcome(flow, name: str, outcome: dict | None) -> None:
+    """A method's outcome as the `<name>_<key>` artifacts (`ppo_stats`, `dpo_model_path`, ...)."""
+    for key, value in (outcome or {}).items():
+        setattr(flow, f"{name}_{key}", value)
+
+
+def outcome(run_data, name: str) -> dict:
+    """A method's outcome read back from a step (`self`) or a finished run's `run.data`."""
+    method = methods.get(name)
+    return {key: getattr(run_data, f"{name}_{key}", None) for key in OUTCOME_KEYS + method.extras}
+
+
+def done_methods(run_data) -> list[str]:
+    """The methods of the registry that ran to completion in this run, in registry order."""
+    return [m for m in methods.names() if getattr(run_data, f"{m}_status", None) == DONE]
+
+
+def evaluate(flow, current) -> dict:
+    """The `evaluate` step: SFT and every method that ran, on held-out prompts, by the proxy and the gold judge;
+    with each online method's saved checkpoints (the over-optimisation curve)."""
+    cfg = config_from_flow(flow.config, flow.storage_root)
+    done = done_methods(flow)
+    inputs = {"policy_sft": flow.sft_merged_path, **{f"policy_{m}": getattr(flow, f"{m}_model_path") for m in done},
+              **scoring.reward_input(flow.reward_model_path, cfg.reward.function),
+              "prompts": flow.datasets["prompts_eval"]["uri"], "sft_eval": flow.datasets["sft_eval"]["uri"]}
+    if cfg.eval.curve:
+        inputs.update({f"snapshots_{m}": getattr(flow, f"{m}_snapshots_dir") for m in done
+                       if methods.get(m).online and getattr(flow, f"{m}_snapshots_dir", None)})
+    if flow.gold_reward_model_path:
+        inputs["gold_reward_model"] = flow.gold_reward_model_path
+    result = run_stage(cfg, "evaluate", current.run_id, inputs)
+    report = add_stage_seconds(result["eval_report"], {m: getattr(flow, f"{m}_seconds") for m in done})
+    return {"methods": done, "gold_judge": result["gold_judge"], "eval_report": report,
+            "eval_samples": result["eval_samples"]}
 
 
 def add_stage_seconds(report: dict, seconds: dict[str, float]) -> dict:

@@ -99,7 +99,11 @@ def check(cfg: RunConfig) -> list[str]:
                                         lake.column_map(kind, section.format, section.columns))
                 if problem:
                     problems.append(problem)
-    for key, ref in (("policy.model", cfg.policy.model), ("reward_model.model", cfg.reward_model.model)):
+    needs_reward_model = not cfg.reward.function or cfg.gold_judge == "reward_model"
+    model_refs = [("policy.model", cfg.policy.model)]
+    if needs_reward_model:
+        model_refs.append(("reward_model.model", cfg.reward_model.model))
+    for key, ref in model_refs:
         try:
             models.check_reachable(ref, key)
         except models.ModelError as err:
@@ -117,7 +121,15 @@ def check(cfg: RunConfig) -> list[str]:
     if judges and not cfg.rlaif.constitution_path.is_file():
         problems.append(f"rlaif.constitution: {str(cfg.rlaif.constitution_path)!r} does not exist; point it at a "
                         f"text file of principles (the default is configs/constitution.txt)")
-    if not any(p.startswith("reward_model.model") for p in problems):
+    from rlhf_lib import scoring
+
+    for key, spec in (("reward.function", cfg.reward.function),
+                      ("eval.gold_function", cfg.eval.gold_function if cfg.gold_judge == "function" else "")):
+        problem = scoring.check_function(spec) if spec else None
+        if problem:
+            problems.append(f"{key}: {problem}; it must be `module:function` taking (prompts, completions) and "
+                            f"returning one float per completion")
+    if needs_reward_model and not any(p.startswith("reward_model.model") for p in problems):
         problem = _check_reward_model_config(cfg.reward_model.model, cfg.run.trust_remote_code)
         if problem:
             problems.append(problem)

@@ -1,4 +1,8 @@
-"""Plots and tables of a run, from its artifacts: shared by the Metaflow cards and the notebook."""
+"""Plots and tables of a run, from its artifacts: shared by the Metaflow cards and the notebook.
+
+Every method of the registry (rlhf_lib/methods.py) appears in every table, plot and summary here without a line
+of its own: PPO and ReST have plots shaped for their loops, any other method gets its logged training series.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ if "ipykernel" not in sys.modules:  # cards render in a headless task; a noteboo
     matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+
+from rlhf_lib import methods  # noqa: E402
 
 
 def _curve(curves: dict, *keys: str) -> tuple[list, list]:
@@ -107,7 +113,7 @@ def eval_table(eval_report: dict) -> tuple[list[str], list[list]]:
 def over_optimisation_note(eval_report: dict) -> str:
     flagged = [m for m, row in eval_report.items() if row.get("over_optimised")]
     if flagged:
-        return ("**Over-optimisation:** " + ", ".join(flagged) + " beat SFT by the reward model they optimised "
+        return ("**Over-optimisation:** " + ", ".join(flagged) + " beat SFT by the reward they optimised "
                 "but not by the gold judge: they learned to please the proxy, not the preference behind it.")
     return "No method is flagged for over-optimisation (proxy win-rate up while the gold win-rate is not)."
 
@@ -122,59 +128,148 @@ def samples_table(eval_samples: list[dict]) -> tuple[list[str], list[list]]:
     return headers, rows
 
 
+# ---------------------------------------------------------------- every method, from the registry
+
+# Logged series worth a panel when a method has no plot of its own, in order of preference.
+SERIES = (("reward", "mean reward"), ("score_mean", "mean reward"), ("kl", "KL to SFT"), ("loss", "loss"),
+          ("rewards/margins", "implicit reward margin"), ("rewards/accuracies", "implicit reward accuracy"),
+          ("completions/mean_length", "mean completion length"), ("entropy", "entropy"))
+
+
+def plot_series(title: str, stats: list[dict]):
+    """Up to four of a method's logged series (`<method>_stats`: one dict per logged step) against the step."""
+    rows = [r for r in stats if isinstance(r.get("step"), (int, float))]
+    panels = [(k, label) for k, label in SERIES if any(isinstance(r.get(k), (int, float)) for r in rows)][:4]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(3.2 * max(len(panels), 1), 2.8), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        ax.plot(*zip(*points), marker="o" if len(points) < 12 else None)
+        ax.set(title=label, xlabel="step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_method(name: str, run_data):
+    """A method's training curves: PPO's and ReST's own plots, the logged series for any other method."""
+    if name == "ppo":
+        return plot_ppo(run_data.ppo_stats, (run_data.ppo_config or {}).get("kl_target"))
+    if name == "rest":
+        return plot_rest(run_data.rest_iterations)
+    return plot_series(methods.get(name).title, getattr(run_data, f"{name}_stats", None) or [])
+
+
+def plot_over_optimisation(eval_report: dict):
+    """Gao et al. (2022) for every online method: win-rate over SFT by the proxy (solid) and the gold judge (dashed)
+    of each saved checkpoint, against its KL from SFT. Where the proxy keeps rising and the gold judge turns down,
+    the method has started to please the reward instead of the preference behind it."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, row) in enumerate((n, r) for n, r in eval_report.items() if r.get("curve")):
+        colour = colours[i % len(colours)]
+        kl = [p["kl_per_sequence"] for p in row["curve"]]
+        ax.plot(kl, [p["proxy_win_rate"] for p in row["curve"]], marker="o", color=colour, label=f"{name} proxy")
+        if all(p.get("gold_win_rate") is not None for p in row["curve"]):
+            ax.plot(kl, [p["gold_win_rate"] for p in row["curve"]], marker="s", linestyle="--", color=colour,
+                    label=f"{name} gold")
+    ax.axhline(0.5, color="grey", linestyle=":", label="SFT")
+    ax.set(title="Over-optimisation: each checkpoint vs SFT", xlabel="KL(checkpoint ‖ SFT) per sequence (nats)",
+           ylabel="win-rate over SFT", ylim=(0, 1.02))
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def curve_table(eval_report: dict) -> tuple[list[str], list[list]]:
+    """(headers, rows): every checkpoint of every online method, with its KL from SFT and both win-rates."""
+    headers = ["method", "step", "KL/sequence", "proxy win-rate", "gold win-rate", "proxy score", "gold score"]
+    rows = [[name, p["step"], _cell(p["kl_per_sequence"]), _cell(p["proxy_win_rate"]), _cell(p.get("gold_win_rate")),
+             _cell(p["proxy_score"]), _cell(p.get("gold_score"))]
+            for name, row in eval_report.items() for p in row.get("curve") or []]
+    return headers, rows
+
+
+def stages_table(run_data) -> tuple[list[str], list[list]]:
+    """(headers, rows): each stage and method, where its outputs and checkpoints are, and its headline metric."""
+    reward_metric = (f"held-out accuracy {run_data.reward_metrics['eval_accuracy']:.3f}"
+                     if run_data.reward_metrics else "(reward.function: no reward model)")
+    rows = [["data", run_data.storage_root, "",
+             f"{sum(d['rows'] for d in run_data.datasets.values())} rows in {len(run_data.datasets)} datasets"],
+            ["sft", run_data.sft_adapter_path, run_data.sft_checkpoint_dir,
+             f"held-out loss {run_data.sft_metrics['eval_loss']:.3f}"],
+            ["merge", run_data.sft_merged_path, "", ""],
+            ["reward", run_data.reward_model_path, run_data.reward_checkpoint_dir, reward_metric]]
+    report = run_data.eval_report
+    for name in methods.names():
+        status = getattr(run_data, f"{name}_status", None)
+        row = report.get(name)
+        metric = (f"win-rate vs SFT {row['win_rate_vs_sft']:.2f} proxy / {_cell(row.get('gold_win_rate_vs_sft'))} gold"
+                  if row else status)
+        rows.append([name, getattr(run_data, f"{name}_model_path", None),
+                     getattr(run_data, f"{name}_checkpoint_dir", None), metric])
+    return ["stage", "outputs", "checkpoints", "metric"], rows
+
+
 def build_evaluate_card(card, run_data) -> None:
-    """The evaluate step's card: methods side by side, the over-optimisation check, training curves of every
-    stage that ran, sample generations."""
+    """The evaluate step's card: methods side by side, the over-optimisation curve and check, training curves of
+    every stage and method that ran, sample generations."""
     from metaflow.cards import Image, Markdown, Table
 
     card.append(Markdown("# RLHFFlow: did alignment work?"))
     headers, rows = eval_table(run_data.eval_report)
-    card.append(Markdown(f"## SFT and every method on held-out prompts\nProxy: the reward model the methods "
-                         f"optimised. Gold: `{run_data.gold_judge}`, a judge no method trained against."))
+    card.append(Markdown(f"## SFT and every method on held-out prompts\nProxy: the reward the methods optimised. "
+                         f"Gold: `{run_data.gold_judge}`, a judge no method trained against.\n\n"
+                         + "; ".join(getattr(run_data, "judges", None) or [])))
     card.append(Table(rows, headers=headers))
     card.append(Markdown(over_optimisation_note(run_data.eval_report)))
+    if any(row.get("curve") for row in run_data.eval_report.values()):
+        card.append(Markdown("## Over-optimisation curve (Gao et al. 2022)\nEvery saved checkpoint of every online "
+                             "method, scored on held-out prompts by the proxy and the gold judge, against its KL "
+                             "from SFT."))
+        card.append(Image.from_matplotlib(plot_over_optimisation(run_data.eval_report)))
+        headers, rows = curve_table(run_data.eval_report)
+        card.append(Table(rows, headers=headers))
     card.append(Markdown("## Training curves"))
     card.append(Image.from_matplotlib(plot_sft_loss(run_data.sft_metrics)))
-    card.append(Image.from_matplotlib(plot_reward_accuracy(run_data.reward_metrics)))
-    if run_data.ppo_status == "done":
-        card.append(Image.from_matplotlib(plot_ppo(run_data.ppo_stats, run_data.ppo_config.get("kl_target"))))
-    if run_data.rest_status == "done":
-        card.append(Image.from_matplotlib(plot_rest(run_data.rest_iterations)))
+    if run_data.reward_metrics:
+        card.append(Image.from_matplotlib(plot_reward_accuracy(run_data.reward_metrics)))
+    for name in run_data.methods:
+        card.append(Image.from_matplotlib(plot_method(name, run_data)))
     card.append(Markdown("## Sample generations"))
     headers, rows = samples_table(run_data.eval_samples)
     card.append(Table(rows, headers=headers))
     plt.close("all")
 
 
-def build_ppo_card(card, ppo_stats: list[dict], kl_target: float, resumed_from_step: int) -> None:
+def build_ppo_card(card, run_data) -> None:
+    """The PPO gang's card (on `ppo_join`): its training curves, or that it was skipped."""
     from metaflow.cards import Image, Markdown
 
-    note = f" (resumed from step {resumed_from_step})" if resumed_from_step else ""
-    card.append(Markdown(f"# PPO: {len(ppo_stats)} steps{note}"))
-    card.append(Image.from_matplotlib(plot_ppo(ppo_stats, kl_target)))
+    if run_data.ppo_status != methods.DONE:
+        card.append(Markdown("# ppo: skipped (not in run.methods)"))
+        return
+    resumed = run_data.ppo_resumed_from_step
+    note = f" (resumed from step {resumed})" if resumed else ""
+    card.append(Markdown(f"# PPO: {len(run_data.ppo_stats)} steps{note}"))
+    card.append(Image.from_matplotlib(plot_method("ppo", run_data)))
     plt.close("all")
 
 
-def build_skipped_card(card, method: str) -> None:
-    from metaflow.cards import Markdown
-
-    card.append(Markdown(f"# {method}: skipped (not in run.methods)"))
-
-
 def summary(run_data) -> str:
-    """The `end` step's text: where every output is and how every method did."""
+    """The `end` step's text: where every output is and how every method of the registry did."""
     lines = ["RLHFFlow finished. Outputs:",
              f"  SFT adapter        {run_data.sft_adapter_path}",
-             f"  SFT merged model   {run_data.sft_merged_path}",
-             f"  reward model       {run_data.reward_model_path} "
-             f"(held-out accuracy {run_data.reward_metrics['eval_accuracy']:.3f})"]
+             f"  SFT merged model   {run_data.sft_merged_path}"]
+    if run_data.reward_model_path:
+        lines.append(f"  reward model       {run_data.reward_model_path} "
+                     f"(held-out accuracy {run_data.reward_metrics['eval_accuracy']:.3f})")
     if run_data.gold_reward_model_path:
         lines.append(f"  gold reward model  {run_data.gold_reward_model_path} "
                      f"(held-out accuracy {run_data.gold_reward_metrics['eval_accuracy']:.3f})")
     report = run_data.eval_report
-    for method in ("ppo", "dpo", "rest"):
-        status = getattr(run_data, f"{method}_status")
-        if status != "done":
+    for method in methods.names():
+        status = getattr(run_data, f"{method}_status", None)
+        if status != methods.DONE:
             lines.append(f"  {method:<18} {status}")
             continue
         row = report[method]
@@ -185,4 +280,5 @@ def summary(run_data) -> str:
                      f"mean score {report['sft']['mean_score']:.2f} -> {row['mean_score']:.2f}; "
                      f"KL {row['kl_vs_sft_per_sequence']:.2f} nats/sequence"
                      + ("; OVER-OPTIMISED" if row.get("over_optimised") else ""))
+    lines.append("  evaluation card    python flows/rlhf_flow.py card view evaluate")
     return "\n".join(lines)

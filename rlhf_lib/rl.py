@@ -54,15 +54,23 @@ def sample_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, se
 
 
 @torch.no_grad()
-def response_logprobs(model, tokenizer, prompts: list[str], responses: list[torch.Tensor]) -> list[torch.Tensor]:
-    """log p(response token | prompt, earlier tokens) under `model`, one 1-D tensor per example."""
+def response_logprobs(model, tokenizer, prompts: list[str], responses: list[torch.Tensor], batch_size: int = 16
+                      ) -> list[torch.Tensor]:
+    """log p(response token | prompt, earlier tokens) under `model`, one 1-D tensor per example; batched, each row
+    `prompt + response` right-padded (so every row starts at position 0)."""
     device = next(model.parameters()).device
+    prompt_ids = [tokenizer(p, return_tensors="pt")["input_ids"][0] for p in prompts]
     out = []
-    for prompt, response in zip(prompts, responses):
-        p_ids = tokenizer(prompt, return_tensors="pt")["input_ids"][0]
-        ids = torch.cat([p_ids, response]).unsqueeze(0).to(device)
-        am = torch.ones_like(ids)
-        logits = model(input_ids=ids, attention_mask=am, position_ids=position_ids(am)).logits
-        P = len(p_ids)
-        out.append(logprobs_from_logits(logits[:, P - 1:-1], ids[:, P:])[0].cpu())
+    for i in range(0, len(prompts), batch_size):
+        rows = [torch.cat([p, r.to(p.dtype)]) for p, r in zip(prompt_ids[i:i + batch_size], responses[i:i + batch_size])]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        am = torch.zeros_like(ids)
+        for j, row in enumerate(rows):
+            ids[j, :len(row)], am[j, :len(row)] = row, 1
+        ids, am = ids.to(device), am.to(device)
+        logp = logprobs_from_logits(model(input_ids=ids, attention_mask=am, position_ids=position_ids(am)).logits[:, :-1],
+                                    ids[:, 1:])
+        for j, (p, r) in enumerate(zip(prompt_ids[i:i + batch_size], responses[i:i + batch_size])):
+            out.append(logp[j, len(p) - 1:len(p) - 1 + len(r)].cpu())
     return out

@@ -1,17 +1,32 @@
-"""Scoring text with a reward model through the reward model's own tokenizer.
+"""Rewards: what the online methods (PPO, GRPO, RLOO, ReST) optimise and what the evaluation judges by.
 
-The policy and the reward model need not share a tokenizer (OPT's BPE vs DeBERTa's SentencePiece in the
-seed), so the policy's tokens are decoded to text and re-tokenised here, truncated to the reward model's
-max length. Truncation drops tokens from the *left*: the answer being judged is at the end of the text, and a
-long prompt must not push it out (two hh-rlhf transcripts that differ only in their last turn would otherwise
-often score identically).
+A reward is either
+- a reward model, scored through the reward model's *own* tokenizer: the policy and the reward model need not
+  share one (OPT's BPE vs DeBERTa's SentencePiece in the seed), so the policy's tokens are decoded to text and
+  re-tokenised here, truncated to the reward model's max length. Truncation drops tokens from the *left*: the
+  answer being judged is at the end of the text, and a long prompt must not push it out (two hh-rlhf transcripts
+  that differ only in their last turn would otherwise often score identically);
+- or a Python function named `module:function`, texts in, floats out — `fn(prompts, completions, **kwargs)`
+  returning one float per completion, the signature TRL's reward functions have — for verifiable rewards (a
+  checker, a unit test, a rule). The sample data's rule `rlhf_lib.judges:rule_reward` is one.
+
+Every stage scores through `Reward`, so PPO, GRPO, RLOO, ReST and the evaluation ask the same question of it.
 """
 
 from __future__ import annotations
 
+import importlib
+import math
+
 import torch
 
 from rlhf_lib.data.formatting import reward_text
+
+FUNCTION_PREFIX = "function:"  # how a reward function travels as a stage --input value
+
+
+class RewardFunctionError(ValueError):
+    """A `module:function` reward that cannot be used; the message names the problem."""
 
 
 @torch.no_grad()
@@ -28,8 +43,111 @@ def score_texts(model, tokenizer, texts: list[str], max_length: int, batch_size:
     return torch.cat(scores) if scores else torch.zeros(0, device=device)
 
 
-def score_responses(model, tokenizer, prompts: list[str], responses: list[str], max_length: int,
-                    batch_size: int = 32) -> torch.Tensor:
-    """Scores of the decoded prompt + response (what PPO, ReST and the evaluation ask the reward model)."""
-    texts = [reward_text(p, r) for p, r in zip(prompts, responses)]
-    return score_texts(model, tokenizer, texts, max_length, batch_size)
+def load_function(spec: str):
+    """The callable a `module:function` string names; raises RewardFunctionError saying what is wrong."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise RewardFunctionError(f"{spec!r} is not `module:function` (e.g. rlhf_lib.judges:rule_reward)")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:
+        raise RewardFunctionError(f"cannot import module {module_name!r}: {type(err).__name__}: {err}") from None
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise RewardFunctionError(f"module {module_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise RewardFunctionError(f"{spec!r} is not callable")
+    return fn
+
+
+def call_function(fn, prompts: list[str], completions: list[str], spec: str = "") -> list[float]:
+    """fn(prompts=..., completions=...) checked: one finite float per completion."""
+    out = fn(prompts=prompts, completions=completions)
+    try:
+        values = [float(v) for v in out]
+    except TypeError:
+        raise RewardFunctionError(f"{spec or fn!r} returned {type(out).__name__}, not a list of floats") from None
+    if len(values) != len(completions):
+        raise RewardFunctionError(f"{spec or fn!r} returned {len(values)} values for {len(completions)} completions")
+    if not all(math.isfinite(v) for v in values):
+        raise RewardFunctionError(f"{spec or fn!r} returned a value that is not a finite number: {values}")
+    return values
+
+
+SAMPLE_PROMPT, SAMPLE_COMPLETION = "Question: What is two plus two?\n\nAnswer:", " Four. I hope this helps!"
+
+
+def check_function(spec: str) -> str | None:
+    """None when `spec` imports and scores one sample completion; else what went wrong (for `start`)."""
+    try:
+        call_function(load_function(spec), [SAMPLE_PROMPT], [SAMPLE_COMPLETION], spec)
+    except RewardFunctionError as err:
+        return str(err)
+    except Exception as err:  # the function itself raised on a plain sample
+        return f"{spec!r} raised on a sample completion: {type(err).__name__}: {err}"
+    return None
+
+
+class Reward:
+    """A reward: `reward(prompts, completions)` -> one float32 score per completion, on `device`."""
+
+    kind = ""
+
+    def __init__(self, ref: str, device):
+        self.ref, self.device = ref, torch.device(device)
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.ref}"
+
+
+class ModelReward(Reward):
+    """A reward model through its own tokenizer, scoring the decoded prompt + completion (left-truncated)."""
+
+    kind = "reward model"
+
+    def __init__(self, ref: str, max_length: int, trust_remote_code: bool = False, device=None, batch_size: int = 32):
+        from rlhf_lib import models
+
+        self.model, self.tokenizer = models.reward_model_on_device(ref, trust_remote_code, device)
+        super().__init__(ref, next(self.model.parameters()).device)
+        self.max_length, self.batch_size = max_length, batch_size
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        texts = [reward_text(p, c) for p, c in zip(prompts, completions)]
+        return score_texts(self.model, self.tokenizer, texts, self.max_length, self.batch_size)
+
+
+class FunctionReward(Reward):
+    """A Python function `module:function` (texts in, floats out)."""
+
+    kind = "reward function"
+
+    def __init__(self, spec: str, device=None):
+        super().__init__(spec, device or "cpu")
+        self.fn = load_function(spec)
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        values = call_function(self.fn, prompts, completions, self.ref)
+        return torch.tensor(values, dtype=torch.float32, device=self.device)
+
+
+def reward_input(reward_model_path: str | None, function: str) -> dict[str, str]:
+    """The stage `--input` that names a reward: `reward_function=function:module:fn` when a function is configured,
+    else `reward_model=DIR`."""
+    if function:
+        return {"reward_function": FUNCTION_PREFIX + function}
+    return {"reward_model": reward_model_path}
+
+
+def load_reward(inputs: dict[str, str], max_length: int, trust_remote_code: bool = False, device=None) -> Reward:
+    """The reward a stage's inputs name (see `reward_input`), on this stage's device."""
+    if "reward_function" in inputs:
+        return FunctionReward(inputs["reward_function"].removeprefix(FUNCTION_PREFIX), device)
+    if "reward_model" not in inputs:
+        raise SystemExit("missing --input reward_model=DIR (or reward_function=function:module:fn)")
+    return ModelReward(inputs["reward_model"], max_length, trust_remote_code, device)

@@ -123,7 +123,7 @@ def test_multi_turn_transcript_keeps_the_break_between_turns():
     assert formatting.split_prompt_completion(qa)[1] == " In France."
 
 
-@pytest.mark.parametrize("methods,needle", [([], "run.methods is empty"), (["ppo", "grpo"], "unknown method(s) ['grpo']"),
+@pytest.mark.parametrize("methods,needle", [([], "run.methods is empty"), (["ppo", "trpo"], "unknown method(s) ['trpo']"),
                                             (["dpo", "dpo"], "lists a method twice")])
 def test_methods_list_is_checked(methods, needle):
     with pytest.raises(ConfigError) as info:

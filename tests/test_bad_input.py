@@ -46,7 +46,7 @@ def _cases(tmp, tiny_policy):
         "4-bit on CPU, width 172": ({"policy": {"tiny": {"ffn_dim": 172}}},
                                     "bitsandbytes' CPU 4-bit kernel needs every quantized layer's output width to be a "
                                     "multiple of 32"),
-        "unknown method": ({"run": {"methods": ["ppo", "grpo"]}}, "run.methods names unknown method(s) ['grpo']"),
+        "unknown method": ({"run": {"methods": ["ppo", "trpo"]}}, "run.methods names unknown method(s) ['trpo']"),
         "no method": ({"run": {"methods": []}}, "run.methods is empty"),
         "ReST thresholds not increasing": ({"rest": {"thresholds": [0.7, 0.5]}},
                                            "rest.thresholds [0.7, 0.5] must be strictly increasing"),

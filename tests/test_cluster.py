@@ -92,9 +92,7 @@ def test_code_package_holds_rlhf_lib_and_configs(tmp_path):
     assert Path(where).is_relative_to(pod) and constitution == "True"
 
 
-def test_argo_workflow_compiles_with_the_configs_resources(s3_env, tmp_path):
-    cfg = write_config(tmp_path / "cfg.toml", {"run": {"gpus": 1, "nodes": 2},
-                                                "resources": {"cpu": 3, "memory_mb": 12000, "shared_memory_mb": 1024}})
+def _argo_templates(cfg: Path, s3_env: dict, tmp_path: Path) -> dict:
     env = user_env(tmp_path, **{k: v for k, v in s3_env.items() if k != "BUCKET"}, METAFLOW_DEFAULT_DATASTORE="s3",
                    METAFLOW_DATASTORE_SYSROOT_S3=f"s3://{s3_env['BUCKET']}/metaflow",
                    METAFLOW_KUBERNETES_NAMESPACE="rlhf")
@@ -103,20 +101,55 @@ def test_argo_workflow_compiles_with_the_configs_resources(s3_env, tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     workflow = json.loads(proc.stdout[proc.stdout.index("{"):])
-    templates = {t["name"]: t for t in workflow["spec"]["templates"]}
-    for step in ("sft", "merge", "rlaif", "reward", "dpo", "rest", "evaluate"):
-        res = templates[step]["container"]["resources"]
-        assert res["limits"]["nvidia.com/gpu"] == "1", step
-        assert float(res["requests"]["cpu"]) == 3 and float(res["requests"]["memory"].rstrip("M")) == 12000, step
-        shm = [v for v in templates[step]["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
-        assert shm and shm[0]["emptyDir"]["sizeLimit"] == "1024Mi", step
-    data = templates["data"]["container"]["resources"]
-    assert float(data["requests"]["cpu"]) == 3 and data["limits"].get("nvidia.com/gpu", "0") == "0"
-    # The PPO gang is a JobSet of run.nodes pods, each with the GPU and CPUs the config asks for.
+    return {t["name"]: t for t in workflow["spec"]["templates"]}
+
+
+def _requests(template: dict) -> dict:
+    res = template["container"]["resources"]
+    shm = [v for v in template.get("volumes", []) if v.get("emptyDir", {}).get("medium") == "Memory"
+           and "sizeLimit" in v["emptyDir"]]
+    return {"gpu": int(res["limits"].get("nvidia.com/gpu", "0")), "cpu": float(res["requests"]["cpu"]),
+            "memory_mb": float(res["requests"]["memory"].rstrip("M")),
+            "disk_mb": float(res["requests"]["ephemeral-storage"].rstrip("M")),
+            "shared_memory_mb": float(shm[0]["emptyDir"]["sizeLimit"].rstrip("Mi")) if shm else None}
+
+
+def test_argo_workflow_asks_each_step_for_what_it_uses(s3_env, tmp_path):
+    """configs/opt-1.3b.toml (PPO only, 8 GPUs): GPUs only where a stage uses them, and each kind of step the
+    CPU, memory, shared memory and disk of its [resources] entry."""
+    from rlhf_lib import config
+
+    cfg = config.load(ROOT / "configs" / "opt-1.3b.toml")
+    assert cfg.run.methods == ["ppo"] and cfg.run.gpus == 8
+    templates = _argo_templates(ROOT / "configs" / "opt-1.3b.toml", s3_env, tmp_path)
+    expected_gpus = {"data": 0, "sft": 8, "merge": 1, "rlaif": 0, "reward": 8, "dpo": 0, "rest": 0, "grpo": 0,
+                     "rloo": 0, "evaluate": 1}
+    kinds = {"data": "light", "sft": "train", "merge": "infer", "rlaif": "light", "reward": "train",
+             "dpo": "light", "rest": "light", "grpo": "light", "rloo": "light", "evaluate": "infer"}
+    for step, gpus in expected_gpus.items():
+        got = _requests(templates[step])
+        want = getattr(cfg.resources, kinds[step])
+        assert got == {"gpu": gpus, "cpu": want.cpu, "memory_mb": want.memory_mb, "disk_mb": want.disk_mb,
+                       "shared_memory_mb": want.shared_memory_mb}, step
+    # The PPO gang (one node here) is a JobSet whose pods ask the train kind's resources and run.gpus GPUs.
     manifest = templates["ppo-train"]["resource"]["manifest"]
-    assert "kind: JobSet" in manifest and "nvidia.com/gpu: '1'" in manifest
-    assert "--with 'kubernetes:cpu=3" in manifest or "cpu=3" in manifest
+    assert "kind: JobSet" in manifest and "nvidia.com/gpu: '8'" in manifest
+    assert f"cpu={cfg.resources.train.cpu:.1f}" in manifest and f"disk={cfg.resources.train.disk_mb:.1f}" in manifest
+    assert f"shared_memory={cfg.resources.train.shared_memory_mb}" in manifest
+    for step in ("start", "ppo", "ppo-join", "end"):  # routing steps ask for nothing special
+        assert _requests(templates[step])["gpu"] == 0, step
     assert "rlhf_lib" not in json.dumps(templates["sft"]["container"]["env"])  # the code comes in the package
+
+
+def test_argo_gang_spans_run_nodes_and_ai_feedback_puts_rlaif_on_a_gpu(s3_env, tmp_path):
+    cfg = write_config(tmp_path / "cfg.toml", {"run": {"gpus": 2, "nodes": 3, "methods": ["ppo", "grpo"]},
+                                                "data": {"preference": {"source": "ai_feedback"}}})
+    templates = _argo_templates(cfg, s3_env, tmp_path)
+    assert _requests(templates["rlaif"])["gpu"] == 1 and _requests(templates["grpo"])["gpu"] == 2
+    assert _requests(templates["dpo"])["gpu"] == 0
+    manifest = templates["ppo-train"]["resource"]["manifest"]
+    # run.nodes reaches the JobSet at run time: `ppo` fans out to num_parallel = run.nodes workers.
+    assert "kind: JobSet" in manifest and "nvidia.com/gpu: '2'" in manifest and "workerCount" in manifest
 
 
 def test_users_metaflow_config_wins(tmp_path):

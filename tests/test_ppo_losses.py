@@ -143,6 +143,6 @@ def test_rollout_samples_from_the_policy_itself_when_eos_is_ignored(tiny_policy)
     torch.testing.assert_close(sampled_lp, policy_lp, atol=1e-4, rtol=1e-4)
 
     # The rollout keeps every token up to each drawn length, EOS or not.
-    ids, _, mask, P2 = rollout.generate(model, tokenizer, ["Question: Hi?\n\nAnswer:"] * 4, [5, 9, 12, 3],
-                                        stop_at_eos=False, max_prompt_length=32)
-    assert mask.sum(1).tolist() == [5, 9, 12, 3]
+    batch = rollout.generate(model, tokenizer, ["Question: Hi?\n\nAnswer:"] * 4, [5, 9, 12, 3],
+                             stop_at_eos=False, max_prompt_length=32)
+    assert batch.response_mask.sum(1).tolist() == [5, 9, 12, 3]

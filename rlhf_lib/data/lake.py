@@ -140,6 +140,31 @@ def source_columns(source: str) -> list[str]:
     return _lake_columns(_open_lake(source))
 
 
+def source_rows(source: str) -> int | None:
+    """How many rows a local source holds (cheap: metadata or one pass over a file); None for remote datasets."""
+    kind = source_kind(source)
+    if kind == "jsonl":
+        return sum(1 for _ in _read_jsonl(_local_path(source)))
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(_local_path(source)).metadata.num_rows
+    if kind == "local_lake":
+        return len(_open_lake(source))
+    return None
+
+
+def train_rows(cfg_source, sample_rows: int) -> int | None:
+    """Rows the train split of a dataset section will hold (`materialise`'s arithmetic), None when unknown."""
+    if cfg_source.source == "sample":
+        return cfg_source.max_rows or sample_rows
+    total = source_rows(cfg_source.source)
+    if total is None:
+        return None
+    rows = max(0, total - (0 if cfg_source.eval_source else cfg_source.carved_eval_rows))
+    return min(rows, cfg_source.max_rows) if cfg_source.max_rows else rows
+
+
 def column_map(kind: str, fmt: str = "", columns: dict | None = None) -> dict[str, list[str]]:
     """This kind's column -> the source columns it is read from: identity, then `fmt`'s shorthand, then
     `columns`. Mapping an SFT `question` to `instruction` also appends Alpaca's `input` when a row has one."""

@@ -24,6 +24,7 @@ env.configure()
 from rlhf_lib.config import RunConfig  # noqa: E402
 
 RESULT_FILE = "result.json"
+SNAPSHOTS = "snapshots"  # DIR/snapshots/step-N: an online method's adapter at each checkpoint, never pruned
 
 
 def parse_args(stage: str, argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,7 +73,7 @@ def start(stage: str, argv: list[str] | None, *required: str):
 
 
 def hf_training_kwargs(cfg: RunConfig, section, stage: str, output: Path) -> dict[str, Any]:
-    """TrainingArguments shared by the HF-Trainer stages (sft, reward), from their config section."""
+    """TrainingArguments shared by the HF-Trainer stages (sft, reward, dpo, rest, grpo, rloo), from their section."""
     from rlhf_lib import tracking
 
     return dict(
@@ -83,7 +84,9 @@ def hf_training_kwargs(cfg: RunConfig, section, stage: str, output: Path) -> dic
         lr_scheduler_type=section.lr_scheduler, warmup_steps=section.warmup_steps,
         logging_steps=section.logging_steps, save_steps=section.save_steps, save_total_limit=2,
         # HF evaluates at the last step of a step-based schedule even when eval_steps > max_steps; "no" then.
-        eval_strategy="steps" if section.eval_steps <= section.max_steps else "no", eval_steps=section.eval_steps, seed=cfg.run.seed, data_seed=cfg.run.seed,
+        # Sections without held-out data (grpo, rloo) have no eval_steps.
+        eval_strategy="steps" if getattr(section, "eval_steps", None) and section.eval_steps <= section.max_steps
+        else "no", eval_steps=getattr(section, "eval_steps", None), seed=cfg.run.seed, data_seed=cfg.run.seed,
         logging_first_step=True, dataloader_num_workers=0, **trainer_precision(),
     )
 
@@ -180,6 +183,34 @@ def log_history_summary(log_history: list[dict]) -> dict[str, list]:
     return curves
 
 
+def save_snapshot(adapter_model, output: Path, step: int) -> Path:
+    """The adapter as it is at `step`, kept for good under DIR/snapshots/step-N (atomic): the evaluation scores
+    every snapshot of an online method for its over-optimisation curve."""
+    from rlhf_lib.checkpoints import atomic_dir
+
+    return atomic_dir(Path(output) / SNAPSHOTS / f"step-{step:06d}",
+                      lambda tmp: adapter_model.save_pretrained(tmp, safe_serialization=True),
+                      is_complete=lambda p: (p / "adapter_config.json").exists())
+
+
+def snapshot_callback(output: Path):
+    """An HF TrainerCallback that keeps the adapter of every checkpoint the Trainer saves as a snapshot."""
+    from transformers import TrainerCallback
+
+    class KeepSnapshots(TrainerCallback):
+        def on_save(self, args, state, control, model=None, **kwargs):
+            if state.is_world_process_zero and model is not None:
+                save_snapshot(model, output, state.global_step)
+
+    return KeepSnapshots()
+
+
+def log_history_stats(log_history: list[dict]) -> list[dict]:
+    """An HF trainer's training log entries (one dict per logged step, numbers only): a method's `stats`."""
+    return [{k: v for k, v in entry.items() if isinstance(v, (int, float))} for entry in log_history
+            if "step" in entry and not any(k.startswith(("eval_", "train_runtime")) for k in entry)]
+
+
 def latest_trainer_checkpoint(ckpt_dir: Path) -> str | None:
     """The newest complete HF Trainer checkpoint (`checkpoint-N` with trainer_state.json) in a directory."""
     ckpt_dir = Path(ckpt_dir)
@@ -189,8 +220,9 @@ def latest_trainer_checkpoint(ckpt_dir: Path) -> str | None:
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
-def _step_of(path: str | None) -> int:
-    return int(Path(path).name.split("-")[-1]) if path else -1
+def step_of(path: str | None) -> int:
+    """The step a checkpoint directory (`checkpoint-N`, `step-N`) was saved at; 0 for none."""
+    return int(Path(path).name.split("-")[-1]) if path else 0
 
 
 def adopt(checkpoint: Path, own_root: Path) -> Path:
@@ -212,7 +244,7 @@ def trainer_resume_point(resume_from: str | None, own_root: Path) -> str | None:
         external = resume_from
     else:
         external = latest_trainer_checkpoint(Path(resume_from)) if resume_from else None
-    if _step_of(external) > _step_of(own):
+    if external and (not own or step_of(external) > step_of(own)):
         return str(adopt(Path(external), own_root))
     return own
 

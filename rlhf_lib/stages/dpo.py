@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> Path:
     started, args, cfg, (sft_model, train_uri, eval_uri), out = common.start(
         "dpo", argv, "sft_model", "train", "eval")
     d = cfg.dpo
-    tokenizer = models.load_tokenizer(sft_model, cfg.run.trust_remote_code, padding_side="left")
-    model = models.load_causal_lm(sft_model, trust_remote_code=cfg.run.trust_remote_code)
+    model, tokenizer = models.policy_on_device(sft_model, cfg.run.trust_remote_code, padding_side="left")
     train_ds, eval_ds = _dataset(train_uri, cfg.data.stream_batch_size), _dataset(eval_uri, cfg.data.stream_batch_size)
     print(f"[dpo] {len(train_ds)} training pairs, {len(eval_ds)} held-out pairs, beta={d.beta}", flush=True)
     dpo_args = DPOConfig(**common.hf_training_kwargs(cfg, d, "dpo", out), beta=d.beta, loss_type=[d.loss_type],
@@ -72,7 +71,8 @@ def main(argv: list[str] | None = None) -> Path:
     result = common.write_result(out, "dpo", started, model_path=str(merged.resolve()),
                                  adapter_path=str(adapter_dir.resolve()),
                                  checkpoint_dir=str((out / "checkpoints").resolve()), sft_model=sft_model,
-                                 metrics=metrics, resumed_from=resume)
+                                 metrics=metrics, stats=common.log_history_stats(trainer.state.log_history),
+                                 resumed_from=resume, resumed_from_step=common.step_of(resume))
     print(f"[dpo] model: {merged.resolve()}  held-out implicit-reward accuracy "
           f"{metrics['eval_reward_accuracy']}  ({result})", flush=True)
     return out

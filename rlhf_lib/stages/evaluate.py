@@ -2,14 +2,20 @@
 
     python -m rlhf_lib.stages.evaluate --config run.json --output DIR --input policy_sft=DIR \\
         --input policy_ppo=DIR [--input policy_<method>=DIR …] --input reward_model=DIR \\
-        --input prompts=LAKE_URI --input sft_eval=LAKE_URI
+        --input prompts=LAKE_URI --input sft_eval=LAKE_URI [--input snapshots_<method>=DIR …]
 
 For every policy: answers to the same held-out prompts (never used in training) with the same decoding and
-seed, scored by the reward model the methods optimised (the *proxy*) and by a *gold* judge none of them trained
-against (`eval.gold_judge`: the sample data's rule, a second reward model trained on the other half of the
-pairs, or a judge LM under the constitution); perplexity on held-out SFT answers. For every aligned policy also:
-win-rate over SFT by both judges (ties count half), an over-optimisation flag (proxy up, gold not), and
-KL(policy ‖ SFT) on the policy's own answers, per token and per sequence.
+seed, scored by the reward the methods optimised (the *proxy*: the reward model, or `--input
+reward_function=function:module:fn`) and by a *gold* judge none of them trained against (`eval.gold_judge`: the
+sample data's rule, a second reward model trained on the other half of the pairs, a judge LM under the
+constitution, or a function); perplexity on held-out SFT answers. For every aligned policy also: win-rate over SFT
+by both judges (ties count half), an over-optimisation flag (proxy up, gold not), and KL(policy ‖ SFT) on the
+policy's own answers, per token and per sequence.
+
+The over-optimisation curve (Gao et al. 2022): `snapshots_<method>` is a directory of `step-N` adapters an online
+method saved as it trained; each is put on the SFT model and scored the same way on the first
+`eval.curve_prompts` prompts, so the report shows *where* along the KL axis a method's proxy win-rate parts from
+its gold one, not only where it ended.
 Optional inputs: gold_reward_model=DIR, gold_judge_model=REF.
 Writes DIR/eval_report.json, DIR/eval_samples.json and DIR/result.json.
 """
@@ -17,6 +23,7 @@ Writes DIR/eval_report.json, DIR/eval_samples.json and DIR/result.json.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -25,6 +32,7 @@ from rlhf_lib import rl
 from rlhf_lib.stages import common
 
 BASELINE = "sft"
+SNAPSHOT = re.compile(r"^step-(\d+)$")
 
 
 def perplexity(model, tokenizer, prompts: list[str], answers: list[str]) -> float:
@@ -54,19 +62,21 @@ def over_optimised(proxy_win_rate: float, gold_win_rate: float | None) -> bool:
 
 
 class GoldJudge:
-    """The independent judge: scores answers (rule, second reward model) or compares them with SFT's (judge LM)."""
+    """The independent judge: scores answers (rule, second reward model, function) or compares them with SFT's
+    (judge LM)."""
 
     def __init__(self, cfg, inputs: dict[str, str]):
-        from rlhf_lib import judges, models
+        from rlhf_lib import judges, scoring
 
         self.kind, trust = cfg.gold_judge, cfg.run.trust_remote_code
-        self.max_length = cfg.eval.reward_max_length
+        self.reward = None
         if self.kind == "reward_model":
             ref = inputs.get("gold_reward_model")
             if not ref:
                 raise SystemExit("eval gold judge `reward_model` needs --input gold_reward_model=DIR")
-            self.model = models.load_reward_model(ref, trust).to(models.inference_device())
-            self.tokenizer = models.load_tokenizer(ref, trust, padding_side="right")
+            self.reward = scoring.ModelReward(ref, cfg.eval.reward_max_length, trust)
+        elif self.kind == "function":
+            self.reward = scoring.FunctionReward(cfg.eval.gold_function)
         elif self.kind == "judge_model":
             ref = inputs.get("gold_judge_model") or cfg.eval.gold_judge_model
             self.judge = judges.PairwiseJudge.load(ref, cfg.rlaif.constitution_path, cfg.rlaif.max_length, trust)
@@ -74,12 +84,11 @@ class GoldJudge:
 
     def scores(self, prompts: list[str], answers: list[str]) -> torch.Tensor | None:
         from rlhf_lib import judges
-        from rlhf_lib.scoring import score_responses
 
         if self.kind == "rule":
             return judges.rule_scores(answers)
-        if self.kind == "reward_model":
-            return score_responses(self.model, self.tokenizer, prompts, answers, self.max_length).cpu()
+        if self.reward is not None:
+            return self.reward(prompts, answers).cpu()
         return None  # a judge LM compares; it does not score
 
     def win_rate(self, questions, answers, baseline_answers, scores, baseline_scores) -> float:
@@ -89,13 +98,78 @@ class GoldJudge:
         return float(((labels == 1).float() + 0.5 * (labels == 0).float()).mean())
 
 
-def main(argv: list[str] | None = None) -> Path:
-    from rlhf_lib import models, tracking
-    from rlhf_lib.data import formatting, lake
-    from rlhf_lib.scoring import score_responses
+class Judged:
+    """One policy's answers to the held-out prompts, scored by both judges and compared with SFT's."""
 
-    started, args, cfg, (reward_path, prompts_uri, sft_eval_uri), out = common.start(
-        "evaluate", argv, "reward_model", "prompts", "sft_eval")
+    def __init__(self, model, tokenizer, prompts, questions, proxy, gold, seed: int, max_new_tokens: int):
+        self.model, self.tokenizer = model, tokenizer
+        self.answers, self.tokens = rl.sample_answers(model, tokenizer, prompts, max_new_tokens, seed)
+        self.scores = proxy(prompts, self.answers).cpu()
+        self.gold_scores = gold.scores(prompts, self.answers)
+        self.prompts, self.questions = prompts, questions
+
+    def versus(self, sft: "Judged", gold: GoldJudge) -> dict:
+        """Win-rates over SFT by both judges and KL(self ‖ SFT) on this policy's own answers."""
+        own = rl.response_logprobs(self.model, self.tokenizer, self.prompts, self.tokens)
+        ref = rl.response_logprobs(sft.model, sft.tokenizer, self.prompts, self.tokens)
+        seq_kl = [float((a - b).sum()) for a, b in zip(own, ref)]
+        n = len(self.answers)
+        return {"win_rate_vs_sft": win_rate(self.scores, sft.scores[:n]),
+                "gold_win_rate_vs_sft": gold.win_rate(self.questions, self.answers, sft.answers[:n],
+                                                      self.gold_scores, None if sft.gold_scores is None
+                                                      else sft.gold_scores[:n]),
+                "kl_vs_sft": sum(seq_kl) / max(sum(len(a) for a in own), 1),
+                "kl_vs_sft_per_sequence": sum(seq_kl) / max(len(seq_kl), 1)}
+
+
+def snapshots(directory: str | None) -> list[tuple[int, Path]]:
+    """(step, adapter dir) of every `step-N` snapshot an online method saved, oldest first."""
+    if not directory or not Path(directory).is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in Path(directory).iterdir() if (m := SNAPSHOT.match(p.name))
+             and (p / "adapter_config.json").exists()]
+    return sorted(found)
+
+
+def curve(method: str, snaps: list[tuple[int, Path]], sft_ref: str, sft: Judged, proxy, gold: GoldJudge, cfg
+          ) -> list[dict]:
+    """The over-optimisation curve of one method: SFT (step 0, KL 0), then every saved snapshot, scored on the
+    first eval.curve_prompts prompts."""
+    from peft import PeftModel
+
+    from rlhf_lib import models
+
+    n = min(cfg.eval.curve_prompts, len(sft.answers))
+    prompts, questions = sft.prompts[:n], sft.questions[:n]
+    points = [{"step": 0, "kl_per_sequence": 0.0, "kl_per_token": 0.0, "proxy_win_rate": 0.5,
+               "gold_win_rate": 0.5, "proxy_score": float(sft.scores[:n].mean()),
+               "gold_score": None if sft.gold_scores is None else float(sft.gold_scores[:n].mean())}]
+    base, tokenizer = models.policy_on_device(sft_ref, cfg.run.trust_remote_code)
+    model = None
+    for step, path in snaps:
+        name = f"step{step}"
+        if model is None:
+            model = PeftModel.from_pretrained(base, str(path), adapter_name=name).eval()
+        else:
+            model.load_adapter(str(path), adapter_name=name)
+            model.set_adapter(name)
+        judged = Judged(model, tokenizer, prompts, questions, proxy, gold, cfg.run.seed, cfg.eval.max_new_tokens)
+        vs = judged.versus(sft, gold)
+        points.append({"step": step, "kl_per_sequence": vs["kl_vs_sft_per_sequence"], "kl_per_token": vs["kl_vs_sft"],
+                       "proxy_win_rate": vs["win_rate_vs_sft"], "gold_win_rate": vs["gold_win_rate_vs_sft"],
+                       "proxy_score": float(judged.scores.mean()),
+                       "gold_score": None if judged.gold_scores is None else float(judged.gold_scores.mean())})
+        print(f"[evaluate] {method} step {step}: KL {points[-1]['kl_per_sequence']:.2f} nats/seq, win-rate over SFT "
+              f"{points[-1]['proxy_win_rate']:.2f} proxy / {points[-1]['gold_win_rate']:.2f} gold", flush=True)
+    del model, base
+    return points
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from rlhf_lib import models, scoring, tracking
+    from rlhf_lib.data import formatting, lake
+
+    started, args, cfg, (prompts_uri, sft_eval_uri), out = common.start("evaluate", argv, "prompts", "sft_eval")
     policies = {k.removeprefix("policy_"): v for k, v in args.inputs.items() if k.startswith("policy_")}
     if BASELINE not in policies:
         raise SystemExit("evaluate needs --input policy_sft=DIR (the baseline)")
@@ -105,65 +179,57 @@ def main(argv: list[str] | None = None) -> Path:
     prompts = [formatting.rl_prompt(r) for r in rows]
     questions = [formatting.rl_question(r) for r in rows]
     held_out = list(lake.stream(sft_eval_uri, ["question", "response"]))
-    reward_model = models.load_reward_model(reward_path, trust).to(models.inference_device())
-    reward_tokenizer = models.load_tokenizer(reward_path, trust, padding_side="right")
+    proxy = scoring.load_reward(args.inputs, e.reward_max_length, trust)
     gold = GoldJudge(cfg, args.inputs)
-    print(f"[evaluate] proxy judge: the reward model {reward_path}; gold judge: {gold.kind}", flush=True)
+    print(f"[evaluate] proxy judge: {proxy.describe()}; gold judge: {gold.kind}", flush=True)
 
     # One load per policy: the baseline first, kept in memory as the reference for every other policy's KL.
     order = [BASELINE] + [n for n in policies if n != BASELINE]
-    answers, scores, gold_scores, report = {}, {}, {}, {}
-    sft_model = sft_tokenizer = None
+    judged: dict[str, Judged] = {}
+    report: dict[str, dict] = {}
     for name in order:
-        model = models.load_causal_lm(policies[name], trust_remote_code=trust).to(models.inference_device()).eval()
-        tokenizer = models.load_tokenizer(policies[name], trust)
-        answers[name], tokens = rl.sample_answers(model, tokenizer, prompts, e.max_new_tokens, cfg.run.seed)
-        scores[name] = score_responses(reward_model, reward_tokenizer, prompts, answers[name],
-                                       e.reward_max_length).cpu()
-        gold_scores[name] = gold.scores(prompts, answers[name])
-        row = {"mean_score": float(scores[name].mean())}
-        if gold_scores[name] is not None:
-            row["mean_gold_score"] = float(gold_scores[name].mean())
-        if name == BASELINE:
-            sft_model, sft_tokenizer = model, tokenizer
-        else:
-            own = rl.response_logprobs(model, tokenizer, prompts, tokens)
-            ref = rl.response_logprobs(sft_model, sft_tokenizer, prompts, tokens)
-            seq_kl = [float((a - b).sum()) for a, b in zip(own, ref)]
-            row["win_rate_vs_sft"] = win_rate(scores[name], scores[BASELINE])
-            row["gold_win_rate_vs_sft"] = gold.win_rate(questions, answers[name], answers[BASELINE],
-                                                        gold_scores[name], gold_scores[BASELINE])
-            row["over_optimised"] = over_optimised(row["win_rate_vs_sft"], row["gold_win_rate_vs_sft"])
-            row["kl_vs_sft"] = sum(seq_kl) / max(sum(len(a) for a in own), 1)
-            row["kl_vs_sft_per_sequence"] = sum(seq_kl) / max(len(seq_kl), 1)
+        model, tokenizer = models.policy_on_device(policies[name], trust)
+        judged[name] = j = Judged(model, tokenizer, prompts, questions, proxy, gold, cfg.run.seed, e.max_new_tokens)
+        row = {"mean_score": float(j.scores.mean())}
+        if j.gold_scores is not None:
+            row["mean_gold_score"] = float(j.gold_scores.mean())
+        if name != BASELINE:
+            vs = j.versus(judged[BASELINE], gold)
+            row.update(vs, over_optimised=over_optimised(vs["win_rate_vs_sft"], vs["gold_win_rate_vs_sft"]))
         row["perplexity"] = perplexity(model, tokenizer, [formatting.prompt(r["question"]) for r in held_out],
                                        [r["response"] for r in held_out])
         if name != BASELINE:
+            j.model = None  # keep SFT's model only: the KL reference
             del model
         report[name] = row
         print(f"[evaluate] {name}: mean score {row['mean_score']:.3f}, perplexity {row['perplexity']:.2f}",
               flush=True)
+    for name in order[1:]:
+        snaps = snapshots(args.inputs.get(f"snapshots_{name}"))
+        if e.curve and snaps:
+            report[name]["curve"] = curve(name, snaps, policies[BASELINE], judged[BASELINE], proxy, gold, cfg)
     samples = [
-        {"prompt": prompts[i], **{f"{n}_answer": answers[n][i] for n in policies},
-         **{f"{n}_score": float(scores[n][i]) for n in policies},
-         **{f"{n}_gold_score": float(gold_scores[n][i]) for n in policies if gold_scores[n] is not None}}
+        {"prompt": prompts[i], **{f"{n}_answer": judged[n].answers[i] for n in order},
+         **{f"{n}_score": float(judged[n].scores[i]) for n in order},
+         **{f"{n}_gold_score": float(judged[n].gold_scores[i]) for n in order if judged[n].gold_scores is not None}}
         for i in range(min(e.num_samples_shown, len(prompts)))
     ]
     wandb_run = tracking.init_wandb(cfg, "evaluate")
     if wandb_run is not None:
         import wandb
 
-        wandb_run.summary.update({f"{m}/{k}": v for m, vals in report.items() for k, v in vals.items()})
+        wandb_run.summary.update({f"{m}/{k}": v for m, vals in report.items() for k, v in vals.items()
+                                  if not isinstance(v, list)})
         if samples:
             wandb_run.log({"samples": wandb.Table(columns=list(samples[0]), data=[list(s.values()) for s in samples])})
         wandb_run.finish()
     common.atomic_write_json(out / "eval_report.json", report)
     common.atomic_write_json(out / "eval_samples.json", samples)
     result = common.write_result(out, "evaluate", started, eval_report=report, eval_samples=samples,
-                                 num_prompts=len(prompts), gold_judge=gold.kind)
+                                 num_prompts=len(prompts), gold_judge=gold.kind, proxy=proxy.describe())
     for name, row in report.items():
         print(f"[evaluate] {name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                                                  for k, v in row.items()), flush=True)
+                                                  for k, v in row.items() if not isinstance(v, list)), flush=True)
     print(f"[evaluate] report: {out.resolve() / 'eval_report.json'}  ({result})", flush=True)
     return out
 

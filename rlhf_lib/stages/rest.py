@@ -2,6 +2,7 @@
 
     python -m rlhf_lib.stages.rest --config run.json --output DIR \\
         --input sft_model=MERGED_SFT_DIR --input reward_model=DIR --input prompts=LAKE_URI
+    (or --input reward_function=function:module:fn in place of reward_model)
 
 `rest.grow_steps` iterations of:
   Grow     sample `samples_per_prompt` completions for `prompts_per_grow` training prompts from the current
@@ -15,7 +16,8 @@ normalised reward).
 
 The policy is the merged SFT model with one LoRA adapter trained through every Improve. After each Improve a
 checkpoint (adapter + loop state) is written atomically; a retried or resumed task continues after the newest.
-Writes DIR/grow-N, DIR/checkpoints, DIR/adapter, DIR/merged and DIR/result.json.
+Writes DIR/grow-N, DIR/checkpoints, DIR/snapshots/step-N (the adapter after each Improve, for the evaluation's
+over-optimisation curve), DIR/adapter, DIR/merged and DIR/result.json.
 """
 
 from __future__ import annotations
@@ -49,10 +51,9 @@ def improve_schedule(grow_steps: int, n_thresholds: int) -> list[tuple[int, int]
     return [(g, j) for g in range(1, grow_steps + 1) for j in range(n_thresholds)]
 
 
-def grow(policy, tokenizer, reward_model, reward_tokenizer, prompts: list[str], cfg, iteration: int) -> list[dict]:
-    """One Grow: sampled completions of a fresh draw of prompts, each with its reward-model score."""
+def grow(policy, tokenizer, reward, prompts: list[str], cfg, iteration: int) -> list[dict]:
+    """One Grow: sampled completions of a fresh draw of prompts, each with its reward (`rlhf_lib.scoring.Reward`)."""
     from rlhf_lib import rl
-    from rlhf_lib.scoring import score_responses
 
     r = cfg.rest
     rng = random.Random(f"rest-grow-{cfg.run.seed}-{iteration}")
@@ -60,7 +61,7 @@ def grow(policy, tokenizer, reward_model, reward_tokenizer, prompts: list[str], 
     repeated = [p for p in chosen for _ in range(r.samples_per_prompt)]
     policy.eval()
     answers, _ = rl.sample_answers(policy, tokenizer, repeated, r.max_new_tokens, seed=cfg.run.seed + iteration)
-    scores = score_responses(reward_model, reward_tokenizer, repeated, answers, cfg.reward.max_length).cpu()
+    scores = reward(repeated, answers).cpu()
     return [{"prompt": p, "response": a, "reward": float(s)} for p, a, s in zip(repeated, answers, scores)]
 
 
@@ -103,16 +104,14 @@ def _load(path: Path) -> dict:
 def main(argv: list[str] | None = None) -> Path:
     from peft import get_peft_model, set_peft_model_state_dict
 
-    from rlhf_lib import models, tracking
+    from rlhf_lib import models, scoring, tracking
     from rlhf_lib.data import lake
 
-    started, args, cfg, (sft_model, reward_path, prompts_uri), out = common.start(
-        "rest", argv, "sft_model", "reward_model", "prompts")
+    started, args, cfg, (sft_model, prompts_uri), out = common.start("rest", argv, "sft_model", "prompts")
     r, trust = cfg.rest, cfg.run.trust_remote_code
-    tokenizer = models.load_tokenizer(sft_model, trust, padding_side="left")
-    policy = get_peft_model(models.load_causal_lm(sft_model, trust_remote_code=trust), models.lora_config(r.lora))
-    reward_model = models.load_reward_model(reward_path, trust).eval()
-    reward_tokenizer = models.load_tokenizer(reward_path, trust, padding_side="right")
+    base, tokenizer = models.policy_on_device(sft_model, trust, padding_side="left")
+    policy = get_peft_model(base, models.lora_config(r.lora))
+    reward = scoring.load_reward(args.inputs, r.reward_max_length, trust)
     prompts = lake.rl_prompts(prompts_uri, cfg.data.stream_batch_size)
 
     ckpt_root = out / "checkpoints"
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> Path:
     schedule = improve_schedule(r.grow_steps, len(r.thresholds))
     for index, (g, j) in enumerate(schedule[state["improves_done"]:], start=state["improves_done"]):
         if j == 0 or str(g) not in state["grown"]:
-            rows = grow(policy, tokenizer, reward_model, reward_tokenizer, prompts, cfg, g)
+            rows = grow(policy, tokenizer, reward, prompts, cfg, g)
             grown = lake.write_rows(out / f"grow-{g}", rows, ["prompt", "response", "reward"], numeric=("reward",))
             state["grown"][str(g)] = grown["uri"]
             if state["thresholds"] is None:
@@ -160,6 +159,7 @@ def main(argv: list[str] | None = None) -> Path:
                           step=index + 1)
         if common.is_main_process():
             _save(ckpt_root, index + 1, policy, state, mirror=args.checkpoint_uri)
+            common.save_snapshot(policy, out, index + 1)
 
     if not common.is_main_process():
         return out
@@ -171,8 +171,9 @@ def main(argv: list[str] | None = None) -> Path:
         wandb_run.finish()
     result = common.write_result(
         out, "rest", started, model_path=str(merged.resolve()), adapter_path=str(adapter_dir.resolve()),
-        checkpoint_dir=str(ckpt_root.resolve()), sft_model=sft_model, reward_model=reward_path,
-        grown_sets=state["grown"], iterations=state["iterations"], resumed_from_step=resumed_from,
+        checkpoint_dir=str(ckpt_root.resolve()), snapshots_dir=str((out / common.SNAPSHOTS).resolve()),
+        sft_model=sft_model, reward=reward.describe(), grown_sets=state["grown"], iterations=state["iterations"],
+        stats=[{"step": i + 1, **it} for i, it in enumerate(state["iterations"])], resumed_from_step=resumed_from,
         metrics={"thresholds": state["thresholds"], "improves": len(state["iterations"]),
                  "mean_reward_first_grow": state["iterations"][0]["mean_reward_all"],
                  "mean_reward_last_grow": state["iterations"][-1]["mean_reward_all"]})

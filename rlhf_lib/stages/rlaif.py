@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> Path:
     rows = list(lake.stream(prompts_uri, ["instruction", "input"], cfg.data.stream_batch_size))
     rows = random.Random(f"rlaif-{cfg.run.seed}").sample(rows, min(a.num_prompts, len(rows)))
 
-    policy = models.load_causal_lm(sft_model, trust_remote_code=trust).to(models.inference_device()).eval()
-    tokenizer = models.load_tokenizer(sft_model, trust, padding_side="left")
+    policy, tokenizer = models.policy_on_device(sft_model, trust, padding_side="left")
     pairs = sample_pairs(policy, tokenizer, rows, a.max_new_tokens, cfg.run.seed)
     del policy
     print(f"[rlaif] sampled {len(pairs)} distinct pairs from {len(rows)} prompts; judging with {judge_ref}",

@@ -2,13 +2,26 @@
 
 Shapes: `B` sequences × `T` response tokens. `mask` is 1 on real response tokens and 0 on padding (after EOS
 or past a sequence's sampled length), always right-aligned padding within the response block.
+
+Several processes: the update is defined on the *global* batch. `reduce` (a function summing a tensor over every
+process; the identity on one) makes whitening use the global batch's statistics, and the losses take `tokens`, the
+global token count of the optimizer step's rollouts, so the per-process losses add up to the global mean.
+`tests/test_ppo_golden.py` checks these functions against trl 1.12's PPO on the same tensors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def no_reduce(x: torch.Tensor) -> torch.Tensor:
+    """One process: the sum over processes is the value itself."""
+    return x
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -18,17 +31,25 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Unbiased variance over the masked entries (Bessel's correction, as TRL)."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = masked_mean((x - mean) ** 2, mask)
-    return var * n / (n - 1).clamp(min=1)
+def masked_var(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce = no_reduce) -> torch.Tensor:
+    """Unbiased variance over the masked entries of every process's batch (Bessel's correction, as TRL)."""
+    return _masked_moments(x, mask, reduce)[1]
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise to unit variance (and zero mean when shift_mean) over the masked entries; padding -> 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def _masked_moments(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce) -> tuple[torch.Tensor, torch.Tensor]:
+    m = mask.to(x.dtype)
+    total = reduce(torch.stack([(x * m).sum(), m.sum()]))
+    n = total[1]
+    mean = total[0] / n.clamp(min=1)
+    squares = reduce(((x - mean) ** 2 * m).sum())
+    return mean, squares / (n - 1).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce: Reduce = no_reduce
+                  ) -> torch.Tensor:
+    """Normalise to unit variance (and zero mean when shift_mean) over the masked entries of the global batch
+    (`reduce` sums over processes); padding -> 0."""
+    mean, var = _masked_moments(x, mask, reduce)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
@@ -72,29 +93,40 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages.detach(), returns.detach()
 
 
+def _token_mean(x: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+    """sum(x * mask) / tokens: the masked mean when `tokens` is None; with `tokens` = the global token count of
+    an optimizer step, this process's share of that step's mean (the shares of every micro-batch on every process
+    add up to it)."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / (mask.sum() if tokens is None else tokens).clamp(min=1)
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate: mean over tokens of max(-A * r, -A * clip(r, 1-eps, 1+eps))."""
+                mask: torch.Tensor, cliprange: float, tokens: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate: mean over tokens of max(-A * r, -A * clip(r, 1-eps, 1+eps)); `tokens` as in
+    `_token_mean`. Stats over the same tokens: the clipped fraction and approx-KL = ½·(log r)²."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = _token_mean(torch.maximum(unclipped, clipped), mask, tokens)
     stats = {
-        "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-        "approx_kl": 0.5 * masked_mean(log_ratio ** 2, mask),
+        "clipfrac": _token_mean((clipped > unclipped).to(logprobs.dtype), mask, tokens),
+        "approx_kl": 0.5 * _token_mean(log_ratio ** 2, mask, tokens),
     }
     return loss, stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped value loss: 0.5 * mean over tokens of max((V - R)^2, (V_clipped - R)^2)."""
+               cliprange_value: float, tokens: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: 0.5 * mean over tokens of max((V - R)^2, (V_clipped - R)^2); `tokens` as above."""
     clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     unclipped_err = (values - returns) ** 2
     clipped_err = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask)
-    return loss, {"vf_clipfrac": masked_mean((clipped_err > unclipped_err).float(), mask)}
+    loss = 0.5 * _token_mean(torch.maximum(unclipped_err, clipped_err), mask, tokens)
+    return loss, {"vf_clipfrac": _token_mean((clipped_err > unclipped_err).to(values.dtype), mask, tokens)}
 
 
 @dataclass

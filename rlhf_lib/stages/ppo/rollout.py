@@ -1,4 +1,6 @@
-"""Rollouts: sample responses with per-sequence lengths, score them with the reward model's own tokenizer.
+"""Rollouts: sample responses with per-sequence lengths; when the sampler is the policy itself, keep what
+generation already computed — each sampled token's log-prob, the entropy, the value — so PPO needs no second
+forward pass of the policy over the rollout.
 
 Layout of a rollout batch (what the losses index into):
 
@@ -10,22 +12,25 @@ Position ids come from the attention mask (`rlhf_lib.rl.position_ids`), so left 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
-
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 
 @dataclass
 class RolloutBatch:
-    """One PPO step's rollouts: what `trainer.ppo_step` consumes."""
+    """One PPO step's rollouts on this process: what `trainer.ppo_step` consumes."""
 
     input_ids: torch.Tensor  # [B, P + T]
     attention_mask: torch.Tensor  # [B, P + T]
     response_mask: torch.Tensor  # [B, T]
     prompt_length: int  # P
-    scores: torch.Tensor  # [B], reward-model scores
+    scores: torch.Tensor | None = None  # [B], the reward of each response
+    # From generation, when the sampler is the policy itself: the policy's log p(token) [B, T], the entropy of each
+    # step's distribution [B, T] and the value of each state that emitted a token [B, T]. None: compute by forward.
+    old: dict[str, torch.Tensor] | None = None
 
 
 def response_mask(responses: torch.Tensor, lengths: list[int], eos_token_id: int | None, stop_at_eos: bool
@@ -49,43 +54,106 @@ def sample_lengths(n: int, low: int, high: int, generator: torch.Generator) -> l
 
 
 def generation_config(model, tokenizer, max_new_tokens: int, stop_at_eos: bool) -> GenerationConfig:
-    """Pure sampling from the policy (top_k=0, top_p=1, no logits processor), so the rollout distribution is
-    exactly the one whose log-probs PPO uses.
+    """Pure sampling from the policy (top_k=0, top_p=1, temperature 1, no logits processor), so the rollout
+    distribution is exactly the one whose log-probs PPO uses.
 
     stop_at_eos=False is the seed's behaviour (it set eos_token_id=100_000): EOS may be sampled like any other
     token and generation goes on to the drawn length. An EOS id no token can have says "never stop"; leaving it
     None would not do, because generate() fills None from the model's own config and stops at EOS, and
     min_new_tokens would ban EOS (its logit set to −inf) — a different distribution from the policy's."""
     never = model.get_output_embeddings().weight.shape[0]  # one past the last token id
-    return GenerationConfig(do_sample=True, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+    return GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=max_new_tokens,
                             eos_token_id=tokenizer.eos_token_id if stop_at_eos else never,
                             pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], lengths: list[int], *, stop_at_eos: bool,
-             max_prompt_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Sample (top_k=0, top_p=1) up to max(lengths) tokens for a batch, with the adapter as it is now.
+# Generation settings that reshape the logits before sampling (anything but these at their neutral value means
+# the sampler is not the policy, and its log-probs are not the policy's).
+_NEUTRAL = {"temperature": (None, 1.0), "top_k": (None, 0), "top_p": (None, 1.0), "min_p": (None, 0.0),
+            "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0),
+            "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
+            "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "suppress_tokens": (None,),
+            "begin_suppress_tokens": (None,), "sequence_bias": (None,), "min_new_tokens": (None, 0),
+            "min_length": (None, 0), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+            "guidance_scale": (None, 1.0), "renormalize_logits": (None, False)}
 
-    Returns (input_ids, attention_mask, response_mask, prompt_length)."""
-    device = next(model.parameters()).device
+
+def samples_from_policy(config: GenerationConfig) -> bool:
+    """True when sampling with `config` draws from the policy's own softmax: nothing reshapes the logits."""
+    return bool(config.do_sample) and all(getattr(config, k, None) in ok for k, ok in _NEUTRAL.items())
+
+
+class _RecordSampling(LogitsProcessor):
+    """At every generation step: the entropy of the distribution the next token is drawn from, and (one step
+    later, once it is known) the log-prob of the token that was drawn. Changes nothing; holds one [B, V] at a time."""
+
+    def __init__(self):
+        self.logprobs: list[torch.Tensor] = []
+        self.entropy: list[torch.Tensor] = []
+        self._last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._last is not None:
+            self.logprobs.append(self._last.gather(1, input_ids[:, -1:]).squeeze(1))
+        logp = torch.log_softmax(scores.float(), dim=-1)
+        self.entropy.append(-(logp.exp() * logp).sum(-1))
+        self._last = logp
+        return scores
+
+    def finish(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.logprobs.append(self._last.gather(1, last_tokens.unsqueeze(1)).squeeze(1))
+        self._last = None
+        return torch.stack(self.logprobs, 1), torch.stack(self.entropy, 1)
+
+
+@contextlib.contextmanager
+def _neutral_generation_config(model):
+    """generate() fills what a GenerationConfig leaves unset from the model's own generation config (a model may
+    ship a temperature or a repetition penalty): give it a neutral one while we sample."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = base.generation_config
+    base.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        base.generation_config = saved
+
+
+@torch.no_grad()
+def generate(policy, tokenizer, prompts: list[str], lengths: list[int], *, stop_at_eos: bool,
+             max_prompt_length: int, config: GenerationConfig | None = None) -> RolloutBatch:
+    """Sample up to max(lengths) tokens for a batch with the adapter as it is now (top_k=0, top_p=1 unless
+    `config` says otherwise). `policy` is a PolicyWithValueHead (its log-probs, entropy and values are then taken
+    from generation when the sampler is the policy itself) or a bare causal LM."""
+    lm = getattr(policy, "lm", policy)
+    device = next(lm.parameters()).device
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"  # keep the end of a long prompt: that is where "Answer:" is
     enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_length,
                     add_special_tokens=True).to(device)
-    gen_config = generation_config(model, tokenizer, max(lengths), stop_at_eos)
-    out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                         generation_config=gen_config)
+    config = config or generation_config(lm, tokenizer, max(lengths), stop_at_eos)
+    record = hasattr(policy, "v_head") and samples_from_policy(config)
+    recorder = _RecordSampling() if record else None
+    with _neutral_generation_config(lm), (policy.capturing() if record else contextlib.nullcontext()) as hidden:
+        out = lm.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], generation_config=config,
+                          logits_processor=LogitsProcessorList([recorder]) if record else None)
     P = enc["input_ids"].shape[1]
     responses = out[:, P:]
     r_mask = response_mask(responses, lengths, tokenizer.eos_token_id, stop_at_eos)
+    old = None
+    if record:
+        logprobs, entropy = recorder.finish(responses[:, -1])
+        # The states that emitted response token t: the prompt's last position, then each new token but the last.
+        states = torch.cat([hidden[0][:, -1:]] + [h[:, -1:] for h in hidden[1:responses.shape[1]]], dim=1)
+        values = policy.v_head(states.float()).squeeze(-1)
+        old = {"logprobs": logprobs, "entropy": entropy, "values": values}
     # Padding inside the response block must be a real token id for the forward pass; it is masked anyway.
     responses = torch.where(r_mask.bool(), responses, torch.full_like(responses, tokenizer.pad_token_id))
     input_ids = torch.cat([enc["input_ids"], responses], dim=1)
     attention_mask = torch.cat([enc["attention_mask"], r_mask], dim=1)
-    return input_ids, attention_mask, r_mask, P
+    return RolloutBatch(input_ids, attention_mask, r_mask, P, old=old)
 
 
-def decode_responses(tokenizer, input_ids: torch.Tensor, r_mask: torch.Tensor, prompt_length: int) -> list[str]:
-    responses = input_ids[:, prompt_length:]
-    return [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(responses, r_mask)]
+def decode_responses(tokenizer, batch: RolloutBatch) -> list[str]:
+    responses = batch.input_ids[:, batch.prompt_length:]
+    return [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(responses, batch.response_mask)]

@@ -2,29 +2,43 @@
 
     python -m rlhf_lib.stages.ppo --config run.json --output DIR \\
         --input sft_model=MERGED_SFT_DIR --input reward_model=DIR --input prompts=LAKE_URI [--resume-from CKPT]
+    (or --input reward_function=function:module:fn in place of reward_model: a Python reward, rlhf_lib/scoring.py)
 
 Policy: the merged SFT model with a fresh LoRA adapter and a value head on its last hidden state.
 Reference: the same model with the adapter disabled (no second copy in memory). Each step:
 
   1. rollout: a batch of prompts; responses sampled (top_k=0, top_p=1) to lengths drawn from [min, max];
-     scored by the reward model on the decoded query + response, with the reward model's own tokenizer;
-  2. log-probs, values and reference log-probs of the responses (no grad);
-  3. per-token rewards -beta * KL plus the score on the last token; GAE advantages (whitened) and returns;
-  4. ppo_epochs passes over shuffled mini-batches: clipped policy loss + vf_coef * clipped value loss;
-  5. the adaptive KL controller moves beta toward the per-sequence KL target.
+     scored by the reward on the decoded query + response (a reward model through its own tokenizer);
+     the policy's log-probs, entropy and values come from generation itself (the sampler is the policy);
+  2. reference log-probs of the responses: one forward with the adapter off (no grad);
+  3. per-token rewards -beta * KL plus the score on the last token; GAE advantages, whitened over the global
+     batch, and returns;
+  4. ppo_epochs passes over shuffled optimizer steps of mini_batch_size x gradient_accumulation_steps rollouts:
+     clipped policy loss + vf_coef * clipped value loss, each the mean over the step's tokens;
+  5. the adaptive KL controller moves beta toward the per-sequence KL target, fed the global batch's KL.
+
+The update is defined on the global batch (`ppo.batch_size` prompts per step, whatever the layout): N processes
+(GPUs, or nodes) each generate batch_size / N of them, and compute exactly what one process computes on the whole
+batch — the same whitening, the same KL controller update, the same gradient (each process's loss is its share of
+the global token mean; the gradients are summed across processes, not averaged) and the same shuffle (one global
+permutation per epoch; each process works on its members of each mini-batch). `tests/test_ppo_layout.py` checks
+2 processes against 1 in float64.
 
 Dropout stays off throughout (model.eval()): with dropout on, the importance ratio of the first mini-batch
 would not be 1, and the same rollout would score differently on every pass.
 
 Outputs: DIR/checkpoints/step-N (adapter, value head, optimizer, KL controller, RNG states, data cursor, stats;
-atomic, last `keep_checkpoints` kept), DIR/adapter, DIR/value_head.safetensors, DIR/merged (standalone model),
+atomic, last `keep_checkpoints` kept), DIR/snapshots/step-N (the adapter alone at every checkpoint, all kept: the
+evaluation's over-optimisation curve), DIR/adapter, DIR/value_head.safetensors, DIR/merged (standalone model),
 DIR/result.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +55,10 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 class PolicyWithValueHead(nn.Module):
-    """A causal LM (with its LoRA adapter) and a scalar value head on its last hidden state."""
+    """A causal LM (with its LoRA adapter) and a scalar value head on its last hidden state.
+
+    The last hidden state is taken by a hook on the LM's decoder, so it is there both in a forward pass and during
+    generation (where the rollout takes the values from it, with no second pass)."""
 
     def __init__(self, lm: nn.Module, hidden_size: int):
         super().__init__()
@@ -49,11 +66,28 @@ class PolicyWithValueHead(nn.Module):
         self.v_head = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.v_head.weight)
         nn.init.zeros_(self.v_head.bias)
+        self._hidden: list[torch.Tensor] | None = None
+        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        base.get_decoder().register_forward_hook(self._keep_hidden)
+
+    def _keep_hidden(self, module, args, output) -> None:
+        if self._hidden is not None:
+            self._hidden.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    @contextlib.contextmanager
+    def capturing(self):
+        """Within: every forward of the decoder appends its last hidden state to the yielded list."""
+        self._hidden = []
+        try:
+            yield self._hidden
+        finally:
+            self._hidden = None
 
     def forward(self, input_ids, attention_mask):
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=rl.position_ids(attention_mask), output_hidden_states=True)
-        values = self.v_head(out.hidden_states[-1].float()).squeeze(-1)
+        with self.capturing() as hidden:
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=rl.position_ids(attention_mask))
+        values = self.v_head(hidden[-1].float()).squeeze(-1)
         return out.logits, values
 
 
@@ -97,22 +131,12 @@ def _setup_policy(cfg, sft_model: str, device):
 
     from rlhf_lib import models
 
-    base = models.load_causal_lm(sft_model, trust_remote_code=cfg.run.trust_remote_code)
+    base, tokenizer = models.policy_on_device(sft_model, cfg.run.trust_remote_code, padding_side="left", device=device)
     lm = get_peft_model(base, models.lora_config(cfg.ppo.lora))
     hidden = getattr(base.config, "word_embed_proj_dim", None) or base.config.hidden_size
     policy = PolicyWithValueHead(lm, hidden).to(device)
     policy.eval()
-    tokenizer = models.load_tokenizer(sft_model, cfg.run.trust_remote_code, padding_side="left")
     return policy, tokenizer
-
-
-def _setup_reward_model(cfg, reward_model: str, device):
-    from rlhf_lib import models
-
-    rm = models.load_reward_model(reward_model, cfg.run.trust_remote_code).to(device)
-    rm.eval()
-    rm.requires_grad_(False)
-    return rm, models.load_tokenizer(reward_model, cfg.run.trust_remote_code, padding_side="right")
 
 
 def _trainable_parameters(policy: PolicyWithValueHead) -> list[nn.Parameter]:
@@ -120,6 +144,44 @@ def _trainable_parameters(policy: PolicyWithValueHead) -> list[nn.Parameter]:
 
 
 # ------------------------------------------------------------------ one PPO step
+
+
+@dataclass(frozen=True)
+class Layout:
+    """This process's place in the global batch: `world` processes, this one `rank`, each holding a consecutive
+    slice of every global rollout batch (rank r: rows [r*b, (r+1)*b) for b rollouts per process)."""
+
+    rank: int = 0
+    world: int = 1
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of `x` over every process (a new tensor; `x` itself on one process)."""
+        if self.world == 1:
+            return x
+        import torch.distributed as dist
+
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` of every process, concatenated in rank order along the first dimension."""
+        if self.world == 1:
+            return x
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    def sum_gradients(self, params: list[nn.Parameter]) -> None:
+        """Sum each parameter's gradient over every process (one collective for all of them)."""
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.reduce(torch.cat([g.reshape(-1) for g in grads]))
+        for p, g in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p).clone()
 
 
 def _forward_response(policy: PolicyWithValueHead, input_ids, attention_mask, P: int, with_entropy=False):
@@ -132,76 +194,109 @@ def _forward_response(policy: PolicyWithValueHead, input_ids, attention_mask, P:
 
 
 @torch.no_grad()
-def _score_rollout(policy, input_ids, attention_mask, P, chunk: int):
-    """Old log-probs, values, reference log-probs (adapter off) and entropy, in chunks to bound memory."""
-    parts = {"logprobs": [], "values": [], "ref_logprobs": [], "entropy": []}
-    lm = policy.lm
-    for i in range(0, len(input_ids), chunk):
-        ids, am = input_ids[i:i + chunk], attention_mask[i:i + chunk]
-        lp, v, ent = _forward_response(policy, ids, am, P, with_entropy=True)
-        with lm.disable_adapter():
-            ref_lp, _, _ = _forward_response(policy, ids, am, P)
-        for key, val in zip(parts, (lp, v, ref_lp, ent)):
-            parts[key].append(val)
-    return {k: torch.cat(v) for k, v in parts.items()}
+def _score_rollout(policy, batch: rollout.RolloutBatch, chunk: int) -> dict[str, torch.Tensor]:
+    """Reference log-probs (adapter off), and — unless generation already gave them — the policy's old log-probs,
+    values and entropy, in chunks to bound memory."""
+    ids_all, am_all, P = batch.input_ids, batch.attention_mask, batch.prompt_length
+    parts: dict[str, list] = {"ref_logprobs": []} if batch.old else {"logprobs": [], "values": [], "entropy": [],
+                                                                       "ref_logprobs": []}
+    for i in range(0, len(ids_all), chunk):
+        ids, am = ids_all[i:i + chunk], am_all[i:i + chunk]
+        if not batch.old:
+            lp, v, ent = _forward_response(policy, ids, am, P, with_entropy=True)
+            parts["logprobs"].append(lp), parts["values"].append(v), parts["entropy"].append(ent)
+        with policy.lm.disable_adapter():
+            parts["ref_logprobs"].append(_forward_response(policy, ids, am, P)[0])
+    return {**(batch.old or {}), **{k: torch.cat(v) for k, v in parts.items()}}
 
 
-def ppo_step(policy, optimizer, accelerator, batch: rollout.RolloutBatch, kl_ctl, p) -> dict[str, float]:
-    """PPO on one rollout batch: old log-probs and values, rewards with the KL penalty, GAE, ppo_epochs passes."""
-    input_ids, attention_mask = batch.input_ids, batch.attention_mask
-    mask, P, scores = batch.response_mask.float(), batch.prompt_length, batch.scores
-    old = _score_rollout(accelerator.unwrap_model(policy), input_ids, attention_mask, P, p.mini_batch_size)
-    rewards, kl = losses.per_token_rewards(scores, old["logprobs"], old["ref_logprobs"], mask, kl_ctl.value)
+def advantages_and_returns(scores, old: dict, mask, kl_coef: float, p, layout: Layout = Layout()):
+    """Per-token rewards (score on the last token, -beta * KL on every token), GAE advantages whitened over the
+    global batch, and returns. Returns (advantages, returns, per-token KL)."""
+    rewards, kl = losses.per_token_rewards(scores, old["logprobs"], old["ref_logprobs"], mask, kl_coef)
     advantages, returns = losses.gae(rewards, old["values"], mask, p.gamma, p.lam)
-    advantages = losses.masked_whiten(advantages, mask)
+    return losses.masked_whiten(advantages, mask, reduce=layout.reduce), returns, kl
 
-    B = len(input_ids)
-    # Per-mini-batch stats stay on the device until the step ends: no host sync inside the loop.
-    agg: dict[str, list[torch.Tensor]] = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": [],
-                                          "vf_clipfrac": []}
+
+STAT_KEYS = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac")
+
+
+def minibatch_loss(policy, ids, am, P, old_logprobs, old_values, advantages, returns, mask, tokens, p):
+    """The loss of one micro-batch, as its share of the optimizer step's global token mean, and its stats."""
+    logprobs, values, _ = _forward_response(policy, ids, am, P)
+    pg_loss, pg_stats = losses.policy_loss(logprobs, old_logprobs, advantages, mask, p.cliprange, tokens)
+    vf_loss, vf_stats = losses.value_loss(values, old_values, returns, mask, p.cliprange_value, tokens)
+    return pg_loss + p.vf_coef * vf_loss, torch.stack([pg_loss, vf_loss, pg_stats["clipfrac"],
+                                                       pg_stats["approx_kl"], vf_stats["vf_clipfrac"]]).detach()
+
+
+def ppo_step(policy, optimizer, batch: rollout.RolloutBatch, kl_ctl, p, *, layout: Layout = Layout(),
+             shuffle_seed: int = 0) -> dict[str, float]:
+    """PPO on one rollout batch (this process's slice of the global batch): rewards with the KL penalty, GAE,
+    then ppo_epochs passes of optimizer steps over mini_batch_size x gradient_accumulation_steps rollouts of the
+    global batch, in one global shuffle per epoch seeded by `shuffle_seed` (the same on every process)."""
+    ids, am, P, scores = batch.input_ids, batch.attention_mask, batch.prompt_length, batch.scores
+    old = _score_rollout(policy, batch, p.mini_batch_size)
+    mask = batch.response_mask.to(old["values"].dtype)
+    advantages, returns, kl = advantages_and_returns(scores, old, mask, kl_ctl.value, p, layout)
+
+    b = len(ids)
+    first = layout.rank * b  # this process's rows in the global batch
+    step_size = p.mini_batch_size * p.gradient_accumulation_steps  # global rollouts per optimizer step
+    params = _trainable_parameters(policy)
+    generator = torch.Generator().manual_seed(shuffle_seed)
+    step_stats: list[torch.Tensor] = []
     early_stopped = False
     for _ in range(p.ppo_epochs):
-        order = torch.randperm(B).tolist()
-        for start in range(0, B, p.mini_batch_size):
-            idx = order[start:start + p.mini_batch_size]
-            with accelerator.accumulate(policy):
-                logprobs, values, _ = _forward_response(policy, input_ids[idx], attention_mask[idx], P)
-                pg_loss, pg_stats = losses.policy_loss(logprobs, old["logprobs"][idx], advantages[idx], mask[idx],
-                                                       p.cliprange)
-                vf_loss, vf_stats = losses.value_loss(values, old["values"][idx], returns[idx], mask[idx],
-                                                      p.cliprange_value)
-                accelerator.backward(pg_loss + p.vf_coef * vf_loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(_trainable_parameters(accelerator.unwrap_model(policy)),
-                                                p.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            for key, val in (("policy_loss", pg_loss), ("value_loss", vf_loss), *pg_stats.items(),
-                             *vf_stats.items()):
-                agg[key].append(val.detach())
-            if p.early_stopping and pg_stats["approx_kl"] > 1.5 * p.target_kl:
-                early_stopped = True
+        order = torch.randperm(b * layout.world, generator=generator)
+        for start in range(0, len(order), step_size):
+            members = order[start:start + step_size]
+            mine = members[(members >= first) & (members < first + b)] - first
+            tokens = layout.reduce(mask[mine].sum())  # the step's tokens on every process: the loss's denominator
+            sums = torch.zeros(len(STAT_KEYS), dtype=mask.dtype, device=mask.device)
+            for micro in members.split(p.mini_batch_size):
+                idx = micro[(micro >= first) & (micro < first + b)] - first
+                if len(idx) == 0:  # this process holds none of this micro-batch
+                    continue
+                loss, contribution = minibatch_loss(policy, ids[idx], am[idx], P, old["logprobs"][idx],
+                                                    old["values"][idx], advantages[idx], returns[idx], mask[idx],
+                                                    tokens, p)
+                loss.backward()
+                sums += contribution
+            layout.sum_gradients(params)
+            torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            step_stats.append(sums)
+            if p.early_stopping and float(layout.reduce(sums[3])) > 1.5 * p.target_kl:
+                early_stopped = True  # every process sees the same global approx-KL, so all stop together
                 break
         if early_stopped:
             break
 
-    seq_kl = kl.sum(1)
-    local = torch.stack([scores.float(), seq_kl.float(), mask.sum(1).float()], dim=1)
-    gathered = accelerator.gather(local.to(accelerator.device)).cpu()
+    per_step = layout.reduce(torch.stack(step_stats)).mean(0)  # each optimizer step's global means, averaged
+    local = torch.stack([scores.float(), kl.sum(1).float(), mask.sum(1).float()], dim=1)
+    gathered = layout.gather(local.to(mask.device)).cpu()
     g_scores, g_kl, g_len = gathered[:, 0], gathered[:, 1], gathered[:, 2]
+    entropy = layout.reduce(torch.stack([(old["entropy"] * mask).sum(), mask.sum()]).float())
     stats = {
         "score_mean": float(g_scores.mean()),
         "score_std": float(g_scores.std()) if len(g_scores) > 1 else 0.0,
         "kl": float(g_kl.mean()),
         "beta": kl_ctl.value,
-        "entropy": float(losses.masked_mean(old["entropy"], mask)),
+        "entropy": float(entropy[0] / entropy[1].clamp(min=1)),
         "response_length_mean": float(g_len.mean()),
-        **{k: float(torch.stack(v).mean()) if v else 0.0 for k, v in agg.items()},
+        **{k: float(v) for k, v in zip(STAT_KEYS, per_step)},
         "early_stopped": early_stopped,
-        "samples": len(g_scores),  # gathered from every rank
+        "samples": len(g_scores),  # the global batch
     }
     kl_ctl.update(stats["kl"], len(g_scores))
     return stats
+
+
+def shuffle_seed(run_seed: int, step: int) -> int:
+    """The seed of step `step`'s mini-batch shuffle: the same on every process, and needing no saved state."""
+    return run_seed * 1_000_003 + step
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -274,24 +369,28 @@ def main(argv: list[str] | None = None) -> Path:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from rlhf_lib import models, tracking
-    from rlhf_lib.scoring import score_responses
+    from rlhf_lib import models, scoring, tracking
 
-    started, args, cfg, (sft_model, reward_model, prompts_uri), out = common.start(
-        "ppo", argv, "sft_model", "reward_model", "prompts")
+    started, args, cfg, (sft_model, prompts_uri), out = common.start("ppo", argv, "sft_model", "prompts")
     ckpt_root = out / "checkpoints"
     p = cfg.ppo
 
-    accelerator = Accelerator(gradient_accumulation_steps=p.gradient_accumulation_steps, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # the process group and this process's device
     device = accelerator.device
+    layout = Layout(accelerator.process_index, accelerator.num_processes)
+    if p.batch_size % layout.world:
+        raise SystemExit(f"ppo.batch_size ({p.batch_size}) is the global batch and must be divisible by the "
+                         f"{layout.world} processes of this run (run.gpus x run.nodes)")
+    local_batch = p.batch_size // layout.world
     policy, tokenizer = _setup_policy(cfg, sft_model, device)
-    reward, reward_tokenizer = _setup_reward_model(cfg, reward_model, device)
+    reward = scoring.load_reward(args.inputs, p.reward_max_length, cfg.run.trust_remote_code, device)
     prompts_all = lake.rl_prompts(prompts_uri, cfg.data.stream_batch_size)
-    sampler = PromptSampler(prompts_all, cfg.run.seed, accelerator.process_index,
-                            accelerator.num_processes)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    print(f"[ppo] rank {rank}/{world}: prompts [{rank * p.batch_size}, {(rank + 1) * p.batch_size}) of each global "
-          f"batch of {world * p.batch_size}; stats gathered from all ranks; rank 0 writes checkpoints", flush=True)
+    sampler = PromptSampler(prompts_all, cfg.run.seed, layout.rank, layout.world)
+    rank, world = layout.rank, layout.world
+    print(f"[ppo] rank {rank}/{world}: prompts [{rank * local_batch}, {(rank + 1) * local_batch}) of each global "
+          f"batch of {p.batch_size}; optimizer steps of {p.mini_batch_size * p.gradient_accumulation_steps} "
+          f"rollouts (mini-batch {p.mini_batch_size} x accumulation {p.gradient_accumulation_steps}); rank 0 "
+          f"writes checkpoints", flush=True)
     optimizer = torch.optim.Adam(_trainable_parameters(policy), lr=p.learning_rate)
     kl_ctl = (losses.AdaptiveKLController(p.init_kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
               else losses.FixedKLController(p.init_kl_coef))
@@ -307,22 +406,20 @@ def main(argv: list[str] | None = None) -> Path:
         _restore(state, policy, optimizer, kl_ctl, sampler, length_gen)
         start_step, stats_history = state["step"], list(state["stats"])
         accelerator.print(f"[ppo] resumed from step {start_step} ({path})")
-    policy, optimizer = accelerator.prepare(policy, optimizer)
     policy.eval()
 
     bar = tqdm(range(start_step, p.steps), desc="ppo", initial=start_step, total=p.steps,
                disable=not accelerator.is_main_process, mininterval=2)
     for step in bar:
-        prompts = sampler.next_batch(p.batch_size)
-        lengths = rollout.sample_lengths(len(prompts), p.min_response_length, p.max_response_length, length_gen)
-        unwrapped = accelerator.unwrap_model(policy)
-        input_ids, attention_mask, r_mask, P = rollout.generate(
-            unwrapped.lm, tokenizer, prompts, lengths, stop_at_eos=p.stop_at_eos,
-            max_prompt_length=p.max_prompt_length)
-        responses = rollout.decode_responses(tokenizer, input_ids, r_mask, P)
-        scores = score_responses(reward, reward_tokenizer, prompts, responses, p.reward_max_length)
-        batch = rollout.RolloutBatch(input_ids, attention_mask, r_mask, P, scores)
-        stats = {"step": step + 1, **ppo_step(policy, optimizer, accelerator, batch, kl_ctl, p)}
+        prompts = sampler.next_batch(local_batch)
+        # Lengths are drawn for the global batch, then sliced: the same lengths whatever the layout.
+        lengths = rollout.sample_lengths(p.batch_size, p.min_response_length, p.max_response_length,
+                                         length_gen)[rank * local_batch:(rank + 1) * local_batch]
+        batch = rollout.generate(policy, tokenizer, prompts, lengths, stop_at_eos=p.stop_at_eos,
+                                 max_prompt_length=p.max_prompt_length)
+        batch.scores = reward(prompts, rollout.decode_responses(tokenizer, batch))
+        stats = {"step": step + 1, **ppo_step(policy, optimizer, batch, kl_ctl, p, layout=layout,
+                                              shuffle_seed=shuffle_seed(cfg.run.seed, step))}
         stats_history.append(stats)
         bar.set_postfix(score=f"{stats['score_mean']:.2f}", kl=f"{stats['kl']:.2f}", beta=f"{stats['beta']:.3f}")
         if wandb_run is not None:
@@ -330,14 +427,14 @@ def main(argv: list[str] | None = None) -> Path:
         if (step + 1) % p.save_freq == 0 or step + 1 == p.steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_checkpoint(ckpt_root, step + 1, accelerator.unwrap_model(policy), optimizer, kl_ctl, sampler,
-                                length_gen, stats_history, p.keep_checkpoints, mirror=args.checkpoint_uri)
+                save_checkpoint(ckpt_root, step + 1, policy, optimizer, kl_ctl, sampler, length_gen, stats_history,
+                                p.keep_checkpoints, mirror=args.checkpoint_uri)
+                common.save_snapshot(policy.lm, out, step + 1)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return out
 
-    final = accelerator.unwrap_model(policy)
-    _save_weights(final, out)
+    _save_weights(policy, out)
     merged = models.merge_adapter(sft_model, str(out / "adapter"), out / "merged", cfg.run.trust_remote_code)
     tokenizer.save_pretrained(out / "adapter")
     if wandb_run is not None:
@@ -348,9 +445,11 @@ def main(argv: list[str] | None = None) -> Path:
     result = common.write_result(
         out, "ppo", started, model_path=str(merged.resolve()), adapter_path=str((out / "adapter").resolve()),
         value_head_path=str((out / VALUE_HEAD_FILE).resolve()), checkpoint_dir=str(ckpt_root.resolve()),
-        sft_model=sft_model, reward_model=reward_model, stats=stats_history, resumed_from_step=start_step,
+        snapshots_dir=str((out / common.SNAPSHOTS).resolve()), sft_model=sft_model, reward=reward.describe(),
+        stats=stats_history, resumed_from_step=start_step,
         metrics={"score_first_quarter": first_q, "score_last_quarter": last_q,
-                 "final_beta": kl_ctl.value, "steps": len(stats_history), "ranks": accelerator.num_processes})
+                 "final_beta": kl_ctl.value, "steps": len(stats_history), "ranks": layout.world,
+                 "global_batch": p.batch_size})
     print(f"[ppo] model: {merged.resolve()}  mean score first quarter {first_q:.3f} -> last quarter {last_q:.3f}  "
           f"({result})", flush=True)
     return out

@@ -1,0 +1,40 @@
+"""RLOO — REINFORCE Leave-One-Out (Ahmadian et al. 2024), TRL's RLOOTrainer, from the merged SFT model.
+
+    python -m rlhf_lib.stages.rloo --config run.json --output DIR \\
+        --input sft_model=MERGED_SFT_DIR --input reward_model=DIR --input prompts=LAKE_URI
+    (or --input reward_function=function:module:fn in place of reward_model)
+
+For each prompt, `rloo.num_generations` (k ≥ 2) completions are sampled and scored; the KL to the SFT model (the
+same weights with the adapter switched off), times `beta`, is subtracted from each reward, and each completion's
+baseline is the mean reward of the *other* k − 1 completions of its prompt — an unbiased REINFORCE estimator with
+no value model. The policy is the merged SFT model with a fresh LoRA adapter. HF Trainer checkpoints (resumed from
+on a retry or a Metaflow resume), the adapter at every checkpoint under DIR/snapshots (the evaluation's
+over-optimisation curve), DIR/adapter, DIR/merged, DIR/result.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlhf_lib.stages import common, trl_online
+
+
+def make_trainer(cfg, r, model, tokenizer, reward_fn, train_ds, out: Path):
+    from trl import RLOOConfig, RLOOTrainer
+
+    from rlhf_lib import models
+
+    rloo_args = RLOOConfig(**common.hf_training_kwargs(cfg, r, "rloo", out), num_generations=r.num_generations,
+                           max_completion_length=r.max_completion_length, temperature=r.temperature, top_k=0,
+                           top_p=1.0, beta=r.beta, epsilon=r.epsilon, num_iterations=r.num_iterations,
+                           normalize_advantages=r.normalize_advantages, disable_dropout=True)
+    return RLOOTrainer(model=model, reward_funcs=[reward_fn], args=rloo_args, train_dataset=train_ds,
+                       processing_class=tokenizer, peft_config=models.lora_config(r.lora))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    return trl_online.run("rloo", argv, make_trainer)
+
+
+if __name__ == "__main__":
+    main()
