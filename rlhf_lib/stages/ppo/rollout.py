@@ -132,7 +132,7 @@ def generate(policy, tokenizer, prompts: list[str], lengths: list[int], *, stop_
     enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_length,
                     add_special_tokens=True).to(device)
     config = config or generation_config(lm, tokenizer, max(lengths), stop_at_eos)
-    record = hasattr(policy, "v_head") and samples_from_policy(config)
+    record = hasattr(policy, "value") and samples_from_policy(config)
     recorder = _RecordSampling() if record else None
     with _neutral_generation_config(lm), (policy.capturing() if record else contextlib.nullcontext()) as hidden:
         out = lm.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], generation_config=config,
@@ -145,7 +145,7 @@ def generate(policy, tokenizer, prompts: list[str], lengths: list[int], *, stop_
         logprobs, entropy = recorder.finish(responses[:, -1])
         # The states that emitted response token t: the prompt's last position, then each new token but the last.
         states = torch.cat([hidden[0][:, -1:]] + [h[:, -1:] for h in hidden[1:responses.shape[1]]], dim=1)
-        values = policy.v_head(states.float()).squeeze(-1)
+        values = policy.value(states)
         old = {"logprobs": logprobs, "entropy": entropy, "values": values}
     # Padding inside the response block must be a real token id for the forward pass; it is masked anyway.
     responses = torch.where(r_mask.bool(), responses, torch.full_like(responses, tokenizer.pad_token_id))

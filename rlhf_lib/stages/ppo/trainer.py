@@ -87,8 +87,11 @@ class PolicyWithValueHead(nn.Module):
         with self.capturing() as hidden:
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=rl.position_ids(attention_mask))
-        values = self.v_head(hidden[-1].float()).squeeze(-1)
-        return out.logits, values
+        return out.logits, self.value(hidden[-1])
+
+    def value(self, hidden: torch.Tensor) -> torch.Tensor:
+        """V(s) from last hidden states [..., H], computed in the value head's own precision (fp32 under a bf16 LM)."""
+        return self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)
 
 
 class PromptSampler:
