@@ -224,13 +224,20 @@ def advantages_and_returns(scores, old: dict, mask, kl_coef: float, p, layout: L
 STAT_KEYS = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac")
 
 
-def minibatch_loss(policy, ids, am, P, old_logprobs, old_values, advantages, returns, mask, tokens, p):
-    """The loss of one micro-batch, as its share of the optimizer step's global token mean, and its stats."""
-    logprobs, values, _ = _forward_response(policy, ids, am, P)
+def minibatch_objective(logprobs, values, old_logprobs, old_values, advantages, returns, mask, tokens, p):
+    """PPO's objective on one micro-batch from the policy's new log-probs and values: clipped policy loss +
+    vf_coef x clipped value loss, each its share of the optimizer step's global token mean (`tokens`); and the
+    stats (STAT_KEYS) on the same footing."""
     pg_loss, pg_stats = losses.policy_loss(logprobs, old_logprobs, advantages, mask, p.cliprange, tokens)
     vf_loss, vf_stats = losses.value_loss(values, old_values, returns, mask, p.cliprange_value, tokens)
     return pg_loss + p.vf_coef * vf_loss, torch.stack([pg_loss, vf_loss, pg_stats["clipfrac"],
                                                        pg_stats["approx_kl"], vf_stats["vf_clipfrac"]]).detach()
+
+
+def minibatch_loss(policy, ids, am, P, old_logprobs, old_values, advantages, returns, mask, tokens, p):
+    """The loss of one micro-batch (a forward of the policy, then `minibatch_objective`) and its stats."""
+    logprobs, values, _ = _forward_response(policy, ids, am, P)
+    return minibatch_objective(logprobs, values, old_logprobs, old_values, advantages, returns, mask, tokens, p)
 
 
 def ppo_step(policy, optimizer, batch: rollout.RolloutBatch, kl_ctl, p, *, layout: Layout = Layout(),
