@@ -94,10 +94,8 @@ def worker_ours(inputs: dict, steps: int) -> dict:
 
     env.configure()
     import torch
-    from accelerate import Accelerator
 
-    from rlhf_lib import config
-    from rlhf_lib.scoring import score_responses
+    from rlhf_lib import config, scoring
     from rlhf_lib.stages.ppo import losses, rollout, trainer
 
     torch.set_num_threads(1)
@@ -109,24 +107,23 @@ def worker_ours(inputs: dict, steps: int) -> dict:
                             "target_modules": LORA["target_modules"]})
     cfg = config.validate(raw)
     p = cfg.ppo
-    accelerator = Accelerator(cpu=True)
-    policy, tokenizer = trainer._setup_policy(cfg, inputs["policy"], accelerator.device)
-    reward, reward_tokenizer = trainer._setup_reward_model(cfg, inputs["reward"], accelerator.device)
+    device = torch.device("cpu")
+    policy, tokenizer = trainer._setup_policy(cfg, inputs["policy"], device)
+    reward = scoring.ModelReward(inputs["reward"], 512, device=device)
     optimizer = torch.optim.Adam(trainer._trainable_parameters(policy), lr=p.learning_rate)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    policy.eval()
+    shared = reward.shares_tokenizer(tokenizer)
+    assert shared, "the bench's reward model shares the policy's tokenizer"
     kl_ctl = losses.FixedKLController(p.init_kl_coef)
     prompts = json.loads(Path(inputs["prompts"]).read_text())
     timings = []
     for step in range(steps):
         batch_prompts = prompts[step * BATCH:(step + 1) * BATCH]
         t0 = time.perf_counter()
-        ids, am, mask, P = rollout.generate(accelerator.unwrap_model(policy).lm, tokenizer, batch_prompts,
-                                            [RESPONSE_LENGTH] * BATCH, stop_at_eos=False, max_prompt_length=64)
+        batch = rollout.generate(policy, tokenizer, batch_prompts, [RESPONSE_LENGTH] * BATCH, stop_at_eos=False,
+                                 max_prompt_length=64)
         t1 = time.perf_counter()
-        responses = rollout.decode_responses(tokenizer, ids, mask, P)
-        scores = score_responses(reward, reward_tokenizer, batch_prompts, responses, 512)
-        trainer.ppo_step(policy, optimizer, accelerator, rollout.RolloutBatch(ids, am, mask, P, scores), kl_ctl, p)
+        batch.scores = trainer.score_rollout(reward, tokenizer, batch_prompts, batch, shared)
+        trainer.ppo_step(policy, optimizer, batch, kl_ctl, p, shuffle_seed=step)
         t2 = time.perf_counter()
         timings.append({"generate": t1 - t0, "rest": t2 - t1})
     return {"timings": timings, "peak_rss_mib": _peak_rss_mib()}

@@ -16,12 +16,14 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) under softmax(logits); logits [B, T, V], tokens [B, T] -> [B, T]."""
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+    """log p(token) under softmax(logits); logits [B, T, V], tokens [B, T] -> [B, T]. Computed as the token's
+    logit minus the log-sum-exp, in at least float32, without materialising the whole log-softmax."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return torch.gather(logits, 2, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    logp = F.log_softmax(logits.float(), dim=-1)
+    logp = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 

@@ -121,6 +121,28 @@ class ModelReward(Reward):
         texts = [reward_text(p, c) for p, c in zip(prompts, completions)]
         return score_texts(self.model, self.tokenizer, texts, self.max_length, self.batch_size)
 
+    def shares_tokenizer(self, tokenizer) -> bool:
+        """Whether `tokenizer` (the policy's) is this reward model's own: then a rollout's token ids can be scored
+        as they are, with no decode and re-tokenisation."""
+        if not hasattr(self, "_vocab"):
+            self._vocab = self.tokenizer.get_vocab()
+        return (type(tokenizer) is type(self.tokenizer) and tokenizer.get_vocab() == self._vocab
+                and tokenizer.pad_token_id == self.tokenizer.pad_token_id)
+
+    @torch.no_grad()
+    def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Scores of token ids in this model's own vocabulary (left-padded prompt + right-padded response, as a
+        rollout holds them), keeping the last `max_length` positions (left truncation, as for text)."""
+        input_ids, attention_mask = input_ids[:, -self.max_length:], attention_mask[:, -self.max_length:]
+        scores = []
+        for i in range(0, len(input_ids), self.batch_size):
+            am = attention_mask[i:i + self.batch_size].to(self.device)
+            ids = input_ids[i:i + self.batch_size].to(self.device)
+            # The classifier reads the last real token; padding must carry the pad id for it to find that token.
+            ids = torch.where(am.bool(), ids, torch.full_like(ids, self.tokenizer.pad_token_id))
+            scores.append(self.model(input_ids=ids, attention_mask=am).logits[:, 0].float())
+        return torch.cat(scores)
+
 
 class FunctionReward(Reward):
     """A Python function `module:function` (texts in, floats out)."""

@@ -127,3 +127,32 @@ def test_old_logprobs_from_generation_equal_a_full_forward(tiny_policy):
     assert other.old is None
     scored = _score_rollout(policy, other, chunk=2)
     assert {"logprobs", "values", "entropy", "ref_logprobs"} <= scored.keys()
+
+
+def test_reward_sharing_the_policys_tokenizer_scores_token_ids_as_it_scores_text(tiny_policy, tmp_path):
+    """A reward model with the policy's own tokenizer scores a rollout's token ids (no decode, no re-tokenising)
+    exactly as it scores the decoded text, wherever the text tokenizes back to the same ids."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_lib import models, scoring
+    from rlhf_lib.stages.ppo import rollout
+
+    tokenizer = models.load_tokenizer(tiny_policy)
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_policy, num_labels=1)
+    rm.config.pad_token_id = tokenizer.pad_token_id
+    rm.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    reward = scoring.ModelReward(str(tmp_path / "rm"), max_length=128)
+    assert reward.shares_tokenizer(tokenizer)
+    assert not reward.shares_tokenizer(models.load_tokenizer(tiny_policy).__class__.from_pretrained(tiny_policy,
+                                                                                                    pad_token="</s>"))
+    prompts = ["Question: What is big?\n\nAnswer:", "Question: What is the capital of Peru today?\n\nAnswer:"] * 3
+    batch = rollout.generate(models.load_causal_lm(tiny_policy).eval(), tokenizer, prompts, [4, 9, 12, 6, 3, 10],
+                             stop_at_eos=True, max_prompt_length=32)
+    texts = rollout.decode_responses(tokenizer, batch)
+    by_ids, by_text = reward.score_ids(batch.input_ids, batch.attention_mask), reward(prompts, texts)
+    same = [i for i, (p, t) in enumerate(zip(prompts, texts))
+            if tokenizer(p + t)["input_ids"] == batch.input_ids[i][batch.attention_mask[i].bool()].tolist()]
+    assert len(same) >= 3
+    torch.testing.assert_close(by_ids[same], by_text[same], atol=1e-5, rtol=1e-5)

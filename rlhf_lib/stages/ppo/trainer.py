@@ -83,10 +83,11 @@ class PolicyWithValueHead(nn.Module):
         finally:
             self._hidden = None
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, logits_to_keep: int = 0):
+        """(logits of the last `logits_to_keep` positions, all of them when 0; the value of every position)."""
         with self.capturing() as hidden:
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=rl.position_ids(attention_mask))
+                          position_ids=rl.position_ids(attention_mask), logits_to_keep=logits_to_keep)
         return out.logits, self.value(hidden[-1])
 
     def value(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -187,13 +188,27 @@ class Layout:
             p.grad = g.view_as(p).clone()
 
 
+def _trim_left_padding(input_ids, attention_mask, P: int):
+    """Drop the leading columns that are padding in every row (prompts are left-padded to the batch's longest):
+    the same logits and values for every real token, less to compute for a mini-batch of shorter prompts."""
+    first = int(attention_mask[:, :P].any(0).long().argmax()) if P else 0
+    return input_ids[:, first:], attention_mask[:, first:], P - first
+
+
 def _forward_response(policy: PolicyWithValueHead, input_ids, attention_mask, P: int, with_entropy=False):
-    """Log-probs of the response tokens and the values of the states that emitted them."""
-    logits, values = policy(input_ids, attention_mask)
-    logits = logits[:, P - 1:-1]
+    """Log-probs of the response tokens and the values of the states that emitted them. The LM head runs on the
+    response positions only (`logits_to_keep`), not on the prompt's."""
+    input_ids, attention_mask, P = _trim_left_padding(input_ids, attention_mask, P)
+    T = input_ids.shape[1] - P
+    logits, values = policy(input_ids, attention_mask, logits_to_keep=T + 1)
+    logits = logits[:, :-1]  # positions P-1 .. P+T-2: the ones that emit response tokens 0 .. T-1
     logprobs = rl.logprobs_from_logits(logits, input_ids[:, P:])
     entropy = rl.entropy_from_logits(logits) if with_entropy else None
     return logprobs, values[:, P - 1:-1], entropy
+
+
+# A forward pass without gradients keeps no activations: it takes this many mini-batches of rows at once.
+NO_GRAD_CHUNK_MINIBATCHES = 4
 
 
 @torch.no_grad()
@@ -246,7 +261,7 @@ def ppo_step(policy, optimizer, batch: rollout.RolloutBatch, kl_ctl, p, *, layou
     then ppo_epochs passes of optimizer steps over mini_batch_size x gradient_accumulation_steps rollouts of the
     global batch, in one global shuffle per epoch seeded by `shuffle_seed` (the same on every process)."""
     ids, am, P, scores = batch.input_ids, batch.attention_mask, batch.prompt_length, batch.scores
-    old = _score_rollout(policy, batch, p.mini_batch_size)
+    old = _score_rollout(policy, batch, p.mini_batch_size * NO_GRAD_CHUNK_MINIBATCHES)
     mask = batch.response_mask.to(old["values"].dtype)
     advantages, returns, kl = advantages_and_returns(scores, old, mask, kl_ctl.value, p, layout)
 
@@ -302,6 +317,15 @@ def ppo_step(policy, optimizer, batch: rollout.RolloutBatch, kl_ctl, p, *, layou
     }
     kl_ctl.update(stats["kl"], len(g_scores))
     return stats
+
+
+def score_rollout(reward, tokenizer, prompts: list[str], batch: rollout.RolloutBatch, shared_tokenizer: bool
+                  ) -> torch.Tensor:
+    """The reward of each rollout: from its token ids when the reward model shares the policy's tokenizer, else
+    from the decoded text through the reward's own tokenizer (or function)."""
+    if shared_tokenizer:
+        return reward.score_ids(batch.input_ids, batch.attention_mask)
+    return reward(prompts, rollout.decode_responses(tokenizer, batch))
 
 
 def shuffle_seed(run_seed: int, step: int) -> int:
@@ -394,6 +418,7 @@ def main(argv: list[str] | None = None) -> Path:
     local_batch = p.batch_size // layout.world
     policy, tokenizer = _setup_policy(cfg, sft_model, device)
     reward = scoring.load_reward(args.inputs, p.reward_max_length, cfg.run.trust_remote_code, device)
+    shared_tokenizer = isinstance(reward, scoring.ModelReward) and reward.shares_tokenizer(tokenizer)
     prompts_all = lake.rl_prompts(prompts_uri, cfg.data.stream_batch_size)
     sampler = PromptSampler(prompts_all, cfg.run.seed, layout.rank, layout.world)
     rank, world = layout.rank, layout.world
@@ -427,7 +452,7 @@ def main(argv: list[str] | None = None) -> Path:
                                          length_gen)[rank * local_batch:(rank + 1) * local_batch]
         batch = rollout.generate(policy, tokenizer, prompts, lengths, stop_at_eos=p.stop_at_eos,
                                  max_prompt_length=p.max_prompt_length)
-        batch.scores = reward(prompts, rollout.decode_responses(tokenizer, batch))
+        batch.scores = score_rollout(reward, tokenizer, prompts, batch, shared_tokenizer)
         stats = {"step": step + 1, **ppo_step(policy, optimizer, batch, kl_ctl, p, layout=layout,
                                               shuffle_seed=shuffle_seed(cfg.run.seed, step))}
         stats_history.append(stats)
