@@ -73,7 +73,7 @@ class RLHFFlow(FlowSpec):
         from rlhf_lib import pipeline
 
         cfg = pipeline.config_from_flow(self.config, self.storage_root)
-        prepared = pipeline.prepare_data(cfg, current.run_id)
+        prepared = pipeline.prepare_data(cfg, current.run_id, current.retry_count)
         self.datasets, self.policy_base = prepared["datasets"], prepared["policy_base"]
         self.reward_base = prepared["reward_base"]
         print(f"[data] policy base: {self.policy_base}; reward base: {self.reward_base}")
@@ -87,7 +87,7 @@ class RLHFFlow(FlowSpec):
         cfg = pipeline.config_from_flow(self.config, self.storage_root)
         result = pipeline.run_stage(cfg, "sft", current.run_id, origin_run_id=current.origin_run_id, inputs={
             "base_model": self.policy_base, "train": self.datasets["sft_train"]["uri"],
-            "eval": self.datasets["sft_eval"]["uri"]})
+            "eval": self.datasets["sft_eval"]["uri"]}, attempt=current.retry_count)
         self.sft_adapter_path = result["adapter_path"]
         self.sft_checkpoint_dir = result["checkpoint_dir"]
         self.sft_metrics = result["metrics"]
@@ -100,8 +100,8 @@ class RLHFFlow(FlowSpec):
         from rlhf_lib import pipeline
 
         cfg = pipeline.config_from_flow(self.config, self.storage_root)
-        result = pipeline.run_stage(cfg, "merge", current.run_id,
-                                    {"base_model": self.policy_base, "adapter": self.sft_adapter_path})
+        result = pipeline.run_stage(cfg, "merge", current.run_id, {
+            "base_model": self.policy_base, "adapter": self.sft_adapter_path}, attempt=current.retry_count)
         self.sft_merged_path = result["merged_path"]
         self.next(self.rlaif)
 
@@ -117,7 +117,7 @@ class RLHFFlow(FlowSpec):
             result = pipeline.run_stage(cfg, "rlaif", current.run_id, {
                 "sft_model": self.sft_merged_path, "judge_model": pipeline.judge_ref(cfg.rlaif.judge_model,
                                                                                        self.policy_base),
-                "prompts": self.datasets["prompts_train"]["uri"]})
+                "prompts": self.datasets["prompts_train"]["uri"]}, attempt=current.retry_count)
             self.datasets = {**self.datasets, "preference_train": {**result["train"], "source": "ai_feedback"},
                              "preference_eval": {**result["eval"], "source": "ai_feedback"}}
             self.rlaif_status, self.rlaif_metrics = "done", result["metrics"]
@@ -131,7 +131,7 @@ class RLHFFlow(FlowSpec):
         cfg = pipeline.config_from_flow(self.config, self.storage_root)
         proxy, gold = pipeline.reward_models(cfg, current.run_id, current.origin_run_id, {
             "base_model": self.reward_base, "train": self.datasets["preference_train"]["uri"],
-            "eval": self.datasets["preference_eval"]["uri"]})
+            "eval": self.datasets["preference_eval"]["uri"]}, current.retry_count)
         self.reward_model_path = proxy["model_path"] if proxy else None
         self.reward_checkpoint_dir = proxy["checkpoint_dir"] if proxy else None
         self.reward_metrics = proxy["metrics"] if proxy else {}

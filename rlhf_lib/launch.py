@@ -30,13 +30,24 @@ class StageFailed(RuntimeError):
                          f"--- last lines ---\n{log_tail}")
 
 
-def visible_gpus() -> int:
-    try:
-        import torch
+class MachineUnfit(RuntimeError):
+    """The machine a stage runs on lacks what the stage's step asked for (GPUs, disk); the message names the key."""
 
+
+def cuda_visible_devices() -> str | None:
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def visible_gpus() -> int:
+    """GPUs this process can use. A CUDA installation that cannot count its devices is an error, not "no GPU": a
+    GPU pod with broken drivers must not quietly train on its CPU."""
+    import torch
+
+    try:
         return torch.cuda.device_count()
-    except Exception:
-        return 0
+    except Exception as err:
+        raise MachineUnfit(f"cannot count this machine's GPUs ({type(err).__name__}: {err}); fix the CUDA "
+                           f"installation, or set run.gpus = 0 to run on the CPU") from err
 
 
 # Stages that only run models (no gradient sync to spread): one process on one GPU, not one per GPU each doing
@@ -61,12 +72,12 @@ class Nodes:
         return cls(parallel.num_nodes, parallel.node_index, parallel.main_ip, port)
 
 
-def accelerate_command(stage: str, stage_args: list[str], num_gpus: int | None = None,
-                       nodes: Nodes | None = None, module: str | None = None) -> list[str]:
-    """The command that runs a stage (module `rlhf_lib.stages.<stage>` unless `module` names another): accelerate
-    on one machine; across several, accelerate's multi-machine launch on GPUs, torch.distributed.run (gloo) on
-    CPUs (accelerate wants mpirun for multi-node CPU)."""
-    gpus = visible_gpus() if num_gpus is None else num_gpus
+def accelerate_command(stage: str, stage_args: list[str], num_gpus: int, nodes: Nodes | None = None,
+                       module: str | None = None) -> list[str]:
+    """The command that runs a stage (module `rlhf_lib.stages.<stage>` unless `module` names another) on
+    `num_gpus` GPUs (0: the CPU): accelerate on one machine; across several, accelerate's multi-machine launch on
+    GPUs, torch.distributed.run (gloo) on CPUs (accelerate wants mpirun for multi-node CPU)."""
+    gpus = num_gpus
     if stage in SINGLE_PROCESS_STAGES:
         gpus = min(gpus, 1)
     module = ["-m", module or f"rlhf_lib.stages.{stage}", *stage_args]
@@ -108,12 +119,14 @@ def machine_lock(root: Path, name: str):
 
 
 def launch(stage: str, config_json: str, output: Path, inputs: dict[str, str], *, run_id: str = "standalone",
-           resume_from: str | None = None, env: dict[str, str] | None = None, tail_lines: int = 40,
+           resume_from: list[str] | str | None = None, env: dict[str, str] | None = None, tail_lines: int = 40,
            extra_args: list[str] | None = None, checkpoint_uri: str | None = None,
-           nodes: Nodes | None = None, module: str | None = None) -> dict | None:
-    """Run `rlhf_lib.stages.<stage>` and return its parsed result.json. `checkpoint_uri`: where the stage also
-    stores each checkpoint as it writes it (S3). `nodes`: this machine's place in a multi-machine stage; only
-    node 0 (global rank 0) writes a result, the others return None."""
+           nodes: Nodes | None = None, module: str | None = None, gpus: int = 0) -> dict | None:
+    """Run `rlhf_lib.stages.<stage>` on `gpus` GPUs (0: on the CPU, every GPU hidden from it) and return its parsed
+    result.json. `resume_from`: checkpoint directories or prefixes to continue from (the newest that loads).
+    `checkpoint_uri`: this attempt's own checkpoint location (in S3 the stage also stores each checkpoint there as it
+    writes it). `nodes`: this machine's place in a multi-machine stage; only node 0 (global rank 0) writes a
+    result, the others return None."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     config_path = output / "run_config.json"
@@ -124,15 +137,17 @@ def launch(stage: str, config_json: str, output: Path, inputs: dict[str, str], *
     stage_args = ["--config", str(config_path), "--output", str(output), "--run-id", run_id]
     for name, path in inputs.items():
         stage_args += ["--input", f"{name}={path}"]
-    if resume_from:
-        stage_args += ["--resume-from", resume_from]
+    for root in [resume_from] if isinstance(resume_from, str) else resume_from or []:
+        stage_args += ["--resume-from", root]
     if checkpoint_uri:
         stage_args += ["--checkpoint-uri", checkpoint_uri]
     stage_args += extra_args or []
-    cmd = accelerate_command(stage, stage_args, nodes=nodes, module=module)
+    cmd = accelerate_command(stage, stage_args, gpus, nodes=nodes, module=module)
     log_path = output / "stage.log"
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     child_env = {**os.environ, **(env or {})}
+    if gpus == 0:  # run.gpus = 0 means the CPU, even on a machine that has GPUs
+        child_env["CUDA_VISIBLE_DEVICES"] = ""
     # The stage must import this checkout's rlhf_lib whatever the caller's working directory is.
     root = str(Path(__file__).resolve().parent.parent)
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, child_env.get("PYTHONPATH")) if p)

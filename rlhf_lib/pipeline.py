@@ -1,10 +1,11 @@
 """What the flow's steps call: one function per step body, so flows/rlhf_flow.py only wires.
 
-Stage outputs go to `<storage root>/RLHFFlow/<run id>/<stage>/`, a local directory or an S3 prefix (see
-rlhf_lib/storage.py). Artifacts hold absolute paths or URIs, because `current.run_id` changes on `resume` while
-cloned artifacts must still point at the origin run's files. With an S3 root a stage runs in a local scratch
-directory on whatever machine runs the step: its inputs are downloaded first, its checkpoints uploaded as they are
-written, everything else after it succeeds, `result.json` last; the artifacts then name the S3 URIs.
+Stage outputs go to `<storage root>/RLHFFlow/<run id>/<stage>/attempt-<k>/`, a local directory or an S3 prefix,
+one per attempt of the task (rlhf_lib/workspace.py). Artifacts hold absolute paths or URIs, because
+`current.run_id` changes on `resume` while cloned artifacts must still point at the origin run's files. With an S3
+root a stage runs in a local scratch directory on whatever machine runs the step: its inputs are downloaded first,
+its checkpoints uploaded as they are written, everything else after it succeeds, `result.json` last; the artifacts
+then name the S3 URIs.
 """
 
 from __future__ import annotations
@@ -13,18 +14,13 @@ import contextlib
 import shutil
 from pathlib import Path
 
-from rlhf_lib import checkpoints, launch, methods, scoring, storage, tracking
+from rlhf_lib import compute, launch, methods, scoring, storage, tracking
 from rlhf_lib.config import AI_FEEDBACK, RunConfig, validate
 from rlhf_lib.launch import Nodes
 from rlhf_lib.methods import DONE, OUTCOME_KEYS, SKIPPED
-from rlhf_lib.stages.common import RESULT_FILE, atomic_write_json, latest_trainer_checkpoint
+from rlhf_lib.workspace import FLOW_NAME, OriginUnreachable, Workspace, stage_uri  # noqa: F401 (re-exported)
 
-FLOW_NAME = "RLHFFlow"
 S3_DATASTORE_SUBDIR = "rlhf"  # stage outputs under the Metaflow S3 datastore's root, beside its own files
-
-
-class OriginUnreachable(RuntimeError):
-    """A `resume` whose origin run's checkpoints cannot be reached from this machine."""
 
 
 def config_from_flow(config_value, storage_root: str | None = None) -> RunConfig:
@@ -108,134 +104,87 @@ def resolve_storage_root(cfg: RunConfig, datastore_type: str | None) -> str:
     return storage.join(DATASTORE_SYSROOT_S3, S3_DATASTORE_SUBDIR)
 
 
-def stage_uri(cfg: RunConfig, run_id: str, stage: str) -> str:
-    return storage.join(cfg.storage_uri, FLOW_NAME, str(run_id), stage)
+# The kind of step each stage runs in (its GPUs and disk: rlhf_lib/compute.py); every method's stage is `train`.
+STAGE_KINDS = {"data": compute.LIGHT, "merge": compute.INFER, "rlaif": compute.INFER, "evaluate": compute.INFER}
 
 
-def _scratch(run_id: str, stage: str) -> Path:
-    return storage.scratch_root() / FLOW_NAME / str(run_id) / stage
-
-
-def origin_checkpoints(cfg: RunConfig, origin_run_id: str | None, stage: str) -> str | None:
-    """On `resume`, a local directory holding the newest checkpoint(s) the origin run left for this stage (its
-    own directory when local; downloaded when in S3); None when the origin run never checkpointed the stage.
-    Raises OriginUnreachable when the origin run's outputs cannot be reached: starting from step 0 instead
-    would silently throw its work away."""
-    if not origin_run_id:
-        return None
-    run_root = storage.join(cfg.storage_uri, FLOW_NAME, str(origin_run_id))
-    remote = storage.join(stage_uri(cfg, origin_run_id, stage), "checkpoints")
-    if not storage.is_remote(run_root):
-        if not Path(run_root).is_dir():
-            raise OriginUnreachable(
-                f"[{stage}] resume: origin run {origin_run_id} stored its stage outputs and checkpoints under "
-                f"{run_root}, which this machine cannot reach; resume where that directory is, or use an "
-                f"s3:// run.storage_root (or Metaflow's S3 datastore) so every machine can")
-        found = checkpoints.list_complete(remote) or latest_trainer_checkpoint(Path(remote))
-        if found:
-            print(f"[{stage}] resuming: origin run {origin_run_id} left checkpoints in {remote}", flush=True)
-            return remote
-    else:
-        try:
-            found = checkpoints.fetch_latest(remote, _scratch(origin_run_id, stage) / "checkpoints")
-        except Exception as err:  # credentials, endpoint, bucket: say which, never fall back to step 0
-            raise OriginUnreachable(
-                f"[{stage}] resume: cannot reach origin run {origin_run_id}'s checkpoints at {remote}: "
-                f"{type(err).__name__}: {err}") from err
-        if found:
-            print(f"[{stage}] resuming: origin run {origin_run_id} left {found.name} in {remote}", flush=True)
-            return str(found.parent)
-    print(f"[{stage}] origin run {origin_run_id} left no {stage} checkpoint: starting from step 0", flush=True)
-    return None
-
-
-def _rewrite(value, prefixes: dict[str, str]):
-    """`value` with every string that starts with a local path in `prefixes` pointed at its URI instead."""
-    if isinstance(value, dict):
-        return {k: _rewrite(v, prefixes) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rewrite(v, prefixes) for v in value]
-    if isinstance(value, str):
-        for local, uri in prefixes.items():
-            if value == local or value.startswith(local + "/"):
-                return uri + value[len(local):]
-    return value
-
-
-def publish(work: Path, uri: str, result: dict, downloaded: dict[str, str] | None = None) -> dict:
-    """Upload a finished stage's local directory to `uri` (checkpoints are there already), `result.json` last,
-    with every local path in it turned into its URI; then free the scratch space. Returns the rewritten result."""
-    prefixes = {str(Path(work).resolve()): uri, str(work): uri}
-    for source, local in (downloaded or {}).items():  # downloaded inputs: name them by where they came from
-        prefixes[local] = source
-    result = _rewrite(result, prefixes)
-    atomic_write_json(Path(work) / RESULT_FILE, result)
-    storage.upload_dir(Path(work), uri, last=(RESULT_FILE,), skip_top=("checkpoints",))
-    print(f"[storage] uploaded {work} -> {uri}", flush=True)
-    shutil.rmtree(work, ignore_errors=True)
-    return result
+def check_machine(cfg: RunConfig, stage: str, work: Path) -> int:
+    """What this stage's own machine (its pod, on a cluster) must have before the stage writes anything: the GPUs
+    its step asked for, and the disk. Returns the GPUs the stage gets (0: the CPU, with every GPU hidden from it).
+    Fails in seconds naming the key, instead of training on the CPU for hours or dying on a full disk."""
+    kind = STAGE_KINDS.get(stage, compute.TRAIN)
+    gpus = compute.step_gpus(cfg, kind)
+    if gpus:
+        visible = launch.visible_gpus()
+        if visible < gpus:
+            raise launch.MachineUnfit(
+                f"[{stage}] run.gpus = {cfg.run.gpus} asks {gpus} GPU(s) for this stage, but this machine has "
+                f"{visible} (CUDA_VISIBLE_DEVICES={launch.cuda_visible_devices()!r}): set run.gpus = 0 to run on the "
+                f"CPU, or run where the GPUs are")
+    need_gb = cfg.run.min_free_disk_gb
+    if storage.is_remote(cfg.storage_uri):  # a pod: it asked the cluster for resources.<kind>.disk_mb of disk
+        need_gb = max(need_gb, getattr(cfg.resources, kind).disk_mb / 1024 * 0.9)
+    existing = next((p for p in [Path(work), *Path(work).parents] if p.exists()), Path("/"))
+    free_gb = shutil.disk_usage(existing).free / 1e9
+    if free_gb < need_gb:
+        raise launch.MachineUnfit(
+            f"[{stage}] only {free_gb:.1f} GB free under {existing} where this stage writes, it needs {need_gb:.1f} "
+            f"(run.min_free_disk_gb; resources.{kind}.disk_mb on a cluster): free space, or raise the disk the step "
+            f"asks for (resources.{kind}.disk_mb, which Kubernetes gets as @resources(disk=...))")
+    return gpus
 
 
 def run_stage(cfg: RunConfig, stage: str, run_id: str, inputs: dict[str, str], origin_run_id: str | None = None,
               *, name: str | None = None, extra_args: list[str] | None = None, nodes: Nodes | None = None,
-              module: str | None = None) -> dict | None:
-    """Launch a stage through accelerate and return its result.json. It continues from the newest checkpoint of
-    its own earlier attempt (a `@retry`) or, on a Metaflow `resume`, of the origin run. `name` (default: the
-    stage) names the output directory, so one stage module can run twice in a step (the gold reward model).
-    `nodes`: this machine's place in a multi-machine stage (`@parallel`); node 0 writes, stores and returns the
-    result, the others return None.
+              module: str | None = None, attempt: int = 0) -> dict | None:
+    """Launch a stage through accelerate and return its result.json. `attempt` is Metaflow's retry count: each
+    attempt works under its own prefix, and continues from the newest checkpoint that loads among its task's
+    earlier attempts and, on a Metaflow `resume`, the origin run's. `name` (default: the stage) names the output
+    directory, so one stage module can run twice in a step (the gold reward model). `nodes`: this machine's place
+    in a multi-machine stage (`@parallel`); node 0 writes, stores and returns the result, the others return None.
 
     Stages on one machine take turns (a lock in a local directory): parallel branches of a local run would
     otherwise share its cores or GPUs and starve each other; on a cluster each step has its own machine. The
     nodes of one gang never wait for each other's turn: they must all run at once."""
     name = name or stage
     nodes = nodes or Nodes()
-    uri = stage_uri(cfg, run_id, name)
-    remote = storage.is_remote(uri)
-    work = _scratch(run_id, name) if remote else Path(uri)
-    checkpoint_uri = storage.join(uri, "checkpoints")
-    resume_from = origin_checkpoints(cfg, origin_run_id, name)
-    if nodes.index > 0:  # every rank loads the checkpoint rank 0 continues from; only rank 0 writes any
-        work = work.with_name(f"{name}-node-{nodes.index}")
-        if not remote and (checkpoints.list_complete(checkpoint_uri) or
-                           latest_trainer_checkpoint(Path(checkpoint_uri))):
-            resume_from = checkpoint_uri
-    local_inputs = dict(inputs)
-    if remote:
-        own = checkpoints.fetch_latest(checkpoint_uri, work / "checkpoints")
-        if own:
-            print(f"[{name}] an earlier attempt of this task stored {own.name} in {checkpoint_uri}: continuing "
-                  f"from it", flush=True)
-        local_inputs = {k: storage.localize(v) for k, v in inputs.items()}
-    lock = contextlib.nullcontext() if nodes.count > 1 else \
-        launch.machine_lock(storage.scratch_root() if remote else cfg.local_root, name)
-    with lock:
-        result = launch.launch(stage, cfg.to_json(), work, local_inputs, run_id=str(run_id), module=module,
-                               resume_from=resume_from, env=tracking.wandb_env(cfg, name, str(run_id)),
-                               extra_args=extra_args, checkpoint_uri=checkpoint_uri if remote else None,
-                               nodes=nodes if nodes.count > 1 else None)
-    if result is None:  # a node other than 0: nothing of its own to keep
-        if remote:
-            shutil.rmtree(work, ignore_errors=True)
-        return None
-    if remote:
-        result = publish(work, uri, result, {inputs[k]: v for k, v in local_inputs.items() if v != inputs[k]})
-    return result
+    ws = Workspace.of(cfg, run_id, name, attempt, nodes.index)
+    gpus = check_machine(cfg, name, ws.work)
+    try:
+        ws.begin()
+        roots = ws.checkpoint_roots(origin_run_id)
+        local_inputs = ws.localize(inputs)
+        lock = contextlib.nullcontext() if nodes.count > 1 else \
+            launch.machine_lock(storage.scratch_root() if ws.remote else cfg.local_root, name)
+        with lock:
+            result = launch.launch(stage, cfg.to_json(), ws.work, local_inputs, run_id=str(run_id), resume_from=roots,
+                                   env=tracking.wandb_env(cfg, name, str(run_id)), extra_args=extra_args,
+                                   checkpoint_uri=ws.checkpoint_uri, nodes=nodes if nodes.count > 1 else None,
+                                   module=module, gpus=gpus)
+        if result is None:  # a node other than 0: nothing of its own to keep
+            return None
+        return ws.publish(result, {local: inputs[k] for k, local in local_inputs.items() if local != inputs[k]})
+    finally:
+        ws.close()
 
 
-def prepare_data(cfg: RunConfig, run_id: str) -> dict:
+def prepare_data(cfg: RunConfig, run_id: str, attempt: int = 0) -> dict:
     """The `data` step: every dataset split as a Deep Lake dataset and the base models (tiny ones built here),
-    under the local storage root, or built in scratch and uploaded to `<root>/RLHFFlow/<run>/data/`."""
+    under the local storage root (shared by the runs that use the same sources, seed and tiny specs), or built in
+    scratch and uploaded to this attempt's `<root>/RLHFFlow/<run>/data/attempt-<k>/`."""
     from rlhf_lib import models
     from rlhf_lib.data.ingest import prepare_datasets
 
-    uri = stage_uri(cfg, run_id, "data")
-    root = _scratch(run_id, "data") if storage.is_remote(uri) else cfg.local_root
-    out = {"datasets": prepare_datasets(cfg, root),
-           "policy_base": models.prepare(cfg.policy.model, cfg.policy.tiny, "policy", root, cfg.run.seed),
-           "reward_base": models.prepare(cfg.reward_model.model, cfg.reward_model.tiny, "reward", root,
-                                         cfg.run.seed)}
-    return publish(root, uri, out) if storage.is_remote(uri) else out
+    ws = Workspace.of(cfg, run_id, "data", attempt)
+    root = ws.work if ws.remote else cfg.local_root
+    try:
+        out = {"datasets": prepare_datasets(cfg, root),
+               "policy_base": models.prepare(cfg.policy.model, cfg.policy.tiny, "policy", root, cfg.run.seed),
+               "reward_base": models.prepare(cfg.reward_model.model, cfg.reward_model.tiny, "reward", root,
+                                             cfg.run.seed)}
+        return ws.publish(out, {}) if ws.remote else out
+    finally:
+        ws.close()
 
 
 def uses_ai_feedback(cfg: RunConfig) -> bool:
@@ -247,7 +196,7 @@ def judge_ref(ref: str, policy_base: str) -> str:
     return policy_base if ref == "tiny" else ref
 
 
-def reward_models(cfg: RunConfig, run_id: str, origin_run_id: str | None, inputs: dict[str, str]
+def reward_models(cfg: RunConfig, run_id: str, origin_run_id: str | None, inputs: dict[str, str], attempt: int = 0
                   ) -> tuple[dict | None, dict | None]:
     """The proxy reward model (none when reward.function is the proxy) and, when the gold judge is a second reward
     model, that one too: trained on the other half of the pairs with another seed, so the methods never optimise
@@ -258,11 +207,12 @@ def reward_models(cfg: RunConfig, run_id: str, origin_run_id: str | None, inputs
         print(f"[reward] the online methods optimise the function {cfg.reward.function}: no proxy reward model",
               flush=True)
     else:
-        proxy = run_stage(cfg, "reward", run_id, inputs, origin_run_id, extra_args=["--part", "0/2"] if gold_rm else None)
+        proxy = run_stage(cfg, "reward", run_id, inputs, origin_run_id, attempt=attempt,
+                          extra_args=["--part", "0/2"] if gold_rm else None)
     if not gold_rm:
         return proxy, None
     gold_cfg = validate({**cfg.model_dump(), "run": {**cfg.run.model_dump(), "seed": cfg.run.seed + 1}})
-    gold = run_stage(gold_cfg, "reward", run_id, inputs, origin_run_id, name="reward_gold",
+    gold = run_stage(gold_cfg, "reward", run_id, inputs, origin_run_id, name="reward_gold", attempt=attempt,
                      extra_args=["--part", "1/2"])
     return proxy, gold
 
@@ -313,7 +263,7 @@ def run_method(flow, name: str, current) -> dict | None:
         return skipped_outcome(cfg, method)
     nodes = Nodes.of(current.parallel, current.run_id) if method.gang else None
     result = run_stage(cfg, name, current.run_id, method_inputs(flow, method, cfg), current.origin_run_id,
-                       module=method.module, nodes=nodes)
+                       module=method.module, nodes=nodes, attempt=current.retry_count)
     if result is None:
         return None
     return {**{key: result.get(key) for key in OUTCOME_KEYS + method.extras}, "status": DONE,
@@ -351,7 +301,7 @@ def evaluate(flow, current) -> dict:
                        if methods.get(m).online and getattr(flow, f"{m}_snapshots_dir", None)})
     if flow.gold_reward_model_path:
         inputs["gold_reward_model"] = flow.gold_reward_model_path
-    result = run_stage(cfg, "evaluate", current.run_id, inputs)
+    result = run_stage(cfg, "evaluate", current.run_id, inputs, attempt=current.retry_count)
     report = add_stage_seconds(result["eval_report"], {m: getattr(flow, f"{m}_seconds") for m in done})
     return {"methods": done, "gold_judge": result["gold_judge"], "eval_report": report,
             "eval_samples": result["eval_samples"]}

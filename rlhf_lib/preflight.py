@@ -137,8 +137,18 @@ def check(cfg: RunConfig) -> list[str]:
         problem = _check_4bit_on_cpu(cfg)
         if problem:
             problems.append(problem)
-    from rlhf_lib import storage
+    from rlhf_lib import compute, launch, storage
 
+    if cfg.run.gpus and not compute.runs_remote():  # steps run here: this machine must have the GPUs
+        try:
+            visible = launch.visible_gpus()
+        except launch.MachineUnfit as err:
+            problems.append(f"run.gpus: {err}")
+        else:
+            if visible < cfg.run.gpus:
+                problems.append(f"run.gpus = {cfg.run.gpus} but this machine has {visible} GPU(s) "
+                                f"(CUDA_VISIBLE_DEVICES={launch.cuda_visible_devices()!r}): set run.gpus = {visible} "
+                                f"(0 runs every stage on the CPU), or run where the GPUs are")
     problem = storage.check_root(cfg.storage_uri)
     if problem:
         problems.append(problem)

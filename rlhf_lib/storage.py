@@ -2,19 +2,22 @@
 
 A storage root is a string: an absolute local path, or `s3://bucket/prefix`. On a cluster every step runs in its
 own pod, so nothing a step leaves on its local disk survives it: with an S3 root a stage works in a local scratch
-directory (`scratch_root()`), downloads what it reads, and uploads what it writes under
-`<root>/RLHFFlow/<run id>/<stage>/`. Readers trust a directory only through a marker written after everything
-else (a stage's `result.json`, a checkpoint's `COMPLETE`, a download's rename), so a torn upload or download is
-never used.
+directory (`scratch_root()`), downloads what it reads, and uploads what it writes (rlhf_lib/workspace.py). Readers
+trust a directory only through a marker written after everything else (a stage's `result.json`, a checkpoint's
+`COMPLETE`, a download's rename), so a torn upload or download is never used.
 
-S3 goes through boto3 (credentials from its usual chain: env, ~/.aws, instance or pod roles; never logged). The
-endpoint is Metaflow's (`METAFLOW_S3_ENDPOINT_URL`, from the environment or the Metaflow config) so a MinIO or
-test server serves both Metaflow's datastore and these files.
+Everything goes through Metaflow's S3 machinery, with the endpoint Metaflow uses (`METAFLOW_S3_ENDPOINT_URL`, from
+the environment or the Metaflow config; a MinIO or test server then serves both Metaflow's datastore and these
+files), its credentials provider and its retry settings (transient errors — throttling, 5xx, dropped connections —
+are retried): directories of `BULK_BYTES` or more (models, datasets) through Metaflow's own S3 client
+(`metaflow.S3`: parallel workers, multipart, its own transient-error retries); listings, markers and small
+directories (a LoRA checkpoint, a snapshot) through a boto3 client from Metaflow's AWS client provider, whose
+start-up costs nothing (metaflow.S3 starts worker processes, about a second per call). Credentials come from the
+usual chain (env, ~/.aws, instance or pod roles) and are never logged.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import os
 import shutil
@@ -24,8 +27,7 @@ from pathlib import Path
 
 S3 = "s3://"
 _SUPPORTED = (S3,)
-# Files transferred at once per directory (boto3 also splits each large file into parallel parts).
-UPLOAD_WORKERS = 8
+BULK_BYTES = 32 * 1024 * 1024  # a directory this large goes through metaflow.S3's parallel workers
 
 
 class StorageError(RuntimeError):
@@ -57,26 +59,61 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 
 def endpoint_url() -> str | None:
-    """Metaflow's S3 endpoint (env or Metaflow config), so this and Metaflow's datastore talk to one server."""
+    """Metaflow's S3 endpoint (env or Metaflow config), so this and Metaflow's datastore talk to one server; None
+    means AWS itself. A Metaflow configuration that cannot be read is an error, not a silent switch to AWS."""
     url = os.environ.get("METAFLOW_S3_ENDPOINT_URL")
     if url:
         return url
     try:
         from metaflow.metaflow_config import S3_ENDPOINT_URL
-    except Exception:
-        return None
+    except Exception as err:
+        raise StorageError(f"cannot read Metaflow's configuration to find the S3 endpoint ({type(err).__name__}: "
+                           f"{err}); fix the Metaflow config (METAFLOW_HOME / ~/.metaflowconfig) or set "
+                           f"METAFLOW_S3_ENDPOINT_URL") from err
     return S3_ENDPOINT_URL or None
 
 
+def client_params() -> dict:
+    """Metaflow's S3 client parameters (its DATATOOLS_CLIENT_PARAMS), with the endpoint `endpoint_url()` says."""
+    from metaflow.metaflow_config import DATATOOLS_CLIENT_PARAMS
+
+    params = dict(DATATOOLS_CLIENT_PARAMS)
+    url = endpoint_url()
+    if url:
+        params["endpoint_url"] = url
+    return params
+
+
+def transfers(tmproot: Path | None = None):
+    """Metaflow's S3 client (a context manager) for this storage: its downloads land under `tmproot`."""
+    from metaflow import S3 as MetaflowS3
+
+    tmproot = Path(tmproot or scratch_root())
+    tmproot.mkdir(parents=True, exist_ok=True)
+    return MetaflowS3(tmproot=str(tmproot), client_params=client_params())
+
+
+_CLIENTS: dict = {}
+
+
 def client(fail_fast: bool = False):
-    """A boto3 S3 client; `fail_fast` gives up within seconds (the `start` checks)."""
+    """A boto3 S3 client. `fail_fast` (the `start` checks) gives up within seconds and is made here; otherwise it
+    comes from Metaflow's AWS client provider, with Metaflow's credentials provider and retry settings."""
+    if not fail_fast:
+        # One client per endpoint and set of AWS settings: making one loads botocore's models (a fraction of a
+        # second), and a changed environment (other credentials) must not reuse one made for the old.
+        key = (endpoint_url(), tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
+        if key not in _CLIENTS:
+            from metaflow.plugins.datatools.s3.s3util import get_s3_client
+
+            _CLIENTS[key] = get_s3_client(s3_client_params=client_params())[0]
+        return _CLIENTS[key]
     import boto3
     from botocore.config import Config
 
-    timeouts = dict(connect_timeout=3, read_timeout=10, retries={"max_attempts": 1, "mode": "standard"}) \
-        if fail_fast else dict(connect_timeout=10, read_timeout=120, retries={"max_attempts": 8, "mode": "adaptive"})
     # A fresh session: boto3's default one caches the credentials it found first, for the process's life.
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url(), config=Config(**timeouts))
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url(), config=Config(
+        connect_timeout=3, read_timeout=10, retries={"max_attempts": 1, "mode": "standard"}))
 
 
 # ------------------------------------------------------------------ the `start` check
@@ -127,11 +164,19 @@ def check_root(root: str) -> str | None:
 # ------------------------------------------------------------------ objects and prefixes
 
 
-def _keys(s3, bucket: str, prefix: str) -> list[str]:
-    keys = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+def _keys(s3, bucket: str, prefix: str, delimiter: str = "") -> tuple[list[str], list[str]]:
+    """(keys, common prefixes) under `prefix`, every page."""
+    keys, prefixes = [], []
+    args = {"Bucket": bucket, "Prefix": prefix, **({"Delimiter": delimiter} if delimiter else {})}
+    for page in s3.get_paginator("list_objects_v2").paginate(**args):
         keys += [o["Key"] for o in page.get("Contents", [])]
-    return keys
+        prefixes += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+    return keys, prefixes
+
+
+def _prefix(uri: str) -> tuple[str, str]:
+    bucket, key = split_s3(uri)
+    return bucket, key + "/" if key else ""
 
 
 def list_files(uri: str) -> list[str]:
@@ -139,9 +184,8 @@ def list_files(uri: str) -> list[str]:
     if not is_remote(uri):
         root = Path(uri)
         return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
-    bucket, prefix = split_s3(uri)
-    prefix = prefix + "/" if prefix else ""
-    return sorted(k[len(prefix):] for k in _keys(client(), bucket, prefix))
+    bucket, prefix = _prefix(uri)
+    return sorted(k[len(prefix):] for k in _keys(client(), bucket, prefix)[0])
 
 
 def list_dirs(uri: str) -> list[str]:
@@ -149,19 +193,53 @@ def list_dirs(uri: str) -> list[str]:
     if not is_remote(uri):
         root = Path(uri)
         return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    bucket, prefix = split_s3(uri)
-    prefix = prefix + "/" if prefix else ""
-    names = []
-    for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-        names += [p["Prefix"][len(prefix):].strip("/") for p in page.get("CommonPrefixes", [])]
-    return sorted(names)
+    bucket, prefix = _prefix(uri)
+    return sorted(p[len(prefix):].strip("/") for p in _keys(client(), bucket, prefix, "/")[1])
+
+
+def _missing(err) -> bool:
+    return str(getattr(err, "response", {}).get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NotFound")
 
 
 def read_text(uri: str) -> str:
+    """A file's text; FileNotFoundError when there is none."""
     if not is_remote(uri):
         return Path(uri).read_text()
+    from botocore.exceptions import ClientError
+
     bucket, key = split_s3(uri)
-    return client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    try:
+        return client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    except ClientError as err:
+        if _missing(err):
+            raise FileNotFoundError(uri) from None
+        raise
+
+
+def exists(uri: str) -> bool:
+    """Whether a file (an object) is at `uri`."""
+    if not is_remote(uri):
+        return Path(uri).is_file()
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    try:
+        client().head_object(Bucket=bucket, Key=key)
+        return True
+    except ClientError as err:
+        if _missing(err):
+            return False
+        raise
+
+
+def write_text(uri: str, text: str) -> None:
+    """A small file (a marker), written whole."""
+    if not is_remote(uri):
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        Path(uri).write_text(text)
+        return
+    bucket, key = split_s3(uri)
+    client().put_object(Bucket=bucket, Key=key, Body=text.encode())
 
 
 def delete(uri: str, names: list[str]) -> None:
@@ -170,10 +248,10 @@ def delete(uri: str, names: list[str]) -> None:
         for name in names:
             (Path(uri) / name).unlink(missing_ok=True)
         return
-    bucket, prefix = split_s3(uri)
+    bucket, prefix = _prefix(uri)
     s3 = client()
     for name in names:
-        s3.delete_object(Bucket=bucket, Key=f"{prefix}/{name}" if prefix else name)
+        s3.delete_object(Bucket=bucket, Key=prefix + name)
 
 
 def upload_dir(local: Path, uri: str, *, last: tuple[str, ...] = (), skip_top: tuple[str, ...] = ()) -> None:
@@ -181,44 +259,46 @@ def upload_dir(local: Path, uri: str, *, last: tuple[str, ...] = (), skip_top: t
     all others, in that order, so a reader that waits for them never sees a partial directory. Top-level entries
     named in `skip_top` stay behind (e.g. checkpoints, already uploaded as they were written)."""
     local = Path(local)
-    bucket, prefix = split_s3(uri)
-    files = [p for p in sorted(local.rglob("*")) if p.is_file()
-             and p.relative_to(local).parts[0] not in skip_top]
+    files = [p for p in sorted(local.rglob("*")) if p.is_file() and p.relative_to(local).parts[0] not in skip_top]
     tail = [local / name for name in last if (local / name).is_file()]
-    body = [p for p in files if p not in tail]
+    body = [(join(uri, p.relative_to(local).as_posix()), p) for p in files if p not in tail]
+    if sum(p.stat().st_size for _, p in body) >= BULK_BYTES:
+        with transfers() as s3:
+            s3.put_files([(u, str(p)) for u, p in body])
+    else:
+        s3 = client()
+        for u, p in body:
+            s3.upload_file(str(p), *split_s3(u))
     s3 = client()
-
-    def put(path: Path) -> None:
-        rel = path.relative_to(local).as_posix()
-        s3.upload_file(str(path), bucket, f"{prefix}/{rel}" if prefix else rel)
-
-    with concurrent.futures.ThreadPoolExecutor(UPLOAD_WORKERS) as pool:
-        list(pool.map(put, body))  # list(): re-raise the first failure
     for path in tail:
-        put(path)
+        s3.upload_file(str(path), *split_s3(join(uri, path.relative_to(local).as_posix())))
 
 
 def download_dir(uri: str, local: Path) -> Path:
     """Download the S3 prefix `uri` into `local`, atomically: a temporary sibling renamed into place, so an
     interrupted download never looks like a finished one. An existing `local` is replaced."""
     local = Path(local)
-    bucket, prefix = split_s3(uri)
-    prefix = prefix + "/" if prefix else ""
+    bucket, prefix = _prefix(uri)
     s3 = client()
-    keys = _keys(s3, bucket, prefix)
-    if not keys:
+    objects = [(o["Key"], o["Size"]) for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                                             Prefix=prefix)
+               for o in page.get("Contents", [])]
+    if not objects:
         raise StorageError(f"nothing stored at {uri}")
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(f".tmp-{local.name}-{uuid.uuid4().hex[:8]}")
-
-    def get(key: str) -> None:
-        target = tmp / key[len(prefix):]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        s3.download_file(bucket, key, str(target))
-
     try:
-        with concurrent.futures.ThreadPoolExecutor(UPLOAD_WORKERS) as pool:
-            list(pool.map(get, keys))
+        if sum(size for _, size in objects) >= BULK_BYTES:
+            with transfers(local.parent) as mf:
+                for obj in mf.get_many([f"s3://{bucket}/{key}" for key, _ in objects]):
+                    target = tmp / obj.url[len(f"s3://{bucket}/{prefix}"):]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(obj.path, target)
+        else:
+            for key, _ in objects:
+                target = tmp / key[len(prefix):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                s3.download_file(bucket, key, str(target))
         if local.exists():
             shutil.rmtree(local)
         os.replace(tmp, local)
@@ -237,13 +317,14 @@ def scratch_root() -> Path:
 
 
 def localize(uri: str | None, scratch: Path | None = None) -> str | None:
-    """A local path for an input: S3 URIs are downloaded once per machine (cached by URI under the scratch
-    root); local paths and hub ids pass through."""
+    """A local path for an input: an S3 URI is downloaded into `scratch` (default: the scratch root's `inputs/`,
+    named by the URI, reused while it is there); local paths and hub ids pass through. Whoever owns `scratch`
+    frees it (a stage's workspace deletes its own when the stage ends)."""
     if uri is None or not is_remote(uri):
         return uri
     if scheme(uri) != S3:
         raise StorageError(f"cannot read {uri!r}: only local paths and s3:// URIs are supported")
-    cache = (scratch or scratch_root()) / "inputs" / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    cache = (scratch or scratch_root() / "inputs") / hashlib.sha1(uri.encode()).hexdigest()[:16]
     if not cache.exists():
         print(f"[storage] downloading {uri}", flush=True)
         download_dir(uri, cache)

@@ -43,6 +43,16 @@ def _cases(tmp, tiny_policy):
         "reward model has 2 labels": ({"reward_model": {"model": _classifier(tmp / "cls2", 2)}},
                                       "needs num_labels=1"),
         "too little disk": ({"run": {"min_free_disk_gb": 1e9}}, "free space or point run.storage_root elsewhere"),
+        "GPUs this machine lacks": ({"run": {"gpus": 1}}, "run.gpus = 1 but this machine has 0 GPU(s)"),
+        "reward function that does not import": ({"reward": {"function": "no_such_module:score"}},
+                                                 "reward.function: cannot import module 'no_such_module'"),
+        "reward function that returns no floats": ({"reward": {"function": "os.path:basename"}},
+                                                   "reward.function: 'os.path:basename' raised on a sample completion"),
+        "GRPO group that does not divide the batch": ({"grpo": {"batch_size": 10, "num_generations": 4}},
+                                                      "batch_size (10) must be a multiple of num_generations (4)"),
+        "GRPO beta < 0": ({"grpo": {"beta": -0.1}}, "config key `grpo.beta`: Input should be greater than or equal to 0"),
+        "RLOO group of one": ({"rloo": {"num_generations": 1}},
+                              "config key `rloo.num_generations`: Input should be greater than or equal to 2"),
         "4-bit on CPU, width 172": ({"policy": {"tiny": {"ffn_dim": 172}}},
                                     "bitsandbytes' CPU 4-bit kernel needs every quantized layer's output width to be a "
                                     "multiple of 32"),
@@ -62,11 +72,16 @@ def _cases(tmp, tiny_policy):
 CASES = ["unknown key", "wrong type", "min length > max length", "missing column", "empty dataset",
          "nonexistent dataset path", "nonexistent model path", "hub id unreachable offline",
          "reward model is a causal LM", "reward model has 2 labels", "too little disk", "unknown method", "no method",
-         "ReST thresholds not increasing", "DPO beta <= 0", "AI feedback without a judge", "constitution file missing", "4-bit on CPU, width 172"]
+         "ReST thresholds not increasing", "DPO beta <= 0", "AI feedback without a judge", "constitution file missing",
+         "4-bit on CPU, width 172", "GPUs this machine lacks", "reward function that does not import",
+         "reward function that returns no floats", "GRPO group that does not divide the batch", "GRPO beta < 0",
+         "RLOO group of one"]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_fails_fast_and_writes_nothing(case, tmp_path, tiny_policy):
+    if case == "GPUs this machine lacks" and __import__("torch").cuda.device_count():
+        pytest.skip("this machine has a GPU")
     overrides, message = _cases(tmp_path, tiny_policy)[case]
     store = tmp_path / "store"
     cfg = write_config(tmp_path / "bad.toml", {**overrides, "run": {**overrides.get("run", {}),

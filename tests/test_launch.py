@@ -5,7 +5,7 @@ import json
 import pytest
 
 from rlhf_lib import config, launch
-from conftest import TEST_CONFIG
+from conftest import ROOT, TEST_CONFIG
 
 
 def test_failed_stage_raises_with_log_tail(tmp_path):
@@ -66,3 +66,35 @@ def test_multi_node_commands():
 
     node = SimpleNamespace(num_nodes=2, node_index=0, main_ip="127.0.0.1")
     assert launch.Nodes.of(node, "123").port == launch.Nodes.of(node, "123").port != launch.Nodes.of(node, "124").port
+
+
+def test_run_gpus_0_hides_every_gpu_from_the_stage(tmp_path):
+    """run.gpus = 0 keeps a stage on the CPU even on a machine with GPUs: the launcher hides them."""
+    cfg = config.load(TEST_CONFIG)
+    env = {"PYTHONPATH": str(ROOT / "tests")}
+    cpu = launch.launch("probe", cfg.to_json(), tmp_path / "cpu", {}, module="env_probe_stage", gpus=0, env=env)
+    assert cpu["env"]["CUDA_VISIBLE_DEVICES"] == ""
+    roots = ["/a/attempt-1/checkpoints", "s3://b/attempt-0/checkpoints"]
+    probe = launch.launch("probe", cfg.to_json(), tmp_path / "r", {}, module="env_probe_stage", resume_from=roots,
+                          env=env)
+    assert [probe["argv"][i + 1] for i, a in enumerate(probe["argv"]) if a == "--resume-from"] == roots
+
+
+def test_a_stage_whose_machine_lacks_its_gpus_or_disk_fails_in_seconds(tmp_path):
+    """Checked on the stage's own machine (its pod), before it writes: GPUs asked for and not there, disk."""
+    import time
+
+    from rlhf_lib import pipeline
+
+    if launch.visible_gpus():
+        pytest.skip("this machine has a GPU")
+    base = config.load(TEST_CONFIG).model_dump()
+    started = time.time()
+    gpu = config.validate({**base, "run": {**base["run"], "gpus": 1}})
+    with pytest.raises(launch.MachineUnfit, match=r"run.gpus = 1 asks 1 GPU\(s\) for this stage, but this machine has 0"):
+        pipeline.check_machine(gpu, "sft", tmp_path)
+    assert pipeline.check_machine(gpu, "data", tmp_path) == 0  # the data step asks for none
+    disk = config.validate({**base, "run": {**base["run"], "min_free_disk_gb": 1e9}})
+    with pytest.raises(launch.MachineUnfit, match="resources.infer.disk_mb"):
+        pipeline.check_machine(disk, "evaluate", tmp_path)
+    assert time.time() - started < 5

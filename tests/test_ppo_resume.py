@@ -62,7 +62,7 @@ def test_resume_matches_uninterrupted_run(uninterrupted, ppo_inputs, tmp_path, c
     assert uninterrupted["stats"][-1]["kl"] != 0  # the trace is not trivially equal
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_previous(uninterrupted, ppo_inputs, tmp_path):
+def test_corrupt_newest_checkpoint_falls_back_to_previous(uninterrupted, ppo_inputs, tmp_path, capsys):
     origin = _run(tmp_path, "origin", ppo_inputs, steps=4)  # checkpoints at 2 and 4
     ckpts = tmp_path / "out" / "origin" / "checkpoints"
     state = ckpts / "step-000004" / trainer.STATE_FILE
@@ -71,6 +71,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(uninterrupted, ppo_inp
     with pytest.warns(UserWarning, match="skipping"):
         resumed = _run(tmp_path, "resumed", ppo_inputs, steps=STEPS, resume_from=ckpts)
     assert origin["resumed_from_step"] == 0 and resumed["resumed_from_step"] == 2
+    out = capsys.readouterr().out
+    assert f"checkpoint {ckpts / 'step-000004'} failed to load" in out and f"trying {ckpts / 'step-000002'}" in out
     _assert_same_trace(resumed["stats"], uninterrupted["stats"])
     # The adopted checkpoint now lives in the resumed run's own directory too.
     assert (tmp_path / "out" / "resumed" / "checkpoints" / "step-000002" / "COMPLETE").exists()

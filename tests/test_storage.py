@@ -39,20 +39,42 @@ def test_directory_round_trip(s3_env, tmp_path):
 
 
 def test_torn_checkpoint_upload_is_never_chosen(s3_env, tmp_path):
-    remote = f"s3://{s3_env['BUCKET']}/run/ppo/checkpoints"
+    remote = f"s3://{s3_env['BUCKET']}/run/ppo/attempt-0/checkpoints"
     checkpoints.publish(_ckpt(tmp_path / "local", "step-000002", 2), remote)
     # A newer checkpoint whose upload died before its marker: files there, no COMPLETE object.
     storage.upload_dir(_ckpt(tmp_path / "torn", "step-000004", 4), f"{remote}/step-000004")
-    assert [s for s, _ in checkpoints.remote_complete(remote)] == [2]
-    fetched = checkpoints.fetch_latest(remote, tmp_path / "fresh")
+    with pytest.warns(UserWarning, match="step-000004"):
+        found = checkpoints.newest_first([remote])
+    assert [s for s, _ in found] == [2]
+    fetched = checkpoints.fetch(found[0][1], tmp_path / "fresh")
     assert fetched.name == "step-000002" and checkpoints.marked_step(fetched) == 2
 
 
+def test_a_checkpoint_pruned_while_it_downloads_is_refused(s3_env, tmp_path):
+    remote = f"s3://{s3_env['BUCKET']}/run/ppo/attempt-0/checkpoints"
+    where = checkpoints.publish(_ckpt(tmp_path / "local", "step-000002", 2), remote)
+    real_download = storage.download_dir
+
+    def download_then_prune(uri, local):  # an earlier attempt, still running, prunes it meanwhile
+        out = real_download(uri, local)
+        storage.delete(uri, [checkpoints.MARKER])
+        return out
+
+    storage.download_dir = download_then_prune
+    try:
+        with pytest.raises(storage.StorageError, match="removed or changed while it was being downloaded"):
+            checkpoints.fetch(where, tmp_path / "fresh")
+    finally:
+        storage.download_dir = real_download
+    assert not (tmp_path / "fresh" / "step-000002").exists()
+
+
 def test_hf_checkpoints_get_a_marker_and_old_ones_are_pruned(s3_env, tmp_path):
-    remote = f"s3://{s3_env['BUCKET']}/run/sft/checkpoints"
+    remote = f"s3://{s3_env['BUCKET']}/run/sft/attempt-0/checkpoints"
     for step in (10, 20, 30):
         checkpoints.publish(_ckpt(tmp_path, f"checkpoint-{step}", step), remote, keep=2)
-    assert checkpoints.remote_complete(remote) == [(20, "checkpoint-20"), (30, "checkpoint-30")]
+    assert [(s, w.rsplit("/", 1)[1]) for s, w in checkpoints.list_checkpoints(remote)] == \
+        [(20, "checkpoint-20"), (30, "checkpoint-30")]
     assert storage.list_files(f"{remote}/checkpoint-10") == []  # every file of the pruned one is gone
 
 
@@ -98,45 +120,75 @@ def test_unsupported_scheme_is_refused():
     assert storage.check_root("/tmp/anything") is None
 
 
-def test_resume_with_unreachable_origin_checkpoints_fails_loudly(s3_env, tmp_path, capsys):
+def test_resume_with_unreachable_origin_checkpoints_fails_loudly(s3_env, tmp_path):
+    from rlhf_lib.workspace import OriginUnreachable, Workspace
+
     # S3: the origin's bucket is gone (or the credentials cannot read it): never a silent step 0.
-    with pytest.raises(pipeline.OriginUnreachable, match="s3://bucket-that-is-gone/rlhf/RLHFFlow/17/ppo/checkpoints"):
-        pipeline.origin_checkpoints(_cfg("s3://bucket-that-is-gone/rlhf"), "17", "ppo")
+    with pytest.raises(OriginUnreachable, match="s3://bucket-that-is-gone/rlhf/RLHFFlow/17/ppo"):
+        Workspace.of(_cfg("s3://bucket-that-is-gone/rlhf"), "18", "ppo").checkpoint_roots("17")
     # Local: the origin run's directory is not on this machine.
-    with pytest.raises(pipeline.OriginUnreachable, match=str(tmp_path / "RLHFFlow" / "17")):
-        pipeline.origin_checkpoints(_cfg(str(tmp_path)), "17", "ppo")
-    # Reachable, but the origin never checkpointed this stage: a normal start, and it says so.
-    assert pipeline.origin_checkpoints(_cfg(f"s3://{s3_env['BUCKET']}/rlhf"), "17", "ppo") is None
-    assert "left no ppo checkpoint: starting from step 0" in capsys.readouterr().out
+    with pytest.raises(OriginUnreachable, match=str(tmp_path / "RLHFFlow" / "17")):
+        Workspace.of(_cfg(str(tmp_path)), "18", "ppo").checkpoint_roots("17")
+    # Reachable, but the origin never ran this stage: nothing to continue from (the stage says so and starts at 0).
+    assert Workspace.of(_cfg(f"s3://{s3_env['BUCKET']}/rlhf"), "18", "ppo").checkpoint_roots("17") == []
 
 
-def test_local_origin_checkpoints_of_either_kind_are_found(tmp_path, capsys):
-    """A local origin run's own (`step-N` + marker) and HF Trainer (`checkpoint-N`) checkpoints are both found."""
+def test_checkpoint_roots_are_the_earlier_attempts_then_the_origin_runs(tmp_path):
+    """A retry (attempt 2) of a resumed run looks at its own attempts 1 and 0, then every attempt of the origin."""
+    from rlhf_lib.workspace import Workspace
+
     cfg = _cfg(str(tmp_path))
-    hf = tmp_path / "RLHFFlow" / "17" / "sft" / "checkpoints" / "checkpoint-20"
-    hf.mkdir(parents=True)
-    (hf / "trainer_state.json").write_text("{}")
-    assert pipeline.origin_checkpoints(cfg, "17", "sft") == str(hf.parent)
-    checkpoints.save(tmp_path / "RLHFFlow" / "17" / "ppo" / "checkpoints", 4, lambda d: (d / "w").write_text("w"))
-    assert pipeline.origin_checkpoints(cfg, "17", "ppo").endswith("RLHFFlow/17/ppo/checkpoints")
-    assert pipeline.origin_checkpoints(cfg, "17", "dpo") is None  # never checkpointed: a normal start
-    assert "left no dpo checkpoint: starting from step 0" in capsys.readouterr().out
+    for attempt in (0, 1):
+        (tmp_path / "RLHFFlow" / "17" / "sft" / f"attempt-{attempt}").mkdir(parents=True)
+    roots = Workspace.of(cfg, "18", "sft", attempt=2).checkpoint_roots("17")
+    base = tmp_path / "RLHFFlow"
+    assert roots == [str(base / "18" / "sft" / "attempt-1" / "checkpoints"),
+                     str(base / "18" / "sft" / "attempt-0" / "checkpoints"),
+                     str(base / "17" / "sft" / "attempt-1" / "checkpoints"),
+                     str(base / "17" / "sft" / "attempt-0" / "checkpoints")]
+    assert Workspace.of(cfg, "18", "sft").checkpoint_roots(None) == []
 
 
-def test_origin_checkpoints_are_downloaded_from_s3(s3_env, tmp_path, monkeypatch):
-    monkeypatch.setenv("RLHF_SCRATCH_DIR", str(tmp_path / "scratch"))
-    cfg = _cfg(f"s3://{s3_env['BUCKET']}/rlhf")
-    remote = storage.join(pipeline.stage_uri(cfg, "17", "ppo"), "checkpoints")
+def test_a_stage_continues_from_s3_and_falls_back_past_a_checkpoint_that_fails_to_load(s3_env, tmp_path, capsys):
+    """The newest checkpoint in S3 is corrupt: the stage says so and downloads the one before it; the chosen one
+    is adopted with the snapshots the earlier attempt kept up to its step."""
+    from rlhf_lib.stages import common
+
+    remote = f"s3://{s3_env['BUCKET']}/rlhf/RLHFFlow/17/ppo/attempt-0/checkpoints"
     for step in (2, 4):
         checkpoints.publish(_ckpt(tmp_path / "written", f"step-{step:06d}", step), remote)
-    local = pipeline.origin_checkpoints(cfg, "17", "ppo")
-    assert [p.name for p in checkpoints.list_complete(local)] == ["step-000004"]
-    assert Path(local).is_relative_to(tmp_path / "scratch")
+        storage.upload_dir(_ckpt(tmp_path / "snaps", f"step-{step:06d}", step),
+                           f"s3://{s3_env['BUCKET']}/rlhf/RLHFFlow/17/ppo/attempt-0/snapshots/step-{step:06d}")
+    storage.upload_dir(_ckpt(tmp_path / "bad", "step-000004", 4, payload="corrupt"), f"{remote}/step-000004")
+
+    def load(path):
+        if "corrupt" in (path / "weights.bin").read_text():
+            raise ValueError("truncated weights")
+        return json.loads((path / "state.json").read_text())
+
+    out = tmp_path / "attempt-1"
+    path, state = common.resume_point("ppo", [remote], out, load)
+    assert state == {"step": 2} and path == out / "checkpoints" / "step-000002"
+    printed = capsys.readouterr().out
+    assert f"downloading checkpoint {remote}/step-000004" in printed
+    assert f"checkpoint {remote}/step-000004 failed to load (ValueError: truncated weights): trying " \
+           f"{remote}/step-000002" in printed
+    assert f"continuing from {remote}/step-000002 (step 2; 1 snapshot(s) of the curve with it)" in printed
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step-000002"]
+
+
+def test_no_checkpoint_anywhere_is_said(tmp_path, capsys):
+    from rlhf_lib.stages import common
+
+    assert common.resume_point("ppo", [str(tmp_path / "attempt-0" / "checkpoints")], tmp_path / "a1",
+                               lambda p: p) is None
+    assert f"no checkpoint in {tmp_path / 'attempt-0' / 'checkpoints'}: starting at step 0" in capsys.readouterr().out
 
 
 def test_stage_outputs_go_to_s3(s3_env, tiny_policy, tmp_path, monkeypatch):
     """A real stage (merge) through run_stage with an S3 root: it reads its inputs from S3, its result and files
-    end up under <root>/RLHFFlow/<run>/<stage>/ with URIs in the result, and the scratch directory is freed."""
+    end up under <root>/RLHFFlow/<run>/<stage>/attempt-0/ with URIs in the result, and the attempt's scratch
+    directory (downloaded inputs included) is freed."""
     from peft import get_peft_model
 
     from rlhf_lib import models
@@ -150,12 +202,13 @@ def test_stage_outputs_go_to_s3(s3_env, tiny_policy, tmp_path, monkeypatch):
     storage.upload_dir(adapter, f"{root}/inputs/adapter")
     result = pipeline.run_stage(_cfg(root), "merge", "42", {"base_model": tiny_policy,
                                                             "adapter": f"{root}/inputs/adapter"})
-    assert result["merged_path"] == f"{root}/RLHFFlow/42/merge/merged"
-    assert result["adapter_path"] == f"{root}/inputs/adapter"  # named by where it came from, not the cache
-    files = storage.list_files(f"{root}/RLHFFlow/42/merge")
-    assert "result.json" in files and "merged/model.safetensors" in files and "stage.log" in files
-    assert json.loads(storage.read_text(f"{root}/RLHFFlow/42/merge/result.json")) == result
-    assert not (tmp_path / "scratch" / "RLHFFlow" / "42" / "merge").exists()
+    stage = f"{root}/RLHFFlow/42/merge/attempt-0"
+    assert result["merged_path"] == f"{stage}/merged"
+    assert result["adapter_path"] == f"{root}/inputs/adapter"  # named by where it came from, not the download
+    files = storage.list_files(stage)
+    assert {"result.json", "merged/model.safetensors", "stage.log", "STARTED"} <= set(files)
+    assert json.loads(storage.read_text(f"{stage}/result.json")) == result
+    assert not (tmp_path / "scratch" / "RLHFFlow" / "42" / "merge" / "attempt-0").exists()  # inputs included
 
 
 def test_start_fails_fast_on_a_missing_bucket(s3_env, tmp_path):
@@ -184,3 +237,49 @@ def test_storage_follows_an_s3_datastore(monkeypatch):
     monkeypatch.setattr(metaflow_config, "DATASTORE_SYSROOT_S3", None)
     with pytest.raises(storage.StorageError, match="METAFLOW_DATASTORE_SYSROOT_S3"):
         pipeline.resolve_storage_root(local, "s3")
+
+
+def test_transfers_survive_a_store_that_fails_one_request_in_five(s3_env, tmp_path, monkeypatch):
+    """Every fifth request to S3 fails (a 503 SlowDown, or a connection dropped with no answer): uploads and
+    downloads — small ones through Metaflow's boto3 client, a large one through metaflow.S3's workers — retry
+    and end with identical files."""
+    import os as _os
+    from urllib.parse import urlparse
+
+    from faulty_proxy import FaultyProxy
+
+    upstream = urlparse(s3_env["METAFLOW_S3_ENDPOINT_URL"])
+    proxy = FaultyProxy(upstream.hostname, upstream.port, every=5)
+    monkeypatch.setenv("METAFLOW_S3_ENDPOINT_URL", proxy.url)
+    try:
+        small, large = tmp_path / "small", tmp_path / "large"
+        for d, sizes in ((small, [10, 2000, 70_000]), (large, [9_000_000] * 4)):
+            (d / "sub").mkdir(parents=True)
+            for i, size in enumerate(sizes):
+                (d / ("sub" if i % 2 else "") / f"f{i}.bin").write_bytes(_os.urandom(size))
+            (d / "result.json").write_text('{"done": true}')
+        assert sum(p.stat().st_size for p in large.rglob("*") if p.is_file()) >= storage.BULK_BYTES
+        for d in (small, large):
+            uri = f"s3://{s3_env['BUCKET']}/flaky/{d.name}"
+            storage.upload_dir(d, uri, last=("result.json",))
+            got = storage.download_dir(uri, tmp_path / f"back-{d.name}")
+            files = sorted(p.relative_to(d) for p in d.rglob("*") if p.is_file())
+            assert sorted(p.relative_to(got) for p in got.rglob("*") if p.is_file()) == files
+            for rel in files:
+                assert (got / rel).read_bytes() == (d / rel).read_bytes(), rel
+        assert proxy.failed["503"] >= 2 and proxy.failed["dropped"] >= 2, proxy.failed
+    finally:
+        proxy.close()
+
+
+def test_an_unreadable_metaflow_config_is_an_error_not_a_switch_to_aws(tmp_path):
+    """Reading Metaflow's configuration for the S3 endpoint fails: say so, never quietly talk to AWS instead."""
+    (tmp_path / "config.json").write_text("{not json")
+    env = {k: v for k, v in os.environ.items() if k != "METAFLOW_S3_ENDPOINT_URL"}
+    probe = "from rlhf_lib import storage; print(storage.endpoint_url())"
+    proc = subprocess.run([sys.executable, "-c", probe], env={**env, "METAFLOW_HOME": str(tmp_path),
+                                                              "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "cannot read Metaflow's configuration to find the S3 endpoint" in proc.stderr
+    assert "METAFLOW_S3_ENDPOINT_URL" in proc.stderr

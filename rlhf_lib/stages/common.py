@@ -1,7 +1,7 @@
 """The stage contract shared by every `python -m rlhf_lib.stages.X` entry point.
 
 Input: `--config run.json` (the run config as JSON), `--output DIR`, upstream paths as repeated
-`--input name=path`, optionally `--resume-from CKPT`. Output: `DIR/result.json`, written last and atomically,
+`--input name=path`, optionally `--resume-from ROOT` (repeatable) and `--checkpoint-uri`. Output: `DIR/result.json`, written last and atomically,
 with the paths the stage produced, its metrics and the library versions; exit code 0 only when it is complete.
 """
 
@@ -32,9 +32,12 @@ def parse_args(stage: str, argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="run config as JSON (a file path)")
     parser.add_argument("--output", required=True, help="directory for this stage's outputs")
     parser.add_argument("--input", action="append", default=[], metavar="NAME=PATH", help="an upstream path")
-    parser.add_argument("--resume-from", default=None, help="checkpoint directory to resume from")
+    parser.add_argument("--resume-from", action="append", default=[], metavar="ROOT",
+                        help="a checkpoint, or a directory or s3:// prefix of them, to continue from (repeatable: the "
+                             "newest that loads wins); earlier attempts of this task and a resume's origin run")
     parser.add_argument("--checkpoint-uri", default=None,
-                        help="also store each checkpoint here as it is written (an s3:// URI; marker last)")
+                        help="this attempt's own checkpoint location; an s3:// URI: each checkpoint is also stored "
+                             "there as it is written (marker last)")
     parser.add_argument("--run-id", default="standalone", help="Metaflow run id (names W&B runs)")
     parser.add_argument("--part", default=None, metavar="K/N",
                         help="train on rows i with i %% N == K only (disjoint parts train independent models)")
@@ -183,24 +186,28 @@ def log_history_summary(log_history: list[dict]) -> dict[str, list]:
     return curves
 
 
-def save_snapshot(adapter_model, output: Path, step: int) -> Path:
+def save_snapshot(adapter_model, output: Path, step: int, checkpoint_uri: str | None = None) -> Path:
     """The adapter as it is at `step`, kept for good under DIR/snapshots/step-N (atomic): the evaluation scores
-    every snapshot of an online method for its over-optimisation curve."""
-    from rlhf_lib.checkpoints import atomic_dir
+    every snapshot of an online method for its over-optimisation curve. With an S3 `checkpoint_uri` it is stored
+    beside the attempt's checkpoints at once, so a retried or resumed attempt elsewhere keeps the whole curve."""
+    from rlhf_lib import checkpoints, storage
 
-    return atomic_dir(Path(output) / SNAPSHOTS / f"step-{step:06d}",
-                      lambda tmp: adapter_model.save_pretrained(tmp, safe_serialization=True),
-                      is_complete=lambda p: (p / "adapter_config.json").exists())
+    path = checkpoints.atomic_dir(Path(output) / SNAPSHOTS / f"step-{step:06d}",
+                                  lambda tmp: adapter_model.save_pretrained(tmp, safe_serialization=True),
+                                  is_complete=lambda p: (p / "adapter_config.json").exists())
+    if checkpoint_uri and storage.is_remote(checkpoint_uri):
+        storage.upload_dir(path, storage.join(checkpoints.snapshots_beside(checkpoint_uri), path.name))
+    return path
 
 
-def snapshot_callback(output: Path):
+def snapshot_callback(output: Path, checkpoint_uri: str | None = None):
     """An HF TrainerCallback that keeps the adapter of every checkpoint the Trainer saves as a snapshot."""
     from transformers import TrainerCallback
 
     class KeepSnapshots(TrainerCallback):
         def on_save(self, args, state, control, model=None, **kwargs):
             if state.is_world_process_zero and model is not None:
-                save_snapshot(model, output, state.global_step)
+                save_snapshot(model, output, state.global_step, checkpoint_uri)
 
     return KeepSnapshots()
 
@@ -211,13 +218,12 @@ def log_history_stats(log_history: list[dict]) -> list[dict]:
             if "step" in entry and not any(k.startswith(("eval_", "train_runtime")) for k in entry)]
 
 
-def latest_trainer_checkpoint(ckpt_dir: Path) -> str | None:
-    """The newest complete HF Trainer checkpoint (`checkpoint-N` with trainer_state.json) in a directory."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return None
-    done = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+def mirror(args) -> str | None:
+    """Where a stage also stores each checkpoint as it writes it: its attempt's S3 prefix; None when the attempt's
+    checkpoint directory is the stage's own local one."""
+    from rlhf_lib import storage
+
+    return args.checkpoint_uri if storage.is_remote(args.checkpoint_uri) else None
 
 
 def step_of(path: str | None) -> int:
@@ -226,8 +232,8 @@ def step_of(path: str | None) -> int:
 
 
 def adopt(checkpoint: Path, own_root: Path) -> Path:
-    """Copy a checkpoint from another run (a Metaflow resume's origin) into this stage's own checkpoint
-    directory, atomically, so that a resume of this run later still finds it if this run dies before saving."""
+    """Copy a checkpoint from elsewhere (an earlier attempt, a resume's origin run) into this stage's own checkpoint
+    directory, atomically, so that a resume of this attempt later still finds it if it dies before saving."""
     from rlhf_lib.checkpoints import atomic_dir
 
     target = Path(own_root) / Path(checkpoint).name
@@ -236,17 +242,56 @@ def adopt(checkpoint: Path, own_root: Path) -> Path:
     return atomic_dir(target, lambda tmp: shutil.copytree(checkpoint, tmp, dirs_exist_ok=True))
 
 
-def trainer_resume_point(resume_from: str | None, own_root: Path) -> str | None:
-    """Where an HF-Trainer stage continues: the newest checkpoint of its own directory or of `resume_from`
-    (a checkpoint, or a directory of them from an earlier run); None starts fresh."""
-    own = latest_trainer_checkpoint(own_root)
-    if resume_from and (Path(resume_from) / "trainer_state.json").exists():
-        external = resume_from
-    else:
-        external = latest_trainer_checkpoint(Path(resume_from)) if resume_from else None
-    if external and (not own or step_of(external) > step_of(own)):
-        return str(adopt(Path(external), own_root))
-    return own
+def resume_point(stage: str, roots: list[str], output: Path, load, checkpoint_uri: str | None = None
+                 ) -> tuple[Path, object] | None:
+    """Where a stage continues: the newest checkpoint that `load` accepts, among those in its own directory (a
+    rerun of this attempt) and under `roots` (earlier attempts of this task, then a resume's origin run; local
+    directories or S3 prefixes). One in S3 is downloaded first; one that fails to load is said and the next older
+    one tried. One from elsewhere is copied into this stage's own directory with the snapshots it had up to its
+    step. Every outcome is said, "starting at step 0" included. Returns (local checkpoint, what `load` gave)."""
+    from rlhf_lib import checkpoints
+
+    own_root = Path(output) / "checkpoints"
+    candidates = checkpoints.newest_first([own_root, *roots])
+    where = ", ".join(str(r) for r in roots) or "this stage's own directory"
+    if not candidates:
+        print(f"[{stage}] no checkpoint in {where}: starting at step 0", flush=True)
+        return None
+    for i, (step, location) in enumerate(candidates):
+        try:
+            local = checkpoints.fetch(location, Path(output) / ".fetched")
+            state = load(local)
+        except Exception as err:  # torn, corrupt, or pruned while downloading: the next older one
+            following = f"trying {candidates[i + 1][1]}" if i + 1 < len(candidates) else "starting at step 0"
+            print(f"[{stage}] checkpoint {location} failed to load ({type(err).__name__}: {err}): {following}",
+                  flush=True)
+            continue
+        if Path(local).parent.resolve() != own_root.resolve():
+            source_root = location.rstrip("/").rsplit("/", 1)[0]
+            local = adopt(Path(local), own_root)
+            snapshots = checkpoints.fetch_snapshots(source_root, step, Path(output) / SNAPSHOTS)
+            print(f"[{stage}] continuing from {location} (step {step}; {snapshots} snapshot(s) of the curve with it)",
+                  flush=True)
+        shutil.rmtree(Path(output) / ".fetched", ignore_errors=True)
+        return Path(local), state
+    return None
+
+
+def check_trainer_checkpoint(path: Path) -> Path:
+    """An HF Trainer checkpoint that can be resumed from: its state parses and every safetensors file opens.
+    Raises otherwise (the caller then tries an older one)."""
+    import json
+
+    from safetensors import safe_open
+
+    json.loads((Path(path) / "trainer_state.json").read_text())
+    weights = list(Path(path).glob("*.safetensors"))
+    if not weights:
+        raise ValueError(f"{path} holds no safetensors weights")
+    for file in weights:
+        with safe_open(str(file), framework="pt") as fh:
+            list(fh.keys())
+    return Path(path)
 
 
 def mirror_checkpoints_callback(checkpoint_uri: str, keep: int | None):
@@ -263,13 +308,15 @@ def mirror_checkpoints_callback(checkpoint_uri: str, keep: int | None):
     return MirrorCheckpoints()
 
 
-def train_resumable(trainer, stage: str, resume_from: str | None, output: Path, checkpoint_uri: str | None = None):
-    """trainer.train() continued from the newest checkpoint of this stage's own directory or of `resume_from`
-    (a retry, or a Metaflow resume's origin run), each new checkpoint also stored at `checkpoint_uri` when given.
-    Returns (train output, the checkpoint resumed from)."""
-    if checkpoint_uri:
+def train_resumable(trainer, stage: str, roots: list[str], output: Path, checkpoint_uri: str | None = None):
+    """trainer.train() continued from the newest checkpoint that loads (see `resume_point`), each new checkpoint
+    also stored at `checkpoint_uri` when that is in S3. Returns (train output, the checkpoint resumed from)."""
+    from rlhf_lib import storage
+
+    if checkpoint_uri and storage.is_remote(checkpoint_uri):
         trainer.add_callback(mirror_checkpoints_callback(checkpoint_uri, trainer.args.save_total_limit))
-    resume = trainer_resume_point(resume_from, Path(output) / "checkpoints")
+    found = resume_point(stage, roots, output, check_trainer_checkpoint, checkpoint_uri)
+    resume = str(found[0]) if found else None
     if resume:
         print(f"[{stage}] resuming from {resume}", flush=True)
     return trainer.train(resume_from_checkpoint=resume), resume
@@ -284,34 +331,3 @@ def save_trained(trainer, tokenizer, directory: Path) -> bool:
     tokenizer.save_pretrained(directory)
     (Path(directory) / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing here needs it
     return True
-
-
-def checkpoint_resume_point(resume_from: str | Path | None, own_root: Path, load, step_of
-                            ) -> tuple[Path, dict] | None:
-    """Where a stage with its own atomic checkpoints (ppo, rest) continues: the newest loadable checkpoint among
-    this stage's own and those at `resume_from` (a `step-N` directory or a directory of them, e.g. a Metaflow
-    resume's origin run), newest by `step_of(state)`. One from elsewhere is first copied into `own_root`, so a
-    resume of *this* run still finds it if this run dies before its first save."""
-    from rlhf_lib import checkpoints
-
-    candidates = []
-    own = checkpoints.latest_valid(own_root, load)
-    if own:
-        candidates.append(own)
-    if resume_from is not None:
-        resume_from = Path(resume_from)
-        if checkpoints.marked_step(resume_from) is not None:
-            try:
-                candidates.append((resume_from, load(resume_from)))
-            except Exception as err:
-                print(f"warning: cannot load checkpoint {resume_from}: {err}", flush=True)
-        else:
-            external = checkpoints.latest_valid(resume_from, load)
-            if external:
-                candidates.append(external)
-    if not candidates:
-        return None
-    path, state = max(candidates, key=lambda c: step_of(c[1]))
-    if Path(path).parent.resolve() != Path(own_root).resolve():
-        path = adopt(Path(path), Path(own_root))
-    return path, state

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     ckpt_root = out / "checkpoints"
     state = {"improves_done": 0, "thresholds": None, "iterations": [], "grown": {}}
-    found = common.checkpoint_resume_point(args.resume_from, ckpt_root, _load, lambda st: st["improves_done"])
+    found = common.resume_point("rest", args.resume_from, out, _load)
     if found:
         path, loaded = found
         set_peft_model_state_dict(policy, loaded.pop("adapter"))
@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> Path:
             wandb_run.log({f"rest/{k}": v for k, v in record.items() if isinstance(v, (int, float))},
                           step=index + 1)
         if common.is_main_process():
-            _save(ckpt_root, index + 1, policy, state, mirror=args.checkpoint_uri)
-            common.save_snapshot(policy, out, index + 1)
+            _save(ckpt_root, index + 1, policy, state, mirror=common.mirror(args))
+            common.save_snapshot(policy, out, index + 1, args.checkpoint_uri)
 
     if not common.is_main_process():
         return out

@@ -54,7 +54,7 @@ def run(name: str, argv: list[str] | None, make_trainer) -> Path:
     print(f"[{name}] {len(train_ds)} prompts, {section.num_generations} completions each per group, "
           f"beta={section.beta}; reward: {reward.describe()}", flush=True)
     trainer = make_trainer(cfg, section, model, tokenizer, trl_reward_function(reward), train_ds, out)
-    trainer.add_callback(common.snapshot_callback(out))
+    trainer.add_callback(common.snapshot_callback(out, args.checkpoint_uri))
     train_out, resume = common.train_resumable(trainer, name, args.resume_from, out, args.checkpoint_uri)
 
     adapter_dir = out / "adapter"

@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     # W&B first: whatever randomness its start-up uses must not come after the restored RNG state.
     wandb_run = tracking.init_wandb(cfg, "ppo") if accelerator.is_main_process else None
-    found = common.checkpoint_resume_point(args.resume_from, ckpt_root, load_checkpoint, lambda st: st["step"])
+    found = common.resume_point("ppo", args.resume_from, out, load_checkpoint)
     if found:
         path, state = found
         _restore(state, policy, optimizer, kl_ctl, sampler, length_gen)
@@ -463,8 +463,8 @@ def main(argv: list[str] | None = None) -> Path:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 save_checkpoint(ckpt_root, step + 1, policy, optimizer, kl_ctl, sampler, length_gen, stats_history,
-                                p.keep_checkpoints, mirror=args.checkpoint_uri)
-                common.save_snapshot(policy.lm, out, step + 1)
+                                p.keep_checkpoints, mirror=common.mirror(args))
+                common.save_snapshot(policy.lm, out, step + 1, args.checkpoint_uri)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return out
