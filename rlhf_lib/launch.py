@@ -1,8 +1,11 @@
-"""Run a stage module under `accelerate launch` as a subprocess.
+"""Run a stage module as a subprocess: under `accelerate launch` on several GPUs, as a plain process otherwise.
 
-One process per visible GPU (multi-GPU data parallel), one CPU process otherwise. The stage's output is
-streamed live to this process's stdout (so Metaflow's logs show training progress) and kept in
-`<output>/stage.log`; a non-zero exit raises StageFailed carrying the last lines of that log.
+One process per GPU the stage's step asked for (multi-GPU data parallel, `accelerate launch`), across machines
+with accelerate's multi-machine launch or torch.distributed.run; one process on one GPU or on the CPU, started as
+`python -m rlhf_lib.stages.<stage>` with the settings accelerate's launcher would give it (its launcher would add
+nothing else but a second interpreter start, ~4 s a stage). The stage's output is streamed live to this process's
+stdout (so Metaflow's logs show training progress) and kept in `<output>/stage.log`; a non-zero exit raises
+StageFailed carrying the last lines of that log.
 """
 
 from __future__ import annotations
@@ -90,14 +93,17 @@ def accelerate_command(stage: str, stage_args: list[str], num_gpus: int, nodes: 
                 str(nodes.count), "--machine_rank", str(nodes.index), "--main_process_ip", nodes.main_ip,
                 "--main_process_port", str(nodes.port), "--num_processes", str(nodes.count * gpus),
                 "--mixed_precision", "bf16", "--dynamo_backend", "no", *module]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no"]
-    if gpus > 0:
-        cmd += ["--num_processes", str(gpus), "--mixed_precision", "bf16"]
-        if gpus > 1:
-            cmd += ["--multi_gpu"]
-    else:
-        cmd += ["--cpu", "--num_processes", "1", "--mixed_precision", "no"]
-    return cmd + module
+    if gpus <= 1:  # one process: nothing for a launcher to do (single_process_env gives its settings)
+        return [sys.executable, *module]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no",
+            "--num_processes", str(gpus), "--mixed_precision", "bf16", "--multi_gpu", *module]
+
+
+def single_process_env(gpus: int) -> dict[str, str]:
+    """What `accelerate launch --num_processes 1` would set for one process on one GPU (bf16) or on the CPU."""
+    if gpus:
+        return {"ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_DYNAMO_BACKEND": "NO"}
+    return {"ACCELERATE_USE_CPU": "true", "ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO"}
 
 
 @contextlib.contextmanager
@@ -146,6 +152,9 @@ def launch(stage: str, config_json: str, output: Path, inputs: dict[str, str], *
     log_path = output / "stage.log"
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     child_env = {**os.environ, **(env or {})}
+    single = (nodes is None or nodes.count == 1) and (gpus <= 1 or stage in SINGLE_PROCESS_STAGES)
+    if single:
+        child_env.update(single_process_env(min(gpus, 1)))
     if gpus == 0:  # run.gpus = 0 means the CPU, even on a machine that has GPUs
         child_env["CUDA_VISIBLE_DEVICES"] = ""
     # The stage must import this checkout's rlhf_lib whatever the caller's working directory is.

@@ -1,9 +1,13 @@
 """On a cluster: the code package, the Argo compile, the user's Metaflow config, and — against a real S3 server —
-the flow run step by step as pods would run it, a preempted PPO task retried in the same run, and `resume ppo`
-on a machine with none of the crashed run's local files.
+the compare flow (every method, AI feedback, the gold reward model) run step by step as pods would run it, a
+preempted PPO task retried in the same run from what its first attempt stored in S3, and `resume ppo` on a
+machine with none of the crashed run's local files; and an attempt given up for dead that keeps running.
 
-Pods are simulated by `tests/podsim` (`--with podsim`): each task attempt runs in a new empty directory holding
-only the code package downloaded from the S3 datastore, deleted when the step ends.
+Pods are simulated by `tests/podsim` (`--with podsim`): each task attempt runs in a pod directory of its own,
+laid out like the project's image (with a decoy `rlhf_lib` that raises on import where the image has the
+project), with its own HOME and TMPDIR, Metaflow's settings as environment variables only, and — as root here —
+chrooted in its own mount namespace where the checkout, the launcher's home, other pods' files and the local
+datastore do not exist. The pod directory is deleted when the attempt ends.
 """
 
 import contextlib
@@ -17,6 +21,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -29,10 +34,24 @@ PODSIM = str(ROOT / "tests" / "podsim")
 PROJECT_METAFLOW_VARS = ("RLHF_METAFLOW_CONFIG", "METAFLOW_HOME", "METAFLOW_DATASTORE_SYSROOT_LOCAL",
                          "METAFLOW_DEFAULT_DATASTORE", "METAFLOW_DEFAULT_METADATA")
 WANDB_SECRET = "wandb-key-do-not-store-0123456789"
-# Small enough for CI, long enough to kill PPO after its second checkpoint with steps still to go.
-SMALL = {"run": {"methods": ["ppo"], "cpu_threads": 2}, "policy": {"tiny": {"pretrain_steps": 20}},
-         "eval": {"num_prompts": 16}, "sft": {"max_steps": 10, "save_steps": 5},
-         "reward": {"max_steps": 20, "save_steps": 10}, "ppo": {"steps": 12, "save_freq": 3}}
+# configs/compare.toml (every method) with AI feedback and a gold reward model, cut to what CI can afford: the
+# test profile's models and step counts; long enough to kill PPO after its second checkpoint with steps to go.
+COMPARE = ROOT / "configs" / "compare.toml"
+TEST_SIZES = tomllib.loads((ROOT / "configs" / "test.toml").read_text())
+SMALL = {"run": {"cpu_threads": 1, "retries": 1, "local_retries": 1},
+         "policy": {"tiny": {**TEST_SIZES["policy"]["tiny"], "pretrain_steps": 20}},
+         "reward_model": {"tiny": TEST_SIZES["reward_model"]["tiny"]},
+         "data": {"sample_rows": 300, "preference": {"source": "ai_feedback", "eval_rows": 8}},
+         "rlaif": {"judge_model": "tiny", "num_prompts": 320, "max_new_tokens": 24},
+         "eval": {"num_prompts": 16, "gold_judge": "reward_model", "curve_prompts": 8, "max_new_tokens": 24},
+         "sft": {"max_steps": 10, "save_steps": 5}, "reward": {"max_steps": 20, "save_steps": 10},
+         "ppo": {"steps": 12, "save_freq": 3, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 2},
+         "dpo": {"max_steps": 6, "save_steps": 3, "eval_steps": 6, "batch_size": 4},
+         "rest": {"grow_steps": 1, "prompts_per_grow": 8, "max_steps": 3, "thresholds": [0.5]},
+         "grpo": {"max_steps": 4, "save_steps": 2, "batch_size": 8}, "rloo": {"max_steps": 4, "save_steps": 2,
+                                                                             "batch_size": 8}}
+STEPS = ("start", "data", "sft", "merge", "rlaif", "reward", "ppo", "ppo_train", "ppo_join", "dpo", "rest", "grpo",
+         "rloo", "evaluate", "end")
 
 
 def user_env(home: Path, **extra) -> dict:
@@ -181,16 +200,17 @@ def _objects(bucket: str) -> dict[str, bytes]:
     return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
 
 
-def _run_and_kill_ppo(cmd: list[str], env: dict, bucket: str, prefix: str, kill_after: list[int],
+def _run_and_kill_ppo(cmd: list[str], env: dict, bucket: str, prefix: str, kill_after: list[tuple[int, int]],
                       cwd: Path, log_path: Path) -> tuple[str, int, str]:
-    """Run the flow; SIGKILL its PPO subprocess each time the next checkpoint in `kill_after` (counted in
-    checkpoints) is complete in S3 under s3://bucket/prefix/RLHFFlow/<run id>/ppo/checkpoints.
+    """Run the flow; SIGKILL its PPO subprocess each time the next (attempt, checkpoint count) in `kill_after` is
+    complete in S3 under s3://bucket/prefix/RLHFFlow/<run id>/ppo/attempt-<k>/checkpoints.
     Returns (run id, exit code, log)."""
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=os.environ["METAFLOW_S3_ENDPOINT_URL"], **_boto_credentials())
-    targets = [f"ppo/checkpoints/step-{n * SMALL['ppo']['save_freq']:06d}/COMPLETE" for n in kill_after]
-    run_id, deadline = None, time.time() + 900
+    targets = [f"ppo/attempt-{a}/checkpoints/step-{n * SMALL['ppo']['save_freq']:06d}/COMPLETE"
+               for a, n in kill_after]
+    run_id, deadline = None, time.time() + 1500
     with open(log_path, "w") as log:  # a file, not a pipe: an unread pipe would block the flow when full
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True)
         while targets and time.time() < deadline and proc.poll() is None:
@@ -204,7 +224,7 @@ def _run_and_kill_ppo(cmd: list[str], env: dict, bucket: str, prefix: str, kill_
                 run_id = done[0][len(prefix):].split("/")[2]  # <prefix>/RLHFFlow/<run id>/ppo/...
                 targets.pop(0)
             time.sleep(0.2)
-        proc.wait(timeout=900)
+        proc.wait(timeout=1500)
     text = log_path.read_text()
     assert not targets, f"PPO never reached {targets[0]} in S3:\n{text[-3000:]}"
     return run_id, proc.returncode, text
@@ -241,7 +261,14 @@ print(json.dumps({{"successful": run.successful, "paths": found, "stats": d.ppo_
                   "resumed_from_step": d.ppo_resumed_from_step, "ppo_attempt": ppo.current_attempt,
                   "sft_merged_path": d.sft_merged_path, "reward_model_path": d.reward_model_path,
                   "prompts": d.datasets["prompts_train"]["uri"], "metaflow_config": d.metaflow_config,
-                  "storage_root": d.storage_root, "eval_report": d.eval_report}}))
+                  "storage_root": d.storage_root, "eval_report": d.eval_report, "methods": d.methods,
+                  "rlaif_status": d.rlaif_status, "rlaif_metrics": d.rlaif_metrics,
+                  "preference_source": d.datasets["preference_train"]["source"],
+                  "reward_metrics": {{k: v for k, v in d.reward_metrics.items() if k != "curves"}},
+                  "gold_reward_metrics": {{k: v for k, v in d.gold_reward_metrics.items() if k != "curves"}},
+                  "gold_reward_model_path": d.gold_reward_model_path, "gold_judge": d.gold_judge,
+                  "statuses": {{m: getattr(d, m + "_status") for m in ("ppo", "dpo", "rest", "grpo", "rloo")}},
+                  "ppo_model_path": d.ppo_model_path}}))
 """
 
 
@@ -290,25 +317,29 @@ def _assert_no_secret(bucket: str, roots: list[Path], log: str) -> None:
 
 @pytest.fixture(scope="module")
 def s3_run(s3_endpoint, tmp_path_factory):
-    """The default flow (small) with `run.storage_root = "s3://…"` and Metaflow's S3 datastore named in the
-    user's ~/.metaflowconfig, every step in a fresh pod. PPO is SIGKILLed after its 2nd checkpoint: Metaflow's
-    @retry continues it from S3 in the same run; SIGKILLed again after its 3rd, with the retries spent, the run
-    fails. Every local scratch directory is then deleted and `resume ppo` runs from another directory."""
+    """The compare flow (cut to CI's size) with AI feedback and a gold reward model, `run.storage_root = "s3://…"`,
+    Metaflow's S3 datastore named in the user's ~/.metaflowconfig, every task attempt in a pod of its own (see the
+    module doc). PPO is SIGKILLed after its 2nd checkpoint: Metaflow's @retry runs it again in a new pod, which
+    must download that checkpoint from S3 (the first pod and its files are gone); SIGKILLed again after its 3rd,
+    with the retries spent, the run fails. Every local scratch directory is then deleted and `resume ppo` runs
+    from another directory."""
     tmp = tmp_path_factory.mktemp("s3run")
     home, env, bucket = s3_user(tmp, s3_endpoint)
     root = f"s3://{bucket}/explicit"
-    cfg = write_config(tmp / "cfg.toml", {**SMALL, "run": {**SMALL["run"], "retries": 1, "storage_root": root}})
+    cfg = write_config(tmp / "cfg.toml", {**SMALL, "run": {**SMALL["run"], "storage_root": root}}, base=COMPARE)
     with s3_client_env(s3_endpoint):
         origin, returncode, log = _run_and_kill_ppo(
-            [sys.executable, FLOW, "--config", "config", str(cfg), "--with", "podsim", "run"], env, bucket,
-            "explicit", [2, 3], tmp, tmp / "run.log")
+            [sys.executable, FLOW, "--config", "config", str(cfg), "--with", "podsim", "run", "--max-workers", "2"],
+            env, bucket, "explicit", [(0, 2), (1, 3)], tmp, tmp / "run.log")
         assert returncode != 0, "killed twice with one retry, the run must fail"
-        shutil.rmtree(tmp / "scratch")
+        shutil.rmtree(tmp / "scratch", ignore_errors=True)
         elsewhere = tmp / "another-machine"
         elsewhere.mkdir()
-        resume = subprocess.run([sys.executable, FLOW, "--with", "podsim", "resume", "ppo", "--origin-run-id", origin],
-                                env=env, cwd=elsewhere, capture_output=True, text=True, timeout=900)
+        resume = subprocess.run([sys.executable, FLOW, "--with", "podsim", "resume", "ppo", "--origin-run-id", origin,
+                                 "--max-workers", "2"], env=env, cwd=elsewhere, capture_output=True, text=True,
+                                timeout=1500)
         resume_log = resume.stdout + resume.stderr
+        (tmp / "resume.log").write_text(resume_log)
         assert resume.returncode == 0, resume_log[-4000:]
         resumed = re.search(r"Workflow starting \(run-id (\w+)\)", resume_log).group(1)
         view = client_view(env, resumed)
@@ -335,44 +366,80 @@ def s3_client_env(endpoint: str):
 
 
 @pytest.mark.slow
-def test_every_step_ran_in_its_own_fresh_pod(s3_run):
-    steps = {line[line.index("[podsim]"):].split()[2] for line in (s3_run["log"] + s3_run["resume_log"]).splitlines()
-             if "[podsim] step " in line}
-    assert {"start", "data", "sft", "merge", "rlaif", "reward", "ppo", "ppo_train", "ppo_join", "evaluate",
-            "end"} <= steps
+def test_every_step_ran_in_its_own_pod_on_the_runs_own_code(s3_run):
+    """Every task attempt in a pod of its own (chrooted, as root) importing rlhf_lib from the code package, never
+    the image's decoy copy beside its working directory and on its PYTHONPATH."""
+    text = s3_run["log"] + s3_run["resume_log"]
+    pods = [line for line in text.splitlines() if "[podsim] step " in line]
+    steps = {line[line.index("[podsim]"):].split()[2] for line in pods}
+    assert set(STEPS) <= steps
+    if os.geteuid() == 0:
+        assert all("chrooted in its own mount namespace" in line for line in pods)
+    imported = [line.split("[code] rlhf_lib imported from ")[1].strip() for line in text.splitlines()
+                if "[code] rlhf_lib imported from " in line]
+    assert len(imported) >= len(pods)
+    assert all(path.startswith(str(s3_run["tmp"] / "pods")) and path.endswith("/image/metaflow/.mf_code/rlhf_lib")
+               for path in imported), imported[:3]
+    assert "the image's own copy of rlhf_lib was imported" not in text
     assert not list((s3_run["tmp"] / "pods").iterdir())  # every pod directory was deleted
     view = s3_run["view"]
     assert view["successful"]
-    assert view["metaflow_config"] == f"yours: {s3_run['home'] / '.metaflowconfig' / 'config.json'}"
+    assert view["metaflow_config"].startswith("yours: METAFLOW_DEFAULT_DATASTORE=s3")  # env only, as a pod has it
     assert view["storage_root"] == s3_run["root"]
     assert f"[start] stage outputs and checkpoints: {s3_run['root']}" in s3_run["log"]
 
 
 @pytest.mark.slow
-def test_every_path_artifact_is_an_s3_uri(s3_run):
+def test_every_method_ai_feedback_and_the_gold_reward_model_ran(s3_run):
+    view = s3_run["view"]
+    assert view["statuses"] == {m: "done" for m in ("ppo", "dpo", "rest", "grpo", "rloo")}
+    assert view["methods"] == ["ppo", "dpo", "rest", "grpo", "rloo"]
+    assert set(view["eval_report"]) == {"sft", "ppo", "dpo", "rest", "grpo", "rloo"}
+    for online in ("ppo", "rest", "grpo", "rloo"):  # every online method's over-optimisation curve
+        curve = view["eval_report"][online]["curve"]
+        assert curve[0]["step"] == 0 and len(curve) >= 2 and "gold_win_rate" in curve[-1], online
+    # AI feedback: the judge ranked SFT answers, dropped disagreeing orders, and both reward models trained on the
+    # judged pairs, the proxy on one half and the gold one on the other.
+    m = view["rlaif_metrics"]
+    assert view["rlaif_status"] == "done" and view["preference_source"] == "ai_feedback"
+    assert m["pairs_kept"] == m["train_pairs"] + m["eval_pairs"] and m["pairs_kept"] < m["pairs_sampled"]
+    half = (m["train_pairs"] + 1) // 2
+    assert view["reward_metrics"]["train_pairs"] == half
+    assert view["gold_reward_metrics"]["train_pairs"] == m["train_pairs"] - half
+    assert view["gold_judge"] == "reward_model" and view["gold_reward_model_path"] != view["reward_model_path"]
+
+
+@pytest.mark.slow
+def test_every_path_artifact_is_an_s3_uri_of_the_attempt_that_succeeded(s3_run):
     paths = s3_run["view"]["paths"]
     assert len(paths) > 15
     local = [(where, value) for where, value in paths if not value.startswith("s3://")]
     assert local == []
+    # PPO: the resumed run's attempt 0 succeeded; its artifacts name that attempt's outputs.
+    assert s3_run["view"]["ppo_model_path"] == f"{s3_run['root']}/RLHFFlow/{s3_run['run_id']}/ppo/attempt-0/merged"
 
 
 @pytest.mark.slow
 def test_every_stage_output_is_in_s3_and_none_on_the_local_disk(s3_run):
     with s3_client_env(s3_run["endpoint"]):
         stored = _objects(s3_run["bucket"])
-    for run_id, stages in ((s3_run["origin"], ("data", "sft", "merge", "reward")),
+    for run_id, stages in ((s3_run["origin"], ("data", "sft", "merge", "rlaif", "reward", "reward_gold")),
                            (s3_run["run_id"], ("ppo", "evaluate"))):
         for stage in stages:
-            assert f"explicit/RLHFFlow/{run_id}/{stage}/result.json" in stored, (run_id, stage)
-    # Nothing went to the profile's local default (artifacts/test) or to a directory named `s3:`.
-    assert not (ROOT / "artifacts" / "test" / "RLHFFlow" / s3_run["origin"]).exists()
+            assert any(k.startswith(f"explicit/RLHFFlow/{run_id}/{stage}/attempt-") and k.endswith("/result.json")
+                       for k in stored), (run_id, stage)
+    # Nothing went to the profile's local default (artifacts) or to a directory named `s3:`.
+    assert not (ROOT / "artifacts" / "RLHFFlow" / s3_run["origin"]).exists()
     assert not (ROOT / "s3:").exists()
 
 
 @pytest.mark.slow
-def test_killed_ppo_task_is_retried_from_its_own_checkpoint(s3_run):
+def test_killed_ppo_task_is_retried_from_what_its_first_attempt_stored_in_s3(s3_run):
+    """The first attempt's pod and scratch are gone: the retry downloads the checkpoint from S3, and says which."""
     step = 2 * SMALL["ppo"]["save_freq"]
-    assert f"an earlier attempt of this task stored step-{step:06d} in {s3_run['root']}" in s3_run["log"]
+    first = f"{s3_run['root']}/RLHFFlow/{s3_run['origin']}/ppo/attempt-0/checkpoints/step-{step:06d}"
+    assert f"downloading checkpoint {first}" in s3_run["log"]
+    assert f"continuing from {first}" in s3_run["log"]
     assert f"resumed from step {step}" in s3_run["log"]
 
 
@@ -381,8 +448,8 @@ def test_resume_on_a_clean_machine_continues_from_s3(s3_run):
     """Steps 1-6 from the first attempt, 7-9 from the retried one, 10-12 from `resume ppo` on a machine with no
     local file of the crashed run: together equal to an uninterrupted PPO, to 1e-4."""
     step = 3 * SMALL["ppo"]["save_freq"]
-    origin_ckpts = f"{s3_run['root']}/RLHFFlow/{s3_run['origin']}/ppo/checkpoints"
-    assert f"left step-{step:06d} in {origin_ckpts}" in s3_run["resume_log"]
+    second = f"{s3_run['root']}/RLHFFlow/{s3_run['origin']}/ppo/attempt-1/checkpoints/step-{step:06d}"
+    assert f"downloading checkpoint {second}" in s3_run["resume_log"]
     assert f"resumed from step {step}" in s3_run["resume_log"]
     assert s3_run["view"]["resumed_from_step"] == step
     _assert_stats_equal(s3_run["view"]["stats"], s3_run["reference"])
@@ -426,3 +493,90 @@ def test_dockerfile_builds_the_image_the_readme_documents():
     section = readme[readme.index("## Run on Kubernetes / AWS Batch / Argo"):]
     assert "docker build -t REGISTRY/rlhf-flow" in section and "METAFLOW_KUBERNETES_CONTAINER_IMAGE" in section
     assert "--with kubernetes argo-workflows create" in section and "--with batch" in section
+
+
+# ------------------------------------------------------------------ an attempt given up for dead that keeps running
+
+ZOMBIE = """
+import json, sys
+sys.path.insert(0, {root!r})
+from rlhf_lib import config, pipeline
+cfg = config.load({cfg!r})
+result = pipeline.run_stage(cfg, "ppo", "77", json.loads({inputs!r}), attempt={attempt})
+print("RESULT " + json.dumps(result))
+"""
+
+
+ZOMBIE_STEPS = 30
+
+
+@pytest.mark.slow
+def test_an_attempt_given_up_for_dead_cannot_change_what_the_next_one_reads(s3_env, tiny_policy, tmp_path):
+    """Attempt 0 of a PPO task stops answering (SIGSTOP: a partitioned or frozen pod Kubernetes gives up on) after
+    its first checkpoint; attempt 1 starts on another machine and continues from that checkpoint; then attempt 0
+    comes back (SIGCONT) and goes on writing checkpoints — into its own prefix only, and without pruning now that
+    attempt 1 has started — and its own result. Attempt 1 ends with the stats of an uninterrupted run, and its
+    result (what Metaflow records) names attempt 1's outputs."""
+    import boto3
+
+    from rlhf_lib import models
+    from rlhf_lib.config import DatasetSource, TinyModelSpec
+    from rlhf_lib.data import lake
+
+    reward = models.prepare("tiny", TinyModelSpec(hidden_size=32, num_layers=1, num_heads=2, ffn_dim=64,
+                                                  vocab_size=400, max_positions=128), "reward", tmp_path, seed=0)
+    prompts = lake.materialise("prompts", DatasetSource(), "train", tmp_path, seed=0, sample_rows=80)["uri"]
+    inputs = json.dumps({"sft_model": tiny_policy, "reward_model": reward, "prompts": prompts})
+    root = f"s3://{s3_env['BUCKET']}/z"
+    cfg = write_config(tmp_path / "cfg.toml", {
+        "run": {"storage_root": root, "cpu_threads": 1, "wandb_mode": "disabled"},
+        "ppo": {"steps": ZOMBIE_STEPS, "save_freq": 5, "keep_checkpoints": 2, "batch_size": 8, "mini_batch_size": 4,
+                "ppo_epochs": 2, "min_response_length": 4, "max_response_length": 12, "stop_at_eos": False,
+                "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}})
+    def start(attempt: int):  # each attempt on its own "machine": its own scratch (and so its own stage lock)
+        log = open(tmp_path / f"attempt-{attempt}.log", "w")
+        code = ZOMBIE.format(root=str(ROOT), cfg=str(cfg), inputs=inputs, attempt=attempt)
+        env = {**os.environ, "RLHF_SCRATCH_DIR": str(tmp_path / f"machine-{attempt}"), "OMP_NUM_THREADS": "1"}
+        return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    s3 = boto3.client("s3", endpoint_url=s3_env["METAFLOW_S3_ENDPOINT_URL"], **_boto_credentials())
+    prefix = "z/RLHFFlow/77/ppo"
+
+    def complete(attempt: int) -> list[int]:
+        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=s3_env["BUCKET"], Prefix=f"{prefix}/attempt-{attempt}/checkpoints/") for o in page.get("Contents", [])]
+        return sorted(int(k.split("/step-")[1].split("/")[0]) for k in keys if k.endswith("/COMPLETE"))
+
+    zombie = start(0)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (5 in complete(0) and stage_process(zombie.pid, "ppo")):
+        assert zombie.poll() is None, (tmp_path / "attempt-0.log").read_text()[-3000:]
+        time.sleep(0.1)
+    frozen = stage_process(zombie.pid, "ppo")
+    frozen.send_signal(signal.SIGSTOP)
+    successor = start(1)
+    while time.time() < deadline and "continuing from" not in (tmp_path / "attempt-1.log").read_text():
+        assert successor.poll() is None, (tmp_path / "attempt-1.log").read_text()[-3000:]
+        time.sleep(0.2)
+    frozen.send_signal(signal.SIGCONT)  # the zombie is back, and writes on
+    assert successor.wait(timeout=900) == 0, (tmp_path / "attempt-1.log").read_text()[-3000:]
+    assert zombie.wait(timeout=900) == 0, (tmp_path / "attempt-0.log").read_text()[-3000:]
+    log0, log1 = (tmp_path / "attempt-0.log").read_text(), (tmp_path / "attempt-1.log").read_text()
+    result0 = json.loads(log0.split("RESULT ", 1)[1].splitlines()[0])
+    result1 = json.loads(log1.split("RESULT ", 1)[1].splitlines()[0])
+    adopted = result1["resumed_from_step"]
+    assert adopted >= 5 and f"continuing from {root}/RLHFFlow/77/ppo/attempt-0/checkpoints/step-{adopted:06d}" in log1
+    # The zombie went on: checkpoints after the one attempt 1 took, and none pruned once attempt 1 had started.
+    assert max(complete(0)) == ZOMBIE_STEPS and max(complete(0)) > adopted and len(complete(0)) > 2
+    assert "a later attempt of this task has started: keeping every checkpoint" in log0
+    # Each attempt's outputs are its own; what attempt 1 returns (Metaflow's artifacts) names attempt 1's.
+    assert result1["model_path"] == f"{root}/RLHFFlow/77/ppo/attempt-1/merged"
+    assert result0["model_path"] == f"{root}/RLHFFlow/77/ppo/attempt-0/merged"
+    assert json.loads(s3.get_object(Bucket=s3_env["BUCKET"], Key=f"{prefix}/attempt-1/result.json")["Body"].read()
+                      ) == result1
+    # Attempt 1 ends exactly where an uninterrupted run ends: the zombie is one.
+    assert len(result1["stats"]) == len(result0["stats"]) == ZOMBIE_STEPS
+    for a, b in zip(result1["stats"], result0["stats"]):
+        for key, value in b.items():
+            if isinstance(value, float):
+                assert math.isclose(a[key], value, rel_tol=1e-4, abs_tol=1e-4), (a["step"], key, a[key], value)

@@ -104,36 +104,3 @@ def test_ppo_card_exists(flow_run):
     from metaflow.cards import get_cards
 
     assert len(get_cards(flow_run["ppo_join"].task)) == 1
-
-
-def test_ai_feedback_run_trains_the_reward_model_on_judged_pairs(tmp_path):
-    """data.preference.source = "ai_feedback": the judge ranks SFT answers, the reward model trains on those
-    pairs, a branch not in run.methods is skipped, and the gold judge is a second reward model."""
-    from metaflow import Runner
-
-    from conftest import ROOT, write_config
-
-    cfg = write_config(tmp_path / "rlaif.toml", {
-        "run": {"storage_root": str(tmp_path / "store"), "methods": ["dpo"]},
-        "data": {"preference": {"source": "ai_feedback", "eval_rows": 8}},
-        "rlaif": {"num_prompts": 200}, "eval": {"gold_judge": "reward_model"}})
-    with Runner(str(ROOT / "flows" / "rlhf_flow.py"), show_output=False, config=[("config", str(cfg))],
-                env={"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}) as runner:
-        result = runner.run()
-        assert result.status == "successful", result.stderr[-4000:]
-        run = result.run
-    data = run.data
-    assert data.rlaif_status == "done"
-    m = data.rlaif_metrics
-    assert m["pairs_kept"] == m["train_pairs"] + m["eval_pairs"] and m["train_pairs"] >= 1
-    assert m["pairs_kept"] < m["pairs_sampled"]  # disagreeing orders were dropped
-    assert data.datasets["preference_train"]["source"] == "ai_feedback"
-    assert Path(data.datasets["preference_train"]["uri"]).is_dir()
-    # The proxy reward model trained on half the judged pairs, the gold one on the other half.
-    half = (m["train_pairs"] + 1) // 2
-    assert data.reward_metrics["train_pairs"] == half
-    assert data.gold_reward_metrics["train_pairs"] == m["train_pairs"] - half
-    assert data.gold_reward_model_path != data.reward_model_path
-    assert (data.ppo_status, data.rest_status, data.dpo_status) == ("skipped", "skipped", "done")
-    assert list(data.eval_report) == ["sft", "dpo"] and data.gold_judge == "reward_model"
-    assert "gold_win_rate_vs_sft" in data.eval_report["dpo"]

@@ -19,12 +19,17 @@ def test_failed_stage_raises_with_log_tail(tmp_path):
     assert not (tmp_path / "merge" / "result.json").exists()
 
 
-def test_cpu_command_uses_one_process():
-    cmd = launch.accelerate_command("sft", ["--config", "x"], num_gpus=0)
-    assert cmd[cmd.index("--num_processes") + 1] == "1" and "--cpu" in cmd
+def test_one_process_runs_plainly_and_several_under_accelerate():
+    import sys
+
+    for gpus in (0, 1):  # one process: no launcher, accelerate's settings in its environment instead
+        cmd = launch.accelerate_command("sft", ["--config", "x"], num_gpus=gpus)
+        assert cmd == [sys.executable, "-m", "rlhf_lib.stages.sft", "--config", "x"]
+    assert launch.single_process_env(0)["ACCELERATE_USE_CPU"] == "true"
+    assert launch.single_process_env(1)["ACCELERATE_MIXED_PRECISION"] == "bf16"
     cmd = launch.accelerate_command("sft", ["--config", "x"], num_gpus=8)
-    assert cmd[cmd.index("--num_processes") + 1] == "8" and "--multi_gpu" in cmd
-    assert cmd[cmd.index("--mixed_precision") + 1] == "bf16"
+    assert "accelerate.commands.launch" in cmd and cmd[cmd.index("--num_processes") + 1] == "8"
+    assert "--multi_gpu" in cmd and cmd[cmd.index("--mixed_precision") + 1] == "bf16"
 
 
 def test_stage_runs_alone_and_writes_result(tiny_policy, tmp_path):
@@ -49,7 +54,7 @@ def test_model_only_stages_run_once_on_one_gpu():
     """merge, rlaif and evaluate do no gradient sync: one process on one GPU, not one per GPU doing the same."""
     for stage in ("merge", "rlaif", "evaluate"):
         cmd = launch.accelerate_command(stage, [], num_gpus=8)
-        assert cmd[cmd.index("--num_processes") + 1] == "1" and "--multi_gpu" not in cmd, stage
+        assert "accelerate.commands.launch" not in cmd and cmd[1:3] == ["-m", f"rlhf_lib.stages.{stage}"], stage
 
 
 def test_multi_node_commands():

@@ -13,17 +13,17 @@ from conftest import ROOT, write_config
 
 pytestmark = pytest.mark.slow  # a whole flow run
 
-BATCH = 8
+BATCH = 8  # prompts per rank; ppo.batch_size is the global batch, 2 x BATCH
 
 
 @pytest.fixture(scope="module")
 def two_node_run(tmp_path_factory):
     store = tmp_path_factory.mktemp("multinode")
     cfg = write_config(store / "cfg.toml", {
-        "run": {"storage_root": str(store), "methods": ["ppo"], "nodes": 2, "cpu_threads": 1, "retries": 0},
+        "run": {"storage_root": str(store), "methods": ["ppo"], "nodes": 2, "cpu_threads": 1},
         "policy": {"tiny": {"pretrain_steps": 20}}, "eval": {"num_prompts": 16},
         "sft": {"max_steps": 10, "save_steps": 10}, "reward": {"max_steps": 20, "save_steps": 20},
-        "ppo": {"steps": 4, "save_freq": 2, "batch_size": BATCH, "mini_batch_size": 4}})
+        "ppo": {"steps": 4, "save_freq": 2, "batch_size": 2 * BATCH, "mini_batch_size": 4}})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     proc = subprocess.run([sys.executable, str(ROOT / "flows" / "rlhf_flow.py"), "--config", "config", str(cfg),
                            "run"], env=env, capture_output=True, text=True, timeout=1200)
@@ -50,9 +50,10 @@ def test_stats_are_gathered_from_both_ranks(two_node_run):
 
 def test_one_set_of_checkpoints_written_by_rank_zero(two_node_run):
     stage_dir = two_node_run["stage_dir"]
-    written = sorted(p.name for p in (stage_dir / "ppo" / "checkpoints").glob("step-*"))
+    attempt = stage_dir / "ppo" / "attempt-0"
+    written = sorted(p.name for p in (attempt / "checkpoints").glob("step-*"))
     assert written == ["step-000002", "step-000004"]
     # The second node kept its own log and nothing else of PPO's.
-    assert (stage_dir / "ppo-node-1" / "stage.log").exists()
-    assert not list((stage_dir / "ppo-node-1").glob("checkpoints/step-*"))
-    assert not (stage_dir / "ppo-node-1" / "result.json").exists()
+    assert (attempt / "node-1" / "stage.log").exists()
+    assert not list((attempt / "node-1").glob("checkpoints/step-*"))
+    assert not (attempt / "node-1" / "result.json").exists()

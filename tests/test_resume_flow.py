@@ -30,7 +30,8 @@ def crashed_and_resumed(tmp_path_factory):
     # Fixed threads: the comparison with an uninterrupted run is to 1e-4, and a different thread count (the auto
     # policy follows the machine's load) reorders float sums.
     # No retries: this test is about `resume` after the run failed (tests/test_cluster.py covers @retry).
-    cfg = write_config(store / "cfg.toml", {"run": {"storage_root": str(store), "cpu_threads": 2, "retries": 0},
+    cfg = write_config(store / "cfg.toml", {"run": {"storage_root": str(store), "cpu_threads": 2, "local_retries": 0,
+                                                    "methods": ["ppo", "dpo", "rest"]},
                                             "ppo": {"steps": 12}})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_API_KEY": SECRET,
            "HF_TOKEN": SECRET}
@@ -38,7 +39,7 @@ def crashed_and_resumed(tmp_path_factory):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed_at, deadline = None, time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        done = sorted(store.glob("RLHFFlow/*/ppo/checkpoints/step-*/COMPLETE"))
+        done = sorted(store.glob("RLHFFlow/*/ppo/attempt-0/checkpoints/step-*/COMPLETE"))
         stage = stage_process(proc.pid, "ppo")
         if done and stage is not None:
             stage.send_signal(signal.SIGKILL)
@@ -48,8 +49,8 @@ def crashed_and_resumed(tmp_path_factory):
     run_log = proc.communicate(timeout=300)[0]
     assert killed_at, f"no PPO checkpoint appeared before the run ended:\n{run_log[-3000:]}"
     assert proc.returncode != 0, "the flow must fail when its PPO subprocess is killed"
-    origin_run_id = killed_at[0].parts[-5]
-    ckpt_root = store / "RLHFFlow" / origin_run_id / "ppo" / "checkpoints"
+    origin_run_id = killed_at[0].parts[-6]
+    ckpt_root = store / "RLHFFlow" / origin_run_id / "ppo" / "attempt-0" / "checkpoints"
     newest = max(int(p.name.split("-")[1]) for p in ckpt_root.glob("step-*") if (p / "COMPLETE").exists())
 
     from metaflow import Flow
@@ -72,6 +73,9 @@ def _run(run_id):
 def test_resume_continues_ppo_from_the_checkpoint(crashed_and_resumed):
     info = crashed_and_resumed
     assert f"resumed from step {info['newest']}" in info["log"]
+    newest = info["store"] / "RLHFFlow" / info["origin"] / "ppo" / "attempt-0" / "checkpoints" / \
+        f"step-{info['newest']:06d}"
+    assert f"continuing from {newest}" in info["log"]
     resumed = _run(info["resumed"])
     assert resumed.successful
     assert resumed.data.ppo_resumed_from_step == info["newest"]

@@ -69,9 +69,12 @@ def main(argv: list[str] | None = None) -> Path:
         chosen, rejected = (pair["x"], pair["y"]) if label == 1 else (pair["y"], pair["x"])
         judged.append({"chosen": sample.hh_format(pair["question"], chosen),
                        "rejected": sample.hh_format(pair["question"], rejected)})
-    if len(judged) < 2:
+    # One held-out pair, and at least two to train on for each reward model (the gold one takes half of them).
+    needed = 1 + (4 if cfg.gold_judge == "reward_model" else 2)
+    if len(judged) < needed:
         raise SystemExit(f"[rlaif] the judge's two orders agreed on {len(judged)} of {len(pairs)} pairs: too few to "
-                         "train a reward model. Raise rlaif.num_prompts or use a stronger rlaif.judge_model")
+                         f"train the reward model(s) (this run needs {needed}). Raise rlaif.num_prompts or use a "
+                         f"stronger rlaif.judge_model")
     n_eval = min(cfg.data.preference.carved_eval_rows, max(1, len(judged) // 5))
     columns = ["chosen", "rejected"]
     eval_set = lake.write_rows(out / "pairs-eval", judged[:n_eval], columns)
