@@ -1,7 +1,8 @@
 """GPU smoke test of the seed's recipe with nothing downloaded: OPT-1.3B- and DeBERTa-v3-base-shaped models
 built from their configurations (random weights, tokenizers trained here), then the flow with the opt-1.3b
-profile's settings at small step counts — NF4 4-bit SFT, bf16 merge, reward, 2 PPO steps with responses of 400
-tokens, evaluation on 16 prompts. Prints seconds per step and the peak memory of every stage.
+profile's settings at small step counts and every method of the registry — NF4 4-bit SFT, bf16 merge, reward, 2
+PPO steps with responses of 400 tokens, DPO, ReST, GRPO and RLOO for a few steps each, evaluation on 16 prompts.
+Prints seconds per step and the peak memory of every stage.
 
     bash bench/gpu_smoke.sh                 # on a GPU machine (no internet needed); target: under 10 minutes
     bash bench/gpu_smoke.sh --tiny          # the same path at tiny sizes, on a CPU (what the test runs)
@@ -72,8 +73,10 @@ def smoke_config(out: Path, policy: str, reward: str, tiny: bool, response_lengt
     from rlhf_lib.config import validate
 
     raw = copy.deepcopy(tomllib.loads((ROOT / "configs" / "opt-1.3b.toml").read_text()))
+    from rlhf_lib import methods
+
     raw["run"].update(name="gpu-smoke", storage_root=str(out), gpus=torch.cuda.device_count(), min_free_disk_gb=1.0,
-                      methods=["ppo"])
+                      methods=methods.names())
     raw["data"] = {"sample_rows": 256, "stream_batch_size": 256,
                    **{k: {"source": "sample", "eval_rows": 16} for k in ("sft", "preference", "prompts")}}
     raw["policy"] = {"model": policy}
@@ -83,6 +86,13 @@ def smoke_config(out: Path, policy: str, reward: str, tiny: bool, response_lengt
     raw["reward"].update(max_steps=4, save_steps=2, eval_steps=4, logging_steps=1)
     raw["ppo"].update(steps=2, min_response_length=response_length, max_response_length=response_length,
                       save_freq=1)
+    small = dict(max_steps=2, save_steps=1, logging_steps=1)
+    raw["dpo"] = {**raw.get("dpo", {}), **small, "eval_steps": 2, "batch_size": 4, "max_length": 256}
+    raw["rest"] = {**raw.get("rest", {}), **small, "grow_steps": 1, "prompts_per_grow": 8, "samples_per_prompt": 2,
+                   "max_new_tokens": 64, "thresholds": [0.5], "batch_size": 4, "max_length": 256}
+    for name in ("grpo", "rloo"):
+        raw[name] = {**raw.get(name, {}), **small, "batch_size": 8, "num_generations": 4,
+                     "max_completion_length": min(response_length, 128)}
     raw["eval"] = {"num_prompts": 16, "max_new_tokens": 128, "reward_max_length": 512}
     validate(raw)
     path = out / "gpu-smoke.json"
@@ -120,8 +130,9 @@ def main() -> None:
     print("| step | seconds | peak GPU memory (GB) | peak RSS (GB) |\n|---|---|---|---|")
     for step in reversed(list(run)):
         task = step.task
-        result_file = out / "RLHFFlow" / run.id / step.id / "result.json"
-        peak = json.loads(result_file.read_text()).get("peak_memory", {}) if result_file.exists() else {}
+        stage = {"ppo_train": "ppo"}.get(step.id, step.id)
+        attempts = sorted((out / "RLHFFlow" / run.id / stage).glob("attempt-*/result.json"))
+        peak = json.loads(attempts[-1].read_text()).get("peak_memory", {}) if attempts else {}
         gpu = peak.get("gpu_gb")
         rss = peak.get("cpu_rss_gb")
         print(f"| {step.id} | {(task.finished_at - task.created_at).total_seconds():.1f} | "

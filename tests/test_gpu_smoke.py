@@ -1,5 +1,6 @@
-"""bench/gpu_smoke.sh runs the seed recipe's path (NF4 SFT, merge, reward, PPO with 400-token responses,
-evaluate) on models built from configurations; here at tiny sizes on the CPU, as the GPU run does at full size."""
+"""bench/gpu_smoke.sh runs the seed recipe's path (NF4 SFT, merge, reward, PPO with 400-token responses, every
+other method, evaluate) on models built from configurations; here at tiny sizes on the CPU, as the GPU run does at
+full size."""
 
 import json
 import subprocess
@@ -17,14 +18,16 @@ def test_gpu_smoke_runs_at_tiny_sizes(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = proc.stdout.split("## GPU smoke", 1)[1]
-    for step in ("sft", "merge", "reward", "ppo", "evaluate"):
+    for step in ("sft", "merge", "reward", "ppo_train", "dpo", "rest", "grpo", "rloo", "evaluate"):
         assert f"| {step} | " in table, step
     assert "| **flow (wall)** |" in table
     (run_dir,) = (out / "RLHFFlow").iterdir()
-    ppo = json.loads((run_dir / "ppo" / "result.json").read_text())
+    for method in ("dpo", "rest", "grpo", "rloo"):
+        assert (run_dir / method / "attempt-0" / "result.json").exists(), method
+    ppo = json.loads((run_dir / "ppo" / "attempt-0" / "result.json").read_text())
     assert len(ppo["stats"]) == 2
     assert all(s["response_length_mean"] == 400 for s in ppo["stats"])  # generated to length, EOS not banned
-    sft = json.loads((run_dir / "sft" / "result.json").read_text())
+    sft = json.loads((run_dir / "sft" / "attempt-0" / "result.json").read_text())
     assert sft["peak_memory"]["cpu_rss_gb"] > 0
     config = json.loads((out / "gpu-smoke.json").read_text())
     assert config["sft"]["quantize_4bit"] is True and config["ppo"]["stop_at_eos"] is False

@@ -53,16 +53,18 @@ def test_evaluate_card_has_plots_and_table(flow_run, tmp_path):
     payload = re.search(r'window\.__MF_DATA__\["[^"]+"\] = "([^"]+)"', html)
     assert payload, "no card data in the HTML"
     content = base64.b64decode(payload.group(1)).decode()
-    assert content.count("data:image/png;base64") >= 4  # SFT loss, reward accuracy, PPO panel, ReST plot
+    # SFT loss, reward accuracy, the over-optimisation curve, and each of the five methods' training curves
+    assert content.count("data:image/png;base64") >= 8
     assert "proxy win-rate vs SFT" in content and "gold win-rate vs SFT" in content
-    assert all(f'"{m}"' in content for m in ("sft", "ppo", "dpo", "rest"))  # the methods side by side
+    assert all(f'"{m}"' in content for m in ("sft", "ppo", "dpo", "rest", "grpo", "rloo"))  # side by side
+    assert "Over-optimisation curve" in content
     assert "over-optimisation" in content and "Sample generations" in content
 
 
 def test_wandb_offline_files_for_every_stage(flow_run):
     wandb_dir = Path(flow_run.data.storage_root) / "wandb" / "wandb"
     runs = list(wandb_dir.glob("offline-run-*/run-*.wandb"))
-    for stage in ("sft", "merge", "reward", "ppo", "dpo", "rest", "evaluate"):
+    for stage in ("sft", "merge", "reward", "ppo", "dpo", "rest", "grpo", "rloo", "evaluate"):
         name = f"{stage}-{flow_run.id}".encode()
         assert any(name in r.read_bytes() for r in runs), f"no offline W&B run named {stage}-{flow_run.id}"
 
