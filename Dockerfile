@@ -1,7 +1,8 @@
 # The image RLHFFlow's steps run in on Kubernetes / AWS Batch / Argo Workflows: a CUDA runtime, Python 3.11, the
-# CUDA build of torch 2.13.0, the pinned requirements and the project. Metaflow still ships the flow's code
-# package to every pod (rlhf_lib and configs/ included) and puts it first on PYTHONPATH; the copy here lets the
-# image run a stage by itself (`python -m rlhf_lib.stages.ppo ...`).
+# CUDA build of torch 2.13.0, the pinned requirements and the project. A pod never imports the project copy made
+# here: Metaflow ships the flow's code package to every pod (rlhf_lib and configs/ included) and the flow puts
+# that copy first, so a run always runs its own code. The copy here is for running a stage by itself in the
+# image (`python -m rlhf_lib.stages.ppo ...`).
 #
 #   docker build -t REGISTRY/rlhf-flow:2.13.0-cu128 .
 #   docker push REGISTRY/rlhf-flow:2.13.0-cu128
@@ -29,7 +30,8 @@ RUN apt-get update \
 ENV PATH=/opt/venv/bin:$PATH
 
 # torch first, from PyTorch's CUDA index: requirements.txt pins torch==2.13.0, which this CUDA build satisfies,
-# so the next install keeps it instead of pulling the CPU wheel.
+# so the next install keeps it (without it, pip would take PyPI's torch==2.13.0, itself a CUDA build on Linux
+# x86_64, but for whatever CUDA version PyPI's wheel was built against, not the one chosen here).
 RUN pip install --upgrade pip \
  && pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 COPY requirements.txt /opt/rlhf/requirements.txt

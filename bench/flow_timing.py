@@ -1,7 +1,7 @@
 """Benchmark: wall time per step and the headline metrics of one RLHFFlow run.
 
     python bench/flow_timing.py                         # the default profile (configs/tiny.toml)
-    python bench/flow_timing.py --config configs/compare.toml   # PPO, DPO and ReST side by side
+    python bench/flow_timing.py --config configs/compare.toml --plot docs/over_optimisation.png   # all five
     python bench/flow_timing.py --config configs/opt-1.3b.toml
 
 Runs the flow through metaflow.Runner, then reads each task's start/finish times and the run's metrics through
@@ -29,6 +29,7 @@ import torch  # noqa: E402  (before metaflow's client, see tests/conftest.py)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.toml"))
+    parser.add_argument("--plot", default=None, help="write the over-optimisation curve (PNG) here")
     args = parser.parse_args()
     from metaflow import Runner
 
@@ -51,13 +52,28 @@ def main() -> None:
     from rlhf_lib import report as reporting
 
     data = run.data
-    print(f"Reward model held-out accuracy {data.reward_metrics['eval_accuracy']:.3f}; SFT held-out loss "
-          f"{data.sft_metrics['eval_loss']:.3f}; gold judge `{data.gold_judge}`.\n")
+    accuracy = f"{data.reward_metrics['eval_accuracy']:.3f}" if data.reward_metrics else "— (a reward function)"
+    print(f"Reward model held-out accuracy {accuracy}; SFT held-out loss {data.sft_metrics['eval_loss']:.3f}; "
+          f"gold judge `{data.gold_judge}`. " + "; ".join(data.judges) + "\n")
     headers, rows = reporting.eval_table(data.eval_report)
     print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
     for row in rows:
         print("| " + " | ".join(str(c) for c in row) + " |")
     print("\n" + reporting.over_optimisation_note(data.eval_report))
+    headers, rows = reporting.curve_table(data.eval_report)
+    if rows:
+        print("\nOver-optimisation curve (every saved checkpoint of each online method vs SFT):\n")
+        print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
+        for row in rows:
+            print("| " + " | ".join(str(c) for c in row) + " |")
+        if args.plot:
+            reporting.plot_over_optimisation(data.eval_report).savefig(args.plot, dpi=110)
+            print(f"\n(plot: {args.plot})")
+    if data.rlaif_status == "done":
+        m = data.rlaif_metrics
+        print(f"\nAI feedback: kept {m['pairs_kept']} of {m['pairs_sampled']} judged pairs "
+              f"({m['kept_fraction']:.1%}); position bias {m['position_bias']:.3f}; agreement with the sample "
+              f"data's rule {m['agreement_with_rule']}")
     if data.ppo_status == "done":
         print(f"\nPPO mean score, first → last quarter of training: {data.ppo_metrics['score_first_quarter']:.2f} → "
               f"{data.ppo_metrics['score_last_quarter']:.2f}")

@@ -5,7 +5,8 @@ PPO steps with responses of 400 tokens, DPO, ReST, GRPO and RLOO for a few steps
 Prints seconds per step and the peak memory of every stage.
 
     bash bench/gpu_smoke.sh                 # on a GPU machine (no internet needed); target: under 10 minutes
-    bash bench/gpu_smoke.sh --tiny          # the same path at tiny sizes, on a CPU (what the test runs)
+    bash bench/gpu_smoke.sh --tiny          # the same path at tiny sizes, on a CPU
+    bash bench/gpu_smoke.sh --tiny --methods ppo   # what the test runs (every method runs in the flow tests)
 """
 
 from __future__ import annotations
@@ -66,17 +67,16 @@ def build_models(out: Path, tiny: bool) -> tuple[str, str]:
     return str(policy_dir), str(reward_dir)
 
 
-def smoke_config(out: Path, policy: str, reward: str, tiny: bool, response_length: int) -> Path:
+def smoke_config(out: Path, policy: str, reward: str, tiny: bool, response_length: int,
+                 methods_to_run: list[str]) -> Path:
     """configs/opt-1.3b.toml at small step counts, on sample data, with the built models."""
     import copy
 
     from rlhf_lib.config import validate
 
     raw = copy.deepcopy(tomllib.loads((ROOT / "configs" / "opt-1.3b.toml").read_text()))
-    from rlhf_lib import methods
-
     raw["run"].update(name="gpu-smoke", storage_root=str(out), gpus=torch.cuda.device_count(), min_free_disk_gb=1.0,
-                      methods=methods.names())
+                      methods=methods_to_run)
     raw["data"] = {"sample_rows": 256, "stream_batch_size": 256,
                    **{k: {"source": "sample", "eval_rows": 16} for k in ("sft", "preference", "prompts")}}
     raw["policy"] = {"model": policy}
@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU test of the same path)")
     parser.add_argument("--out", default=str(ROOT / "artifacts" / "gpu-smoke"))
     parser.add_argument("--response-length", type=int, default=400)
+    parser.add_argument("--methods", default=None, help="comma-separated methods to run (default: every one)")
     args = parser.parse_args()
     from metaflow import Runner
 
@@ -114,7 +115,10 @@ def main() -> None:
     started = time.time()
     policy, reward = build_models(out, args.tiny)
     print(f"[gpu-smoke] models built in {time.time() - started:.1f} s: {policy}, {reward}", flush=True)
-    raw = json.loads(smoke_config(out, policy, reward, args.tiny, args.response_length).read_text())
+    from rlhf_lib import methods
+
+    chosen = args.methods.split(",") if args.methods else methods.names()
+    raw = json.loads(smoke_config(out, policy, reward, args.tiny, args.response_length, chosen).read_text())
     toml_path = out / "gpu-smoke.toml"
     toml_path.write_text(dump_toml(raw))
     flow_started = time.time()

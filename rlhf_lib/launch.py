@@ -13,10 +13,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +52,8 @@ def visible_gpus() -> int:
         raise MachineUnfit(f"cannot count this machine's GPUs ({type(err).__name__}: {err}); fix the CUDA "
                            f"installation, or set run.gpus = 0 to run on the CPU") from err
 
+
+HF_DATASETS_CACHE = ".hf-datasets-cache"
 
 # Stages that only run models (no gradient sync to spread): one process on one GPU, not one per GPU each doing
 # the same work and writing the same files.
@@ -108,20 +110,23 @@ def single_process_env(gpus: int) -> dict[str, str]:
 
 @contextlib.contextmanager
 def machine_lock(root: Path, name: str):
-    """Hold `<root>/.stage.lock` while a stage runs: one stage at a time on this machine. The lock is released
-    when the holder exits, however it exits (a killed step never leaves a stale lock)."""
+    """Hold `<root>/.stage.lock` while a stage runs: one stage at a time on this machine. An OS file lock
+    (filelock: flock on Linux and macOS), released when the holder exits however it exits, so a killed step never
+    leaves a stale lock."""
+    from filelock import FileLock, Timeout
+
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".stage.lock", "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[{name}] waiting for another stage on this machine to finish", flush=True)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    lock = FileLock(str(root / ".stage.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"[{name}] waiting for another stage on this machine to finish", flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def launch(stage: str, config_json: str, output: Path, inputs: dict[str, str], *, run_id: str = "standalone",
@@ -157,17 +162,24 @@ def launch(stage: str, config_json: str, output: Path, inputs: dict[str, str], *
         child_env.update(single_process_env(min(gpus, 1)))
     if gpus == 0:  # run.gpus = 0 means the CPU, even on a machine that has GPUs
         child_env["CUDA_VISIBLE_DEVICES"] = ""
+    # Hugging Face datasets writes Arrow copies of what a stage streams; they live as long as the stage does, in its
+    # own directory, not in ~/.cache/huggingface/datasets for ever.
+    datasets_cache = output / HF_DATASETS_CACHE
+    child_env["HF_DATASETS_CACHE"] = str(datasets_cache)
     # The stage must import this checkout's rlhf_lib whatever the caller's working directory is.
     root = str(Path(__file__).resolve().parent.parent)
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, child_env.get("PYTHONPATH")) if p)
     print(f"[launch] {' '.join(cmd)}", flush=True)
-    with open(log_path, "w") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                      env=child_env, text=True, bufsize=1) as proc:
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            log.write(line)
-            tail.append(line.rstrip("\n"))
-        returncode = proc.wait()
+    try:
+        with open(log_path, "w") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                          env=child_env, text=True, bufsize=1) as proc:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+                tail.append(line.rstrip("\n"))
+            returncode = proc.wait()
+    finally:
+        shutil.rmtree(datasets_cache, ignore_errors=True)
     writes_result = nodes is None or nodes.index == 0
     if returncode != 0 or (writes_result and not result_path.exists()):
         raise StageFailed(stage, returncode, "\n".join(tail), log_path)

@@ -80,12 +80,19 @@ def start(config_value, datastore_type: str | None) -> dict:
         print(f"[start] Metaflow config: {source}; datastore: {datastore_type}")
         print(f"[start] stage outputs and checkpoints: {storage_root}")
         preflight.check_or_raise(cfg)
-    except (preflight.PreflightError, storage.StorageError) as err:
+    except preflight.PreflightError as err:
+        raise CannotStart("\n".join(err.problems)) from None
+    except storage.StorageError as err:
         raise CannotStart(str(err)) from None
     gpus = launch.visible_gpus()
     print(f"[start] profile {cfg.run.name}; methods {cfg.run.methods}; GPUs visible: {gpus}, run.gpus = {cfg.run.gpus}")
     for line in judge_costs(cfg):
         print(f"[start] {line}")
+    if "ppo" in cfg.run.methods:
+        p, processes = cfg.ppo, max(cfg.run.gpus, 1) * cfg.run.nodes
+        print(f"[start] ppo: a global batch of {p.batch_size} prompts per step = {processes} process(es) x "
+              f"{p.batch_size // processes}; optimizer steps of {p.mini_batch_size * p.gradient_accumulation_steps} "
+              f"rollouts (mini-batch {p.mini_batch_size} x accumulation {p.gradient_accumulation_steps})")
     return {"datastore_type": datastore_type, "storage_root": storage_root, "metaflow_config": source,
             "run_config": cfg.model_dump(), "gpus_visible": gpus, "judges": judge_costs(cfg)}
 

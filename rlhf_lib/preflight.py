@@ -14,7 +14,11 @@ from rlhf_lib.data.ingest import KINDS
 
 
 class PreflightError(ValueError):
-    pass
+    """Every problem `check` found, one line each (`problems`)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("the run cannot start:\n  " + "\n  ".join(problems))
 
 
 def _check_source(key: str, source: str, kind: str, mapping: dict[str, list[str]] | None = None) -> str | None:
@@ -139,6 +143,11 @@ def check(cfg: RunConfig) -> list[str]:
             problems.append(problem)
     from rlhf_lib import compute, launch, storage
 
+    processes = max(cfg.run.gpus, 1) * cfg.run.nodes
+    if "ppo" in cfg.run.methods and cfg.ppo.batch_size % processes:
+        problems.append(f"ppo.batch_size ({cfg.ppo.batch_size}) is the global batch: it must be divisible by the "
+                        f"{processes} processes run.gpus x run.nodes give (each generates an equal share)")
+
     if cfg.run.gpus and not compute.runs_remote():  # steps run here: this machine must have the GPUs
         try:
             visible = launch.visible_gpus()
@@ -164,4 +173,4 @@ def check(cfg: RunConfig) -> list[str]:
 def check_or_raise(cfg: RunConfig) -> None:
     problems = check(cfg)
     if problems:
-        raise PreflightError("the run cannot start:\n  " + "\n  ".join(problems))
+        raise PreflightError(problems)

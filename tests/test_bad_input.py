@@ -92,5 +92,7 @@ def test_bad_input_fails_fast_and_writes_nothing(case, tmp_path, tiny_policy):
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert message in output, output[-3000:]
+    # The diagnosis alone: no traceback through Metaflow's CLI, no "Internal error" banner.
+    assert "Traceback" not in output and "Internal error" not in output, output[-3000:]
     assert time.time() - started < 120
     assert not store.exists(), "a failed start must not write stage output"

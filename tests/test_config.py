@@ -11,7 +11,7 @@ from rlhf_lib import config
 from rlhf_lib.config import ConfigError
 
 
-@pytest.mark.parametrize("name", ["tiny", "compare", "opt-1.3b", "test", "real-cpu"])
+@pytest.mark.parametrize("name", ["tiny", "compare", "opt-1.3b", "test", "real-cpu", "rlaif", "rule-reward"])
 def test_shipped_profiles_validate(name):
     cfg = config.load(ROOT / "configs" / f"{name}.toml")
     assert cfg.run.name == name

@@ -79,15 +79,17 @@ def test_pretrained_llama_on_real_alpaca_end_to_end(tmp_path):
         "policy": {"model": str(SHARED / "models" / "stories260K")},
         "data": {"sft": {"source": alpaca, "format": "alpaca", "eval_rows": 16, "max_rows": 400},
                  "prompts": {"source": alpaca, "format": "alpaca", "eval_rows": 16, "max_rows": 200}},
-        "sft": {"quantize_4bit": False, "max_steps": 20, "lora": {"r": 8, "alpha": 16, "dropout": 0.0,
+        "sft": {"quantize_4bit": False, "max_steps": 10, "lora": {"r": 8, "alpha": 16, "dropout": 0.0,
                                                                   "target_modules": llama_modules}},
-        "ppo": {"steps": 4, "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": llama_modules}},
-        "eval": {"num_prompts": 8}})
+        "reward": {"max_steps": 20},
+        "ppo": {"steps": 4, "save_freq": 2, "lora": {"r": 8, "alpha": 16, "dropout": 0.0,
+                                                      "target_modules": llama_modules}},
+        "eval": {"num_prompts": 8, "curve": False}})
     with Runner(str(ROOT / "flows" / "rlhf_flow.py"), show_output=False, config=[("config", str(cfg))],
                 env={"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}) as runner:
         result = runner.run()
         assert result.status == "successful", result.stderr[-4000:]
         data = result.run.data
     assert data.datasets["sft_train"]["rows"] == 400  # max_rows after the 16 held out
-    assert data.sft_metrics["steps"] == 20 and len(data.ppo_stats) == 4
+    assert data.sft_metrics["steps"] == 10 and len(data.ppo_stats) == 4
     assert set(data.eval_report) == {"sft", "ppo"} and data.gold_judge == "reward_model"

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow  # whole flow runs
 def test_steps_chain_in_order(flow_run):
     steps = [s.id for s in flow_run]
     assert set(steps) == {"start", "data", "sft", "merge", "rlaif", "reward", "ppo", "ppo_train", "ppo_join", "dpo",
-                          "rest", "evaluate", "end"}
+                          "rest", "grpo", "rloo", "evaluate", "end"}
     assert flow_run["rlaif"].task.data.rlaif_status == "skipped"  # human (sample) pairs in this profile
 
 
@@ -57,9 +57,9 @@ def test_ppo_raises_mean_reward(flow_run):
 
 def test_evaluate_report(flow_run):
     report = flow_run.data.eval_report
-    assert list(report) == ["sft", "ppo", "dpo", "rest"]
+    assert list(report) == ["sft", "ppo", "dpo", "rest", "grpo", "rloo"]
     assert set(report["sft"]) >= {"mean_score", "mean_gold_score", "perplexity"}
-    for method in ("ppo", "dpo", "rest"):
+    for method in ("ppo", "dpo", "rest", "grpo", "rloo"):
         assert set(report[method]) >= {"mean_score", "mean_gold_score", "win_rate_vs_sft", "gold_win_rate_vs_sft",
                                        "over_optimised", "kl_vs_sft", "kl_vs_sft_per_sequence", "perplexity",
                                        "stage_seconds"}, method
@@ -67,9 +67,15 @@ def test_evaluate_report(flow_run):
     assert flow_run.data.gold_judge == "rule"
     assert report["ppo"]["mean_score"] > report["sft"]["mean_score"]
     assert report["ppo"]["win_rate_vs_sft"] > 0.5
+    for online in ("ppo", "rest", "grpo", "rloo"):  # the over-optimisation curve: SFT, then every snapshot
+        curve = report[online]["curve"]
+        assert curve[0] == {**curve[0], "step": 0, "kl_per_sequence": 0.0, "proxy_win_rate": 0.5}
+        assert [p["step"] for p in curve] == sorted(p["step"] for p in curve) and len(curve) >= 3, online
+        assert {"proxy_win_rate", "gold_win_rate", "kl_per_sequence", "proxy_score", "gold_score"} <= set(curve[-1])
+    assert "curve" not in report["dpo"]  # offline: no samples of its own while it trains
     samples = flow_run.data.eval_samples
-    assert samples and {"prompt", "sft_answer", "ppo_answer", "dpo_answer", "rest_answer", "sft_score",
-                        "ppo_score", "sft_gold_score"} <= set(samples[0])
+    assert samples and {"prompt", "sft_answer", "ppo_answer", "dpo_answer", "rest_answer", "grpo_answer",
+                        "rloo_answer", "sft_score", "ppo_score", "sft_gold_score"} <= set(samples[0])
 
 
 def test_dpo_branch(flow_run):

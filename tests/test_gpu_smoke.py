@@ -1,6 +1,6 @@
 """bench/gpu_smoke.sh runs the seed recipe's path (NF4 SFT, merge, reward, PPO with 400-token responses, every
-other method, evaluate) on models built from configurations; here at tiny sizes on the CPU, as the GPU run does at
-full size."""
+other method, evaluate) on models built from configurations; here at tiny sizes on the CPU with PPO only (the CI
+budget: every method runs in the flow tests), as the GPU run does at full size with all of them."""
 
 import json
 import subprocess
@@ -14,16 +14,14 @@ pytestmark = pytest.mark.slow  # a whole flow run
 
 def test_gpu_smoke_runs_at_tiny_sizes(tmp_path):
     out = tmp_path / "smoke"
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_smoke.sh"), "--tiny", "--out", str(out)],
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_smoke.sh"), "--tiny", "--methods", "ppo", "--out", str(out)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = proc.stdout.split("## GPU smoke", 1)[1]
-    for step in ("sft", "merge", "reward", "ppo_train", "dpo", "rest", "grpo", "rloo", "evaluate"):
+    for step in ("sft", "merge", "reward", "ppo_train", "evaluate"):
         assert f"| {step} | " in table, step
     assert "| **flow (wall)** |" in table
     (run_dir,) = (out / "RLHFFlow").iterdir()
-    for method in ("dpo", "rest", "grpo", "rloo"):
-        assert (run_dir / method / "attempt-0" / "result.json").exists(), method
     ppo = json.loads((run_dir / "ppo" / "attempt-0" / "result.json").read_text())
     assert len(ppo["stats"]) == 2
     assert all(s["response_length_mean"] == 400 for s in ppo["stats"])  # generated to length, EOS not banned

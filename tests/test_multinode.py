@@ -21,7 +21,7 @@ def two_node_run(tmp_path_factory):
     store = tmp_path_factory.mktemp("multinode")
     cfg = write_config(store / "cfg.toml", {
         "run": {"storage_root": str(store), "methods": ["ppo"], "nodes": 2, "cpu_threads": 1},
-        "policy": {"tiny": {"pretrain_steps": 20}}, "eval": {"num_prompts": 16},
+        "policy": {"tiny": {"pretrain_steps": 20}}, "eval": {"num_prompts": 8, "curve": False},
         "sft": {"max_steps": 10, "save_steps": 10}, "reward": {"max_steps": 20, "save_steps": 20},
         "ppo": {"steps": 4, "save_freq": 2, "batch_size": 2 * BATCH, "mini_batch_size": 4}})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}

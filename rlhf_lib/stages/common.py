@@ -143,7 +143,9 @@ def peak_memory() -> dict[str, float]:
 
     import torch
 
-    peak = {"cpu_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)}  # KiB on Linux
+    # ru_maxrss is in kilobytes on Linux and in bytes on macOS.
+    per_unit = 1 if sys.platform == "darwin" else 1024
+    peak = {"cpu_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * per_unit / 1e9, 3)}
     if torch.cuda.is_available():
         peak["gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
     return peak
