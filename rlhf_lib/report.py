@@ -163,19 +163,27 @@ def plot_over_optimisation(eval_report: dict):
     """Gao et al. (2022) for every online method: win-rate over SFT by the proxy (solid) and the gold judge (dashed)
     of each saved checkpoint, against its KL from SFT. Where the proxy keeps rising and the gold judge turns down,
     the method has started to please the reward instead of the preference behind it."""
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    curves = [(n, r["curve"]) for n, r in eval_report.items() if r.get("curve")]
+    has_gold = any(all(p.get("gold_win_rate") is not None for p in c) for _, c in curves)
+    judges = [("proxy_win_rate", "proxy (the reward optimised)")] + \
+        ([("gold_win_rate", "gold (never trained against)")] if has_gold else [])
+    fig, axes = plt.subplots(1, len(judges), figsize=(4.2 * len(judges), 3.8), sharey=True, squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (name, row) in enumerate((n, r) for n, r in eval_report.items() if r.get("curve")):
-        colour = colours[i % len(colours)]
-        kl = [p["kl_per_sequence"] for p in row["curve"]]
-        ax.plot(kl, [p["proxy_win_rate"] for p in row["curve"]], marker="o", color=colour, label=f"{name} proxy")
-        if all(p.get("gold_win_rate") is not None for p in row["curve"]):
-            ax.plot(kl, [p["gold_win_rate"] for p in row["curve"]], marker="s", linestyle="--", color=colour,
-                    label=f"{name} gold")
-    ax.axhline(0.5, color="grey", linestyle=":", label="SFT")
-    ax.set(title="Over-optimisation: each checkpoint vs SFT", xlabel="KL(checkpoint ‖ SFT) per sequence (nats)",
-           ylabel="win-rate over SFT", ylim=(0, 1.02))
-    ax.legend(fontsize=7, ncol=2)
+    for ax, (key, title) in zip(axes[0], judges):
+        for i, (name, curve) in enumerate(curves):
+            points = [p for p in curve if p.get(key) is not None]
+            kl = [p["kl_per_sequence"] for p in points]
+            win = [p[key] for p in points]
+            # Points joined in training order (KL need not grow: an adaptive leash pulls it back); steps labelled.
+            ax.plot(kl, win, marker="o", markersize=4, color=colours[i % len(colours)], label=name)
+            for p, x, y in zip(points[1:], kl[1:], win[1:]):
+                ax.annotate(str(p["step"]), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        ax.axhline(0.5, color="grey", linestyle=":")
+        ax.set(title=f"win-rate over SFT: {title}", xlabel="KL(checkpoint ‖ SFT) per sequence (nats)", ylim=(0, 1.02))
+        ax.title.set_fontsize(9)
+    axes[0][0].set_ylabel("win-rate over SFT (0.5 = SFT)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Over-optimisation: each saved checkpoint vs SFT (labels: step)", fontsize=10)
     fig.tight_layout()
     return fig
 

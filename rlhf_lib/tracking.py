@@ -26,6 +26,10 @@ def wandb_env(cfg: RunConfig, stage: str, run_id: str) -> dict[str, str]:
         "WANDB_SILENT": "true",
         # HF's WandbCallback would otherwise upload every checkpoint as an artifact.
         "WANDB_LOG_MODEL": "false",
+        # W&B's own debug logs, staging area and settings go beside its runs, not into ~/.cache/wandb,
+        # ~/.local/share/wandb and ~/.config/wandb (unless you set these yourself).
+        **{var: os.environ.get(var, str(wandb_dir / sub))
+           for var, sub in (("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"), ("WANDB_CONFIG_DIR", "config"))},
     }
 
 

@@ -67,6 +67,9 @@ def test_wandb_offline_files_for_every_stage(flow_run):
     for stage in ("sft", "merge", "reward", "ppo", "dpo", "rest", "grpo", "rloo", "evaluate"):
         name = f"{stage}-{flow_run.id}".encode()
         assert any(name in r.read_bytes() for r in runs), f"no offline W&B run named {stage}-{flow_run.id}"
+    # W&B's own debug logs and staging go beside its runs, not into the user's ~/.cache/wandb (README: files a run
+    # leaves). The fixture's HOME is the runner's, so look where they must be.
+    assert list((wandb_dir.parent / "cache").rglob("core-debug-*.log")), "W&B debug logs not under the storage root"
 
 
 def test_readme_client_api_snippet_runs_outside_the_checkout(flow_run, tmp_path):
