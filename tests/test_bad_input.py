@@ -78,14 +78,41 @@ CASES = ["unknown key", "wrong type", "min length > max length", "missing column
          "RLOO group of one"]
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_bad_input_fails_fast_and_writes_nothing(case, tmp_path, tiny_policy):
+# Through the whole flow (a Metaflow run, as a user starts it): one case of each kind of check. Every case also
+# runs below through `pipeline.start`, the function the `start` step calls, in-process (a flow launch costs ~15 s).
+FLOW_CASES = ["unknown key", "missing column", "hub id unreachable offline", "4-bit on CPU, width 172",
+              "GPUs this machine lacks", "GRPO group that does not divide the batch"]
+
+
+def _bad_config(case, tmp_path, tiny_policy):
     if case == "GPUs this machine lacks" and __import__("torch").cuda.device_count():
         pytest.skip("this machine has a GPU")
     overrides, message = _cases(tmp_path, tiny_policy)[case]
     store = tmp_path / "store"
     cfg = write_config(tmp_path / "bad.toml", {**overrides, "run": {**overrides.get("run", {}),
                                                                    "storage_root": str(store)}})
+    return cfg, message, store
+
+
+# huggingface_hub reads HF_HUB_OFFLINE when it is imported, which this process did long ago: that case runs in
+# the flow only.
+@pytest.mark.parametrize("case", [c for c in CASES if c != "hub id unreachable offline"])
+def test_start_names_every_bad_input_and_writes_nothing(case, tmp_path, tiny_policy):
+    import tomllib
+
+    from rlhf_lib import pipeline
+
+    cfg, message, store = _bad_config(case, tmp_path, tiny_policy)
+    with pytest.raises(Exception) as failure:
+        pipeline.start(tomllib.loads(cfg.read_text()), "local")
+    text = str(failure.value) + str(getattr(failure.value, "message", ""))
+    assert message in text, text[-3000:]
+    assert not store.exists(), "a failed start must not write stage output"
+
+
+@pytest.mark.parametrize("case", FLOW_CASES)
+def test_bad_input_fails_the_flow_fast_and_writes_nothing(case, tmp_path, tiny_policy):
+    cfg, message, store = _bad_config(case, tmp_path, tiny_policy)
     started = time.time()
     proc = subprocess.run([sys.executable, FLOW, "--config", "config", str(cfg), "run"], capture_output=True,
                           text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
