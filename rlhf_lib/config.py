@@ -60,6 +60,11 @@ class RunSection(_Section):
             raise ValueError(f"run.methods lists a method twice: {self.methods}")
         return self
 
+    @property
+    def processes(self) -> int:
+        """Processes a multi-process stage (PPO) runs as: one per GPU (one on the CPU) on each of run.nodes."""
+        return max(self.gpus, 1) * self.nodes
+
 
 class DatasetSource(_Section):
     source: str = Field("sample", description="`sample`, a Deep Lake URI (hub://, al://, local dir), a .jsonl/.parquet file, or (preference only) `ai_feedback`.")

@@ -77,14 +77,17 @@ class Nodes:
         return cls(parallel.num_nodes, parallel.node_index, parallel.main_ip, port)
 
 
+def stage_gpus(stage: str, num_gpus: int) -> int:
+    """GPUs a stage's processes use on this machine: at most one for the stages that only run models."""
+    return min(num_gpus, 1) if stage in SINGLE_PROCESS_STAGES else num_gpus
+
+
 def accelerate_command(stage: str, stage_args: list[str], num_gpus: int, nodes: Nodes | None = None,
                        module: str | None = None) -> list[str]:
     """The command that runs a stage (module `rlhf_lib.stages.<stage>` unless `module` names another) on
     `num_gpus` GPUs (0: the CPU): accelerate on one machine; across several, accelerate's multi-machine launch on
     GPUs, torch.distributed.run (gloo) on CPUs (accelerate wants mpirun for multi-node CPU)."""
-    gpus = num_gpus
-    if stage in SINGLE_PROCESS_STAGES:
-        gpus = min(gpus, 1)
+    gpus = stage_gpus(stage, num_gpus)
     module = ["-m", module or f"rlhf_lib.stages.{stage}", *stage_args]
     if nodes is not None and nodes.count > 1:
         if gpus == 0:
@@ -157,9 +160,8 @@ def launch(stage: str, config_json: str, output: Path, inputs: dict[str, str], *
     log_path = output / "stage.log"
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     child_env = {**os.environ, **(env or {})}
-    single = (nodes is None or nodes.count == 1) and (gpus <= 1 or stage in SINGLE_PROCESS_STAGES)
-    if single:
-        child_env.update(single_process_env(min(gpus, 1)))
+    if (nodes is None or nodes.count == 1) and stage_gpus(stage, gpus) <= 1:  # accelerate_command: no launcher
+        child_env.update(single_process_env(stage_gpus(stage, gpus)))
     if gpus == 0:  # run.gpus = 0 means the CPU, even on a machine that has GPUs
         child_env["CUDA_VISIBLE_DEVICES"] = ""
     # Hugging Face datasets writes Arrow copies of what a stage streams; they live as long as the stage does, in its

@@ -89,7 +89,7 @@ def start(config_value, datastore_type: str | None) -> dict:
     for line in judge_costs(cfg):
         print(f"[start] {line}")
     if "ppo" in cfg.run.methods:
-        p, processes = cfg.ppo, max(cfg.run.gpus, 1) * cfg.run.nodes
+        p, processes = cfg.ppo, cfg.run.processes
         print(f"[start] ppo: a global batch of {p.batch_size} prompts per step = {processes} process(es) x "
               f"{p.batch_size // processes}; optimizer steps of {p.mini_batch_size * p.gradient_accumulation_steps} "
               f"rollouts (mini-batch {p.mini_batch_size} x accumulation {p.gradient_accumulation_steps})")

@@ -143,7 +143,7 @@ def check(cfg: RunConfig) -> list[str]:
             problems.append(problem)
     from rlhf_lib import compute, launch, storage
 
-    processes = max(cfg.run.gpus, 1) * cfg.run.nodes
+    processes = cfg.run.processes
     if "ppo" in cfg.run.methods and cfg.ppo.batch_size % processes:
         problems.append(f"ppo.batch_size ({cfg.ppo.batch_size}) is the global batch: it must be divisible by the "
                         f"{processes} processes run.gpus x run.nodes give (each generates an equal share)")
