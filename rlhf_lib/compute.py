@@ -19,11 +19,12 @@ import sys
 
 from metaflow import FlowMutator, resources, retry
 
-from rlhf_lib import methods
+from rlhf_lib import launch, methods
 from rlhf_lib.config import AI_FEEDBACK, RunConfig
 
 TRAIN, INFER, LIGHT = "train", "infer", "light"
-FIXED_KINDS = {"data": LIGHT, "sft": TRAIN, "merge": INFER, "reward": TRAIN, "evaluate": INFER}
+# The flow's steps that run a stage of their own besides the methods' (start, the gangs' fan-out/join and end route).
+CHAIN_STEPS = ("data", "sft", "merge", "reward", "rlaif", "evaluate")
 # Decorators (`--with X`) and commands that put the steps on another machine.
 REMOTE_DECORATORS = ("kubernetes", "batch")
 REMOTE_COMMANDS = ("argo-workflows", "step-functions", "airflow", "kubernetes", "batch")
@@ -32,14 +33,20 @@ REMOTE_COMMANDS = ("argo-workflows", "step-functions", "airflow", "kubernetes", 
 def step_kind(cfg: RunConfig, step: str) -> str | None:
     """`train`, `infer` or `light` for a step that runs a stage; None for the steps that only route (start, a
     gang's fan-out and join, end)."""
-    if step in FIXED_KINDS:
-        return FIXED_KINDS[step]
-    if step == "rlaif":
-        return INFER if cfg.data.preference.source == AI_FEEDBACK else LIGHT
+    if step == "rlaif" and cfg.data.preference.source != AI_FEEDBACK:
+        return LIGHT
     for method in methods.REGISTRY.values():
         if step == method.train_step:
             return TRAIN if method.name in cfg.run.methods else LIGHT
-    return None
+    return stage_kind(step) if step in CHAIN_STEPS else None
+
+
+def stage_kind(stage: str) -> str:
+    """The kind of step a stage runs in when it runs: `infer` for the stages that only run models
+    (`launch.SINGLE_PROCESS_STAGES`, one process on one GPU), `light` for data, `train` for the rest."""
+    if stage == "data":
+        return LIGHT
+    return INFER if stage in launch.SINGLE_PROCESS_STAGES else TRAIN
 
 
 def step_gpus(cfg: RunConfig, kind: str) -> int:

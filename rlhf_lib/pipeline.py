@@ -111,15 +111,11 @@ def resolve_storage_root(cfg: RunConfig, datastore_type: str | None) -> str:
     return storage.join(DATASTORE_SYSROOT_S3, S3_DATASTORE_SUBDIR)
 
 
-# The kind of step each stage runs in (its GPUs and disk: rlhf_lib/compute.py); every method's stage is `train`.
-STAGE_KINDS = {"data": compute.LIGHT, "merge": compute.INFER, "rlaif": compute.INFER, "evaluate": compute.INFER}
-
-
 def check_machine(cfg: RunConfig, stage: str, work: Path) -> int:
     """What this stage's own machine (its pod, on a cluster) must have before the stage writes anything: the GPUs
     its step asked for, and the disk. Returns the GPUs the stage gets (0: the CPU, with every GPU hidden from it).
     Fails in seconds naming the key, instead of training on the CPU for hours or dying on a full disk."""
-    kind = STAGE_KINDS.get(stage, compute.TRAIN)
+    kind = compute.stage_kind(stage)  # the step's GPUs and disk (rlhf_lib/compute.py)
     gpus = compute.step_gpus(cfg, kind)
     if gpus:
         visible = launch.visible_gpus()
