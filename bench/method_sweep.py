@@ -68,7 +68,7 @@ def main() -> None:
 
     from metaflow import Run, namespace
 
-    from rlhf_lib import methods, pipeline, scoring
+    from rlhf_lib import methods, pipeline
     from rlhf_lib.config import validate
 
     namespace(None)
@@ -78,11 +78,6 @@ def main() -> None:
     section = method.config_section
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="method-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
-    eval_inputs = {"policy_sft": data.sft_merged_path,
-                   **scoring.reward_input(data.reward_model_path, base.reward.function),
-                   "prompts": data.datasets["prompts_eval"]["uri"], "sft_eval": data.datasets["sft_eval"]["uri"]}
-    if data.gold_reward_model_path:
-        eval_inputs["gold_reward_model"] = data.gold_reward_model_path
     print(f"## {method.title} settings on run {args.run} (`{section}` section; the rest as the run had it)\n")
     print("| setting | proxy win | gold win | KL/sequence | KL/token | perplexity | stage s |\n|---|---|---|---|---|---|---|")
     try:
@@ -95,8 +90,8 @@ def main() -> None:
             started = time.time()
             result = stage(method.module, cfg, out / method.name, pipeline.method_inputs(data, method, base))
             seconds = time.time() - started
-            report = stage("rlhf_lib.stages.evaluate", cfg, out / "evaluate",
-                           {**eval_inputs, f"policy_{method.name}": result["model_path"]})["eval_report"]
+            eval_inputs = pipeline.evaluation_inputs(data, base, {method.name: result["model_path"]}, {})
+            report = stage("rlhf_lib.stages.evaluate", cfg, out / "evaluate", eval_inputs)["eval_report"]
             row = report[method.name]
             gold = row.get("gold_win_rate_vs_sft")
             print(f"| {text} | {row['win_rate_vs_sft']:.3f} | {'—' if gold is None else f'{gold:.3f}'} | "

@@ -296,18 +296,27 @@ def evaluate(flow, current) -> dict:
     with each online method's saved checkpoints (the over-optimisation curve)."""
     cfg = config_from_flow(flow.config, flow.storage_root)
     done = done_methods(flow)
-    inputs = {"policy_sft": flow.sft_merged_path, **{f"policy_{m}": getattr(flow, f"{m}_model_path") for m in done},
-              **scoring.reward_input(flow.reward_model_path, cfg.reward.function),
-              "prompts": flow.datasets["prompts_eval"]["uri"], "sft_eval": flow.datasets["sft_eval"]["uri"]}
-    if cfg.eval.curve:
-        inputs.update({f"snapshots_{m}": getattr(flow, f"{m}_snapshots_dir") for m in done
-                       if methods.get(m).online and getattr(flow, f"{m}_snapshots_dir", None)})
-    if flow.gold_reward_model_path:
-        inputs["gold_reward_model"] = flow.gold_reward_model_path
+    snapshots = {m: getattr(flow, f"{m}_snapshots_dir") for m in done
+                 if cfg.eval.curve and methods.get(m).online and getattr(flow, f"{m}_snapshots_dir", None)}
+    inputs = evaluation_inputs(flow, cfg, {m: getattr(flow, f"{m}_model_path") for m in done}, snapshots)
     result = run_stage(cfg, "evaluate", current.run_id, inputs, attempt=current.retry_count)
     report = add_stage_seconds(result["eval_report"], {m: getattr(flow, f"{m}_seconds") for m in done})
     return {"methods": done, "gold_judge": result["gold_judge"], "eval_report": report,
             "eval_samples": result["eval_samples"]}
+
+
+def evaluation_inputs(artifacts, cfg: RunConfig, policies: dict[str, str], snapshots: dict[str, str]) -> dict:
+    """What the evaluate stage reads, from anything holding a run's artifacts (the flow in its step, or a finished
+    run's `Run(...).data`): the SFT model and `policies` (method -> model) to compare with it, the proxy reward, the
+    held-out prompts and SFT eval set, the gold reward model when the run trained one, and `snapshots` (method ->
+    directory of saved checkpoints) for the over-optimisation curve."""
+    inputs = {"policy_sft": artifacts.sft_merged_path, **{f"policy_{m}": path for m, path in policies.items()},
+              **scoring.reward_input(artifacts.reward_model_path, cfg.reward.function),
+              "prompts": artifacts.datasets["prompts_eval"]["uri"], "sft_eval": artifacts.datasets["sft_eval"]["uri"],
+              **{f"snapshots_{m}": directory for m, directory in snapshots.items()}}
+    if artifacts.gold_reward_model_path:
+        inputs["gold_reward_model"] = artifacts.gold_reward_model_path
+    return inputs
 
 
 def add_stage_seconds(report: dict, seconds: dict[str, float]) -> dict:
