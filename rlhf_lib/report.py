@@ -34,13 +34,16 @@ def _plot_curves(curves: dict, series: tuple[tuple[str, str], ...], title: str, 
         if steps:
             ax.plot(steps, values, marker="o" if key.startswith("eval_") else None, label=label)
     ax.set(title=title, xlabel="step", ylabel=ylabel)
+    if not ax.lines:  # a stage that logged no curve (a run without logging steps): say so rather than draw axes
+        ax.text(0.5, 0.5, "no curve recorded", ha="center", va="center", transform=ax.transAxes, color="grey")
     return fig, ax
 
 
 def plot_sft_loss(sft_metrics: dict):
     fig, ax = _plot_curves(sft_metrics.get("curves", {}), (("loss", "train"), ("eval_loss", "held-out")),
                            "SFT loss", "loss")
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     return fig
 

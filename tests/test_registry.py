@@ -115,3 +115,12 @@ def test_the_notebook_and_the_flows_downstream_steps_name_no_method():
         assert f"'{name}'" not in code and f'"{name}"' not in code, name
     evaluate = (ROOT / "rlhf_lib" / "stages" / "evaluate.py").read_text()
     assert not any(f'"{name}"' in evaluate for name in methods.names())
+
+
+def test_a_plot_of_a_stage_that_logged_no_curve_says_so(recwarn):
+    """A run whose stages logged no steps (the toy run above) still gets its plots, saying so without a warning."""
+    for fig in (report.plot_sft_loss({"curves": {}}), report.plot_reward_accuracy({"curves": {}})):
+        assert [t.get_text() for t in fig.axes[0].texts] == ["no curve recorded"]
+    drawn = report.plot_sft_loss({"curves": {"loss": [[1, 2.0], [2, 1.5]]}})
+    assert not drawn.axes[0].texts and drawn.axes[0].get_legend() is not None
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
