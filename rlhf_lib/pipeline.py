@@ -14,7 +14,7 @@ import contextlib
 import shutil
 from pathlib import Path
 
-from rlhf_lib import compute, launch, methods, scoring, storage, tracking
+from rlhf_lib import compute, launch, methods, storage, tracking
 from rlhf_lib.config import AI_FEEDBACK, RunConfig, validate
 from rlhf_lib.launch import Nodes
 from rlhf_lib.methods import DONE, OUTCOME_KEYS, SKIPPED
@@ -237,6 +237,8 @@ def method_inputs(flow, method: methods.Method, cfg: RunConfig) -> dict[str, str
         if need == "sft_model":
             inputs["sft_model"] = flow.sft_merged_path
         elif need == "reward":
+            from rlhf_lib import scoring  # imports torch: not in the steps that only route or skip
+
             inputs.update(scoring.reward_input(flow.reward_model_path, cfg.reward.function))
         elif need == "preference":
             inputs["train"] = flow.datasets["preference_train"]["uri"]
@@ -310,6 +312,8 @@ def evaluation_inputs(artifacts, cfg: RunConfig, policies: dict[str, str], snaps
     run's `Run(...).data`): the SFT model and `policies` (method -> model) to compare with it, the proxy reward, the
     held-out prompts and SFT eval set, the gold reward model when the run trained one, and `snapshots` (method ->
     directory of saved checkpoints) for the over-optimisation curve."""
+    from rlhf_lib import scoring
+
     inputs = {"policy_sft": artifacts.sft_merged_path, **{f"policy_{m}": path for m, path in policies.items()},
               **scoring.reward_input(artifacts.reward_model_path, cfg.reward.function),
               "prompts": artifacts.datasets["prompts_eval"]["uri"], "sft_eval": artifacts.datasets["sft_eval"]["uri"],

@@ -124,3 +124,16 @@ def test_a_plot_of_a_stage_that_logged_no_curve_says_so(recwarn):
     drawn = report.plot_sft_loss({"curves": {"loss": [[1, 2.0], [2, 1.5]]}})
     assert not drawn.axes[0].texts and drawn.axes[0].get_legend() is not None
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_the_steps_that_route_or_skip_load_no_ml_library():
+    """Every flow task imports the flow file and `pipeline`; a skipped method's step (four of five in the default
+    run), the gangs' fan-out and `rlaif` without AI feedback do nothing more. torch alone is 2-3 s per task on two
+    cores, which made each such step 5-8 s instead of ~1 s (found timing the default run)."""
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, 'flows'); import rlhf_flow; from rlhf_lib import pipeline; "
+            "print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'deeplake', 'datasets', 'matplotlib') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
