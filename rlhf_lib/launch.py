@@ -160,8 +160,9 @@ def launch(stage: str, config_json: str, output: Path, inputs: dict[str, str], *
     log_path = output / "stage.log"
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     child_env = {**os.environ, **(env or {})}
-    if (nodes is None or nodes.count == 1) and stage_gpus(stage, gpus) <= 1:  # accelerate_command: no launcher
-        child_env.update(single_process_env(stage_gpus(stage, gpus)))
+    used = stage_gpus(stage, gpus)
+    if (nodes is None or nodes.count == 1) and used <= 1:  # accelerate_command: no launcher, one process
+        child_env.update(single_process_env(used))
     if gpus == 0:  # run.gpus = 0 means the CPU, even on a machine that has GPUs
         child_env["CUDA_VISIBLE_DEVICES"] = ""
     # Hugging Face datasets writes Arrow copies of what a stage streams; they live as long as the stage does, in its
