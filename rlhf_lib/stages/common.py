@@ -319,31 +319,32 @@ def train_resumable(trainer, stage: str, roots: list[str], output: Path, checkpo
         trainer.add_callback(mirror_checkpoints_callback(checkpoint_uri, trainer.args.save_total_limit))
     found = resume_point(stage, roots, output, check_trainer_checkpoint, checkpoint_uri)
     resume = str(found[0]) if found else None
-    if resume and trained_to_the_end(trainer, Path(resume)):
-        print(f"[{stage}] {resume} is the last step of training: nothing left to train", flush=True)
-        return finished_from(trainer, Path(resume)), resume
     if resume:
+        from transformers.trainer_callback import TrainerState
+
+        saved = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        if trained_to_the_end(trainer, saved):
+            print(f"[{stage}] {resume} is the last step of training: nothing left to train", flush=True)
+            return finished_from(trainer, Path(resume), saved), resume
         print(f"[{stage}] resuming from {resume}", flush=True)
     return trainer.train(resume_from_checkpoint=resume), resume
 
 
-def trained_to_the_end(trainer, checkpoint: Path) -> bool:
-    """Whether an HF Trainer checkpoint was saved at the last step of the training the trainer is set up for (the
-    stage died after its final save: merging, saving, or writing its result)."""
-    saved = json.loads((checkpoint / "trainer_state.json").read_text())
-    planned = trainer.args.max_steps if trainer.args.max_steps > 0 else saved.get("max_steps", 0)
-    return planned > 0 and saved["global_step"] >= planned
+def trained_to_the_end(trainer, saved) -> bool:
+    """Whether a checkpoint's TrainerState was saved at the last step of the training the trainer is set up for
+    (the stage died after its final save: merging, saving, or writing its result)."""
+    planned = trainer.args.max_steps if trainer.args.max_steps > 0 else (saved.max_steps or 0)
+    return planned > 0 and saved.global_step >= planned
 
 
-def finished_from(trainer, checkpoint: Path):
-    """What `trainer.train()` would have returned at the end, from a checkpoint saved at the last step: its weights
-    and state loaded, nothing trained. transformers (5.x) resumed from such a checkpoint runs one step past
-    `max_steps` before it checks for the end, which would change the model and its step count."""
-    from transformers.trainer_callback import TrainerState
+def finished_from(trainer, checkpoint: Path, saved):
+    """What `trainer.train()` would have returned at the end, from a checkpoint saved at the last step (`saved`: its
+    TrainerState): its weights and state loaded, nothing trained. transformers (5.x) resumed from such a checkpoint
+    runs one step past `max_steps` before it checks for the end, which would change the model and its step count."""
     from transformers.trainer_utils import TrainOutput
 
     trainer._load_from_checkpoint(str(checkpoint))  # the loader train() itself uses: full weights or an adapter
-    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    trainer.state = saved
     # With equal logging intervals the mean logged loss is the run's mean training loss, as train() reports it
     losses = [e["loss"] for e in trainer.state.log_history if isinstance(e.get("loss"), (int, float))]
     loss = sum(losses) / len(losses) if losses else float("nan")
