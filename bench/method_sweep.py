@@ -75,7 +75,7 @@ def main() -> None:
     data = Run(f"RLHFFlow/{args.run}").data
     method = methods.get(args.method)
     base = validate(data.run_config)
-    section = method.config_section
+    section = method.name
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="method-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"## {method.title} settings on run {args.run} (`{section}` section; the rest as the run had it)\n")

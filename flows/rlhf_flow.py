@@ -8,8 +8,8 @@ Steps:
     merge   merge the SFT adapter into a full-precision base
     rlaif   (data.preference.source = "ai_feedback") a judge model ranks pairs of SFT answers; else skipped
     reward  train the reward model on preference pairs (and the gold one, when the gold judge is a reward model)
-    ppo     our PPO under an adaptive KL leash (ppo_train: @parallel across      } the methods (rlhf_lib/methods.py),
-              run.nodes machines; ppo_join keeps node 0's outcome)            } side by side from one SFT model;
+    ppo     our PPO under an adaptive KL leash: ppo_train on one node, or a     } the methods (rlhf_lib/methods.py),
+              @parallel gang across run.nodes machines (ppo_gang...)          } side by side from one SFT model;
     dpo     DPO on the preference pairs (TRL DPOTrainer, LoRA, SFT as reference)  } one not in run.methods
     rest    ReST: Grow samples scored by the reward, Improve on the best          } finishes at once, `skipped`
     grpo    GRPO: groups of samples, advantages relative to the group (TRL)      }
@@ -18,7 +18,8 @@ Steps:
               over-optimisation curve of every online method
     end     print where everything is
 
-GPUs, CPUs, memory, disk and retries of each step come from the config (rlhf_lib/compute.py, `[resources]`).
+GPUs, CPUs, memory, disk and retries of each step come from the config (rlhf_lib/compute.py, `[resources]`),
+applied by rlhf_lib/decorators.py.
 
 Run:     python flows/rlhf_flow.py run
 Compare: python flows/rlhf_flow.py --config config configs/compare.toml run
@@ -45,9 +46,8 @@ if "step" in sys.argv:  # a task: say whose code it runs
 
 from metaflow import Config, FlowSpec, card, current, parallel, step  # noqa: E402
 
-from rlhf_lib.compute import StepCompute  # noqa: E402
 from rlhf_lib.config import DEFAULT_CONFIG, parse_config  # noqa: E402
-from rlhf_lib.packaging import ShipProjectFiles  # noqa: E402
+from rlhf_lib.decorators import ShipProjectFiles, StepCompute  # noqa: E402
 
 
 @StepCompute
@@ -144,30 +144,48 @@ class RLHFFlow(FlowSpec):
 
     @step
     def ppo(self):
-        """Gang the PPO stage across run.nodes machines (one when run.nodes = 1, or when PPO is not in run.methods)."""
+        """Route PPO: one node is a plain step on every backend; run.nodes >= 2 a @parallel gang."""
         from rlhf_lib import pipeline
 
-        cfg = pipeline.config_from_flow(self.config, self.storage_root)
-        self.next(self.ppo_train, num_parallel=cfg.run.nodes if "ppo" in cfg.run.methods else 1)
+        pipeline.route(self, "ppo")
+        self.next({"one_node": self.ppo_train, "gang": self.ppo_gang}, condition="ppo_layout")
+
+    @step
+    def ppo_train(self):
+        """PPO on one node: a fresh LoRA adapter + value head on the merged SFT model, trained against the reward."""
+        from rlhf_lib import pipeline
+
+        pipeline.method_step(self, "ppo", current)
+        self.next(self.ppo_join)
+
+    @step
+    def ppo_gang(self):
+        """Start the PPO gang: run.nodes machines at once."""
+        self.next(self.ppo_gang_train, num_parallel=self.ppo_nodes)
 
     @parallel
     @step
-    def ppo_train(self):
-        """PPO: a fresh LoRA adapter + value head on the merged SFT model, trained against the reward; with several
-        nodes one torch.distributed job (rendezvous at current.parallel's main node), node 0 reporting."""
+    def ppo_gang_train(self):
+        """PPO across nodes: one torch.distributed job (rendezvous at current.parallel's main node); node 0 reports."""
         from rlhf_lib import pipeline
 
-        pipeline.store_outcome(self, "ppo", pipeline.run_method(self, "ppo", current))
+        pipeline.method_step(self, "ppo", current)
+        self.next(self.ppo_gang_join)
+
+    @step
+    def ppo_gang_join(self, inputs):
+        """Close the PPO gang: node 0's outcome (only it sets the ppo_* artifacts)."""
+        from rlhf_lib import pipeline
+
+        pipeline.join_gang(self, "ppo", inputs)
         self.next(self.ppo_join)
 
-    @card(type="blank")
     @step
-    def ppo_join(self, inputs):
-        """Close the PPO gang: node 0's outcome (only it sets the ppo_* artifacts) and the PPO card."""
-        from rlhf_lib import report
+    def ppo_join(self):
+        """Where PPO's two routes meet: its outcome and its card."""
+        from rlhf_lib import pipeline
 
-        self.merge_artifacts(inputs)
-        report.build_ppo_card(current.card, self)
+        pipeline.method_card(self, "ppo", current)
         self.next(self.evaluate)
 
     @step
@@ -175,7 +193,7 @@ class RLHFFlow(FlowSpec):
         """DPO: a fresh LoRA adapter on the merged SFT model, trained on the preference pairs directly."""
         from rlhf_lib import pipeline
 
-        pipeline.store_outcome(self, "dpo", pipeline.run_method(self, "dpo", current))
+        pipeline.method_step(self, "dpo", current)
         self.next(self.evaluate)
 
     @step
@@ -183,7 +201,7 @@ class RLHFFlow(FlowSpec):
         """ReST: Grow a scored dataset from the policy, Improve on the samples above a rising threshold."""
         from rlhf_lib import pipeline
 
-        pipeline.store_outcome(self, "rest", pipeline.run_method(self, "rest", current))
+        pipeline.method_step(self, "rest", current)
         self.next(self.evaluate)
 
     @step
@@ -191,7 +209,7 @@ class RLHFFlow(FlowSpec):
         """GRPO: groups of samples per prompt, each scored relative to its group, under a KL leash to SFT."""
         from rlhf_lib import pipeline
 
-        pipeline.store_outcome(self, "grpo", pipeline.run_method(self, "grpo", current))
+        pipeline.method_step(self, "grpo", current)
         self.next(self.evaluate)
 
     @step
@@ -199,7 +217,7 @@ class RLHFFlow(FlowSpec):
         """RLOO: REINFORCE with a leave-one-out baseline over each prompt's samples, KL to SFT in the reward."""
         from rlhf_lib import pipeline
 
-        pipeline.store_outcome(self, "rloo", pipeline.run_method(self, "rloo", current))
+        pipeline.method_step(self, "rloo", current)
         self.next(self.evaluate)
 
     # ---------------------------------------------------------------- judging

@@ -3,7 +3,8 @@
 A run is described by one TOML file (`configs/tiny.toml` by default, `configs/opt-1.3b.toml` for the seed's
 recipe). Every field has a one-line doc; unknown keys, wrong types and impossible values are rejected with a
 message that names the key. The flow receives the parsed dict through `metaflow.Config`; stages receive the
-same dict as JSON and rebuild this object with `RunConfig.model_validate`.
+same dict as JSON and rebuild this object with `validate`. The method sections are derived from the method
+registry (`rlhf_lib/methods.py`): each row's settings are the section of its name.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, create_model, model_validator
 
 from rlhf_lib import methods as method_registry
+from rlhf_lib import storage
 from rlhf_lib.env import PROJECT_ROOT
+from rlhf_lib.methods import PPOSection  # noqa: F401  (re-exported: tests and tools build one)
+from rlhf_lib.settings import LoraSection, OnlineSection, OptimSection, Section, TrainerSection  # noqa: F401
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "tiny.toml"
 DEFAULT_CONSTITUTION = PROJECT_ROOT / "configs" / "constitution.txt"
@@ -27,12 +31,7 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the key and the fix."""
 
 
-class _Section(BaseModel):
-    # strict: a string where a number belongs is an error, not a silent conversion.
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
-
-
-class RunSection(_Section):
+class RunSection(Section):
     name: str = Field("tiny", description="Profile name, shown in logs and W&B run names.")
     seed: int = Field(42, description="Seed for data sampling, model init and training.")
     storage_root: str = Field("artifacts", description="Where datasets, models and checkpoints go: a local path (relative to the repo root) or an s3:// URI; with Metaflow's S3 datastore a local value means `<METAFLOW_DATASTORE_SYSROOT_S3>/rlhf`.")
@@ -66,7 +65,7 @@ class RunSection(_Section):
         return max(self.gpus, 1) * self.nodes
 
 
-class DatasetSource(_Section):
+class DatasetSource(Section):
     source: str = Field("sample", description="`sample`, a Deep Lake URI (hub://, al://, local dir), a .jsonl/.parquet file, or (preference only) `ai_feedback`.")
     eval_source: str = Field("", description="Held-out split source; empty carves `eval_rows` out of `source`.")
     max_rows: int = Field(0, ge=0, description="Rows to take from the source; 0 takes all.")
@@ -83,7 +82,7 @@ class DatasetSource(_Section):
 DEFAULT_EVAL_ROWS = 64
 
 
-class DataSection(_Section):
+class DataSection(Section):
     sft: DatasetSource = Field(default_factory=DatasetSource, description="SFT Q/A pairs (OpenOrca schema).")
     preference: DatasetSource = Field(default_factory=DatasetSource, description="Preference pairs (hh-rlhf schema).")
     prompts: DatasetSource = Field(default_factory=DatasetSource, description="RL prompts (Alpaca-OrcaChat schema).")
@@ -108,7 +107,7 @@ class DataSection(_Section):
         return self
 
 
-class TinyModelSpec(_Section):
+class TinyModelSpec(Section):
     hidden_size: int = Field(64, ge=8, description="Width of the tiny model.")
     num_layers: int = Field(2, ge=1, description="Transformer layers.")
     num_heads: int = Field(4, ge=1, description="Attention heads; must divide hidden_size.")
@@ -124,37 +123,9 @@ class TinyModelSpec(_Section):
         return self
 
 
-class ModelSection(_Section):
+class ModelSection(Section):
     model: str = Field("tiny", description="`tiny` (built from `tiny` below), a hub id, or a local directory.")
     tiny: TinyModelSpec = Field(default_factory=TinyModelSpec, description="Architecture of the `tiny` model.")
-
-
-class LoraSection(_Section):
-    r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], description="Module names LoRA wraps.")
-
-
-class OptimSection(_Section):
-    """The optimizer and checkpoint fields every HF-Trainer stage takes (sft, reward, dpo, rest's Improve, grpo,
-    rloo); subclasses change defaults or add fields."""
-
-    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
-    lr_scheduler: str = Field("linear", description="HF scheduler name.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
-    max_steps: int = Field(400, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(8, ge=1, description="Per-device batch size (pairs for reward and dpo).")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    save_steps: int = Field(100, ge=1, description="Checkpoint every N steps.")
-    logging_steps: int = Field(10, ge=1, description="Log every N steps.")
-
-
-class TrainerSection(OptimSection):
-    """The HF-Trainer stages that train on a fixed dataset (sft, reward, dpo, rest's Improve)."""
-
-    max_length: int = Field(512, ge=16, description="Tokens per training sequence (per text of a pair).")
-    eval_steps: int = Field(100, ge=1, description="Evaluate on the held-out split every N steps.")
 
 
 class SFTSection(TrainerSection):
@@ -176,69 +147,7 @@ class RewardSection(TrainerSection):
     function: str = Field("", description="A Python reward `module:function` (prompts, completions -> one float each) that the online methods (ppo, grpo, rloo, rest) optimise instead of a trained reward model, e.g. `rlhf_lib.judges:rule_reward`; empty: train the reward model.")
 
 
-class DPOSection(TrainerSection):
-    beta: float = Field(0.1, gt=0, description="DPO's beta: how strongly the policy is tied to the reference (the SFT model).")
-    loss_type: str = Field("sigmoid", description="TRL DPO loss (`sigmoid` is the paper's).")
-    learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate.")
-    max_steps: int = Field(200, ge=1, description="Optimizer steps.")
-    lora: LoraSection = Field(default_factory=LoraSection, description="The fresh DPO adapter on the merged SFT model.")
-
-
-class RestSection(TrainerSection):
-    grow_steps: int = Field(2, ge=1, description="Grow iterations (sample a new dataset from the current policy).")
-    prompts_per_grow: int = Field(128, ge=1, description="Training prompts sampled from at each Grow.")
-    samples_per_prompt: int = Field(4, ge=1, description="Completions per prompt at each Grow.")
-    max_new_tokens: int = Field(64, ge=1, description="Longest sampled completion (tokens; stops at EOS).")
-    reward_max_length: int = Field(512, ge=16, description="Reward-model tokens for prompt + completion when a Grow is scored.")
-    thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.9], description="Improve filters, strictly increasing quantiles in [0, 1) of the first Grow's reward-model scores; one Improve per threshold.")
-    max_steps: int = Field(50, ge=1, description="Optimizer steps of each Improve.")
-    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate of each Improve.")
-    lora: LoraSection = Field(default_factory=LoraSection, description="The ReST adapter on the merged SFT model (kept across Improves).")
-
-    @model_validator(mode="after")
-    def _increasing(self) -> "RestSection":
-        t = self.thresholds
-        if not t:
-            raise ValueError("rest.thresholds is empty; give an increasing list such as [0.5, 0.7, 0.9]")
-        if any(b <= a for a, b in zip(t, t[1:])):
-            raise ValueError(f"rest.thresholds {t} must be strictly increasing (ReST raises the bar at each Improve)")
-        if not all(0 <= x < 1 for x in t):
-            raise ValueError(f"rest.thresholds {t} are quantiles of the Grow scores: each in [0, 1)")
-        return self
-
-
-class OnlineSection(OptimSection):
-    """TRL's online trainers (GRPO, RLOO): completions sampled from the policy in groups, scored by the reward."""
-
-    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group the baseline is computed over).")
-    batch_size: int = Field(16, ge=2, description="Completions per device per optimizer step; a multiple of num_generations.")
-    max_completion_length: int = Field(64, ge=1, description="Longest sampled completion (tokens; stops at EOS).")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature (1 samples from the policy itself).")
-    beta: float = Field(0.04, ge=0, description="KL coefficient to the SFT model (the adapter switched off); 0 drops the KL term and its reference forward.")
-    epsilon: float = Field(0.2, gt=0, description="Clip range of the importance ratio.")
-    num_iterations: int = Field(1, ge=1, description="Optimizer passes over each generated batch (mu).")
-    reward_max_length: int = Field(512, ge=16, description="Reward-model tokens for prompt + completion.")
-    lora: LoraSection = Field(default_factory=LoraSection, description="The fresh adapter on the merged SFT model.")
-
-    @model_validator(mode="after")
-    def _groups_fit(self) -> "OnlineSection":
-        if self.batch_size % self.num_generations:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_generations "
-                             f"({self.num_generations}): each step trains on whole groups of completions")
-        return self
-
-
-class GRPOSection(OnlineSection):
-    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field("dapo", description="TRL GRPO loss: `grpo` (the paper's per-sequence mean), `dapo` (TRL's default: token-level), `dr_grpo`, `bnpo`.")
-    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="Divide each advantage by the std of its group's rewards (the paper), of the batch's, or not at all (Dr. GRPO).")
-
-
-class RLOOSection(OnlineSection):
-    beta: float = Field(0.05, ge=0, description="KL coefficient to the SFT model, subtracted from the reward (TRL RLOO's default).")
-    normalize_advantages: bool = Field(False, description="Normalise the leave-one-out advantages over the batch.")
-
-
-class RLAIFSection(_Section):
+class RLAIFSection(Section):
     judge_model: str = Field("", description="Causal LM that judges pairs when data.preference.source = `ai_feedback`: `tiny` (the built tiny policy base), a hub id or a local path.")
     constitution: str = Field(str(DEFAULT_CONSTITUTION.relative_to(PROJECT_ROOT)), description="Text file of principles the judge follows; relative to the repo root.")
     num_prompts: int = Field(256, ge=1, description="Training prompts to sample a pair of completions for.")
@@ -252,36 +161,7 @@ class RLAIFSection(_Section):
         return path if path.is_absolute() else PROJECT_ROOT / path
 
 
-class PPOSection(_Section):
-    steps: int = Field(200, ge=1, description="PPO steps (one rollout batch each).")
-    learning_rate: float = Field(1.41e-5, gt=0, description="Adam learning rate of the adapter and value head.")
-    batch_size: int = Field(32, ge=1, description="Prompts per rollout (per process).")
-    mini_batch_size: int = Field(4, ge=1, description="Rollouts per PPO optimizer step; must divide batch_size.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Mini-batches accumulated per optimizer step.")
-    ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
-    init_kl_coef: float = Field(0.2, ge=0, description="Initial KL penalty coefficient beta.")
-    adaptive_kl: bool = Field(True, description="Adapt beta toward kl_target (Ziegler et al.).")
-    kl_target: float = Field(6.0, gt=0, description="Target KL per sequence (nats) of the adaptive controller.")
-    kl_horizon: int = Field(10000, ge=1, description="Horizon of the adaptive KL controller.")
-    target_kl: float = Field(0.1, gt=0, description="Early-stop threshold on mini-batch approx-KL (only with early_stopping).")
-    early_stopping: bool = Field(False, description="Stop a step's PPO epochs once approx-KL exceeds 1.5 * target_kl.")
-    gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
-    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
-    cliprange: float = Field(0.2, gt=0, description="Policy ratio clip epsilon.")
-    cliprange_value: float = Field(0.2, gt=0, description="Value clip range.")
-    vf_coef: float = Field(0.1, ge=0, description="Value loss weight.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    min_response_length: int = Field(32, ge=1, description="Shortest sampled response length (tokens).")
-    max_response_length: int = Field(400, ge=1, description="Longest sampled response length (tokens).")
-    stop_at_eos: bool = Field(False, description="End responses at EOS; the seed ignored EOS and generated to length.")
-    max_prompt_length: int = Field(256, ge=8, description="Prompt tokens kept (left-truncated).")
-    reward_max_length: int = Field(512, ge=16, description="Reward-model tokens for query + response.")
-    lora: LoraSection = Field(default_factory=LoraSection, description="The fresh PPO adapter on the merged SFT model.")
-    save_freq: int = Field(50, ge=1, description="Checkpoint every N steps.")
-    keep_checkpoints: int = Field(3, ge=1, description="Most recent checkpoints kept.")
-
-
-class EvalSection(_Section):
+class EvalSection(Section):
     num_prompts: int = Field(64, ge=1, description="Held-out prompts to generate for.")
     reward_max_length: int = Field(512, ge=16, description="Reward-model tokens for query + answer when scoring.")
     gold_judge: Literal["auto", "rule", "reward_model", "judge_model", "function"] = Field("auto", description="Independent judge: `rule` (the sample data's generating rule), `reward_model` (a second reward model on the other half of the pairs: the proxy then trains on the first half), `judge_model` (gold_judge_model under the constitution), `function` (gold_function); `auto` = rule on sample prompts, else reward_model.")
@@ -293,22 +173,25 @@ class EvalSection(_Section):
     num_samples_shown: int = Field(8, ge=0, description="Sample generations kept in the report.")
 
 
-class StageResources(_Section):
+class StageResources(Section):
     cpu: int = Field(4, ge=1, description="CPU cores the step requests (`@resources(cpu=...)`).")
     memory_mb: int = Field(16384, ge=512, description="Memory (MB) the step requests.")
     shared_memory_mb: int = Field(2048, ge=1, description="Shared memory (MB) the step requests (/dev/shm: data loaders, NCCL).")
     disk_mb: int = Field(20480, ge=1024, description="Local disk (MB) the step requests (`@resources(disk=...)`, Kubernetes ephemeral storage); the stage checks it has this much free before it writes.")
 
 
-class ResourcesSection(_Section):
-    """What each step asks of a cluster, by what the step does; GPUs follow from run.gpus (rlhf_lib/resources.py)."""
+class ResourcesSection(Section):
+    """What each step asks of a cluster, by what the step does; GPUs follow from run.gpus (rlhf_lib/compute.py)."""
 
     train: StageResources = Field(default_factory=StageResources, description="sft, reward and every method in run.methods: run.gpus GPUs, one training process per GPU.")
     infer: StageResources = Field(default_factory=lambda: StageResources(cpu=4, memory_mb=16384, shared_memory_mb=1024, disk_mb=20480), description="merge, rlaif (with AI feedback) and evaluate: one process on one GPU (when run.gpus > 0).")
     light: StageResources = Field(default_factory=lambda: StageResources(cpu=2, memory_mb=8192, shared_memory_mb=512, disk_mb=10240), description="data, and the steps that have nothing to do (a method not in run.methods, rlaif without AI feedback): no GPU.")
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
+    """The run config. Its method sections (`ppo`, `dpo`, ...) come from the method registry: `schema()` is this
+    class with one field per registered method, and `validate` builds one of those."""
+
     run: RunSection = Field(default_factory=RunSection, description="Run-wide settings.")
     resources: ResourcesSection = Field(default_factory=ResourcesSection, description="What each step asks of a cluster, per kind of step (GPUs: run.gpus).")
     data: DataSection = Field(default_factory=DataSection, description="Dataset sources.")
@@ -316,24 +199,11 @@ class RunConfig(_Section):
     reward_model: ModelSection = Field(default_factory=ModelSection, description="The reward model (num_labels=1).")
     sft: SFTSection = Field(default_factory=SFTSection, description="QLoRA supervised fine-tuning.")
     reward: RewardSection = Field(default_factory=RewardSection, description="Reward-model training.")
-    ppo: PPOSection = Field(default_factory=PPOSection, description="PPO against the reward model.")
-    dpo: DPOSection = Field(default_factory=DPOSection, description="DPO on the preference pairs.")
-    rest: RestSection = Field(default_factory=RestSection, description="ReST (Grow/Improve) against the reward model.")
-    grpo: GRPOSection = Field(default_factory=GRPOSection, description="GRPO (TRL GRPOTrainer) against the reward.")
-    rloo: RLOOSection = Field(default_factory=RLOOSection, description="RLOO (TRL RLOOTrainer) against the reward.")
     rlaif: RLAIFSection = Field(default_factory=RLAIFSection, description="AI feedback: a judge model ranks pairs.")
     eval: EvalSection = Field(default_factory=EvalSection, description="Final evaluation.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
-        p = self.ppo
-        if p.min_response_length > p.max_response_length:
-            raise ValueError(
-                f"ppo.min_response_length ({p.min_response_length}) > ppo.max_response_length "
-                f"({p.max_response_length}); set min <= max"
-            )
-        if p.batch_size % p.mini_batch_size:
-            raise ValueError(f"ppo.mini_batch_size ({p.mini_batch_size}) must divide ppo.batch_size ({p.batch_size})")
         if self.data.preference.source == AI_FEEDBACK and not self.rlaif.judge_model:
             raise ValueError("data.preference.source = \"ai_feedback\" needs rlaif.judge_model (a causal LM id or "
                              "path, or `tiny`)")
@@ -352,23 +222,28 @@ class RunConfig(_Section):
 
     @property
     def storage_uri(self) -> str:
-        """run.storage_root as a URI: an s3:// (or other scheme) URI as given, else an absolute local path."""
-        from rlhf_lib import storage
-
-        if storage.is_remote(self.run.storage_root):
-            return self.run.storage_root.rstrip("/")
-        root = Path(self.run.storage_root).expanduser()
-        return str(root if root.is_absolute() else PROJECT_ROOT / root)
+        """run.storage_root as a URI: an s3:// URI as given, else an absolute local path (relative to the repo)."""
+        return storage.absolute(self.run.storage_root, PROJECT_ROOT)
 
     @property
     def local_root(self) -> Path:
         """Where this machine keeps files: the storage root itself when it is local, else the scratch dir."""
-        from rlhf_lib import storage
-
-        return storage.scratch_root() if storage.is_remote(self.storage_uri) else Path(self.storage_uri)
+        return storage.local_root(self.storage_uri)
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(), indent=2)
+
+
+_SCHEMAS: dict[tuple, type[RunConfig]] = {}
+
+
+def schema() -> type[RunConfig]:
+    """RunConfig with a section per registered method (`<name>`: the row's settings), built once per registry."""
+    rows = tuple((m.name, m.settings, m.doc) for m in method_registry.REGISTRY.values() if m.settings)
+    if rows not in _SCHEMAS:
+        fields = {name: (settings, Field(default_factory=settings, description=doc)) for name, settings, doc in rows}
+        _SCHEMAS[rows] = create_model("RunConfig", __base__=RunConfig, __module__=__name__, **fields)
+    return _SCHEMAS[rows]
 
 
 def _where(loc: tuple) -> str:
@@ -378,7 +253,7 @@ def _where(loc: tuple) -> str:
 def validate(raw: dict[str, Any]) -> RunConfig:
     """Build a RunConfig from a parsed dict, turning pydantic's report into one line per bad key."""
     try:
-        return RunConfig.model_validate(raw)
+        return schema().model_validate(raw)
     except ValidationError as err:
         lines = []
         for e in err.errors():
@@ -439,3 +314,12 @@ def dump_toml(data: dict) -> str:
         lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def config_from_flow(config_value, storage_root: str | None = None) -> RunConfig:
+    """The typed config from the flow's `metaflow.Config` value (a read-only mapping), with run.storage_root set
+    to the root `start` resolved (its `storage_root` artifact), so every step and stage uses the same one."""
+    raw = config_value.to_dict() if hasattr(config_value, "to_dict") else dict(config_value)
+    if storage_root is not None:
+        raw = {**raw, "run": {**raw["run"], "storage_root": storage_root}}
+    return validate(raw)

@@ -21,7 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rlhf_lib.stages.common import RESULT_FILE
+from rlhf_lib.compute import stage_gpus
+from rlhf_lib.stages.contract import RESULT_FILE
 
 
 class StageFailed(RuntimeError):
@@ -55,11 +56,6 @@ def visible_gpus() -> int:
 
 HF_DATASETS_CACHE = ".hf-datasets-cache"
 
-# Stages that only run models (no gradient sync to spread): one process on one GPU, not one per GPU each doing
-# the same work and writing the same files.
-SINGLE_PROCESS_STAGES = frozenset({"merge", "rlaif", "evaluate"})
-
-
 @dataclasses.dataclass(frozen=True)
 class Nodes:
     """The machines one stage spans (Metaflow `@parallel`): how many, which one this is, where rank 0 listens."""
@@ -75,11 +71,6 @@ class Nodes:
         machine (local runs, tests) do not collide, and every node derives the same one."""
         port = 20000 + int(hashlib.sha1(key.encode()).hexdigest(), 16) % 20000
         return cls(parallel.num_nodes, parallel.node_index, parallel.main_ip, port)
-
-
-def stage_gpus(stage: str, num_gpus: int) -> int:
-    """GPUs a stage's processes use on this machine: at most one for the stages that only run models."""
-    return min(num_gpus, 1) if stage in SINGLE_PROCESS_STAGES else num_gpus
 
 
 def accelerate_command(stage: str, stage_args: list[str], num_gpus: int, nodes: Nodes | None = None,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf_lib.checkpoints import atomic_dir
 from rlhf_lib.config import LoraSection, TinyModelSpec
+from rlhf_lib.storage import atomic_dir
 
 TINY = "tiny"
 
@@ -246,6 +246,32 @@ def lora_config(lora: LoraSection, task_type: str = "CAUSAL_LM"):
 
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=list(lora.target_modules), bias="none", task_type=task_type)
+
+
+def attach_lora(model, lora: LoraSection):
+    """`model` with a fresh LoRA adapter (a PeftModel), for the loops written here (PPO, ReST). TRL's trainers are
+    given `lora_config` and attach it themselves: handed a PeftModel they would treat its adapter as pretrained and
+    keep a copy of it as the reference, where the reference here is the adapter switched off."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(lora))
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def adapter_weights(adapter_dir: str | Path) -> dict:
+    """The tensors of a saved LoRA adapter (safetensors: no pickle)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+
+
+def restore_adapter(peft_model, weights: dict) -> None:
+    """Put saved adapter tensors (`adapter_weights`) back into a PeftModel's adapter."""
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(peft_model, weights)
 
 
 def stage_device() -> torch.device:

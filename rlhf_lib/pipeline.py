@@ -6,6 +6,9 @@ one per attempt of the task (rlhf_lib/workspace.py). Artifacts hold absolute pat
 root a stage runs in a local scratch directory on whatever machine runs the step: its inputs are downloaded first,
 its checkpoints uploaded as they are written, everything else after it succeeds, `result.json` last; the artifacts
 then name the S3 URIs.
+
+The methods (rlhf_lib/methods.py) all go through `method_step`: the inputs their row asks for, their stage, their
+outcome stored as `<name>_<key>` artifacts, their card when the row has one.
 """
 
 from __future__ import annotations
@@ -14,22 +17,14 @@ import contextlib
 import shutil
 from pathlib import Path
 
-from rlhf_lib import compute, launch, methods, storage, tracking
-from rlhf_lib.config import AI_FEEDBACK, RunConfig, validate
+from rlhf_lib import compute, launch, methods, storage, tracking, workspace
+from rlhf_lib.config import AI_FEEDBACK, RunConfig, config_from_flow, validate
 from rlhf_lib.launch import Nodes
 from rlhf_lib.methods import DONE, OUTCOME_KEYS, SKIPPED
+from rlhf_lib.stages import contract
 from rlhf_lib.workspace import FLOW_NAME, OriginUnreachable, Workspace, stage_uri  # noqa: F401 (re-exported)
 
-S3_DATASTORE_SUBDIR = "rlhf"  # stage outputs under the Metaflow S3 datastore's root, beside its own files
-
-
-def config_from_flow(config_value, storage_root: str | None = None) -> RunConfig:
-    """The typed config from the flow's `metaflow.Config` value (a read-only mapping), with run.storage_root set
-    to the root `start` resolved (its `storage_root` artifact), so every step and stage uses the same one."""
-    raw = config_value.to_dict() if hasattr(config_value, "to_dict") else dict(config_value)
-    if storage_root is not None:
-        raw = {**raw, "run": {**raw["run"], "storage_root": storage_root}}
-    return validate(raw)
+ONE_NODE, GANG = "one_node", "gang"  # a gang method's two routes (the `<name>_layout` artifact)
 
 
 def judge_costs(cfg: RunConfig) -> list[str]:
@@ -72,43 +67,22 @@ def start(config_value, datastore_type: str | None) -> dict:
     class CannotStart(MetaflowException, RunCannotStart):
         headline = "The run cannot start"
 
-    cfg = config_from_flow(config_value)
     try:
-        storage_root = resolve_storage_root(cfg, datastore_type)
+        storage_root = workspace.resolve_storage_root(config_from_flow(config_value), datastore_type)
         cfg = config_from_flow(config_value, storage_root)
         source = env.metaflow_config_source()
         print(f"[start] Metaflow config: {source}; datastore: {datastore_type}")
         print(f"[start] stage outputs and checkpoints: {storage_root}")
         preflight.check_or_raise(cfg)
-    except preflight.PreflightError as err:
-        raise CannotStart("\n".join(err.problems)) from None
-    except storage.StorageError as err:
-        raise CannotStart(str(err)) from None
+    except (preflight.PreflightError, storage.StorageError) as err:
+        raise CannotStart("\n".join(getattr(err, "problems", [str(err)]))) from None
     gpus = launch.visible_gpus()
     print(f"[start] profile {cfg.run.name}; methods {cfg.run.methods}; GPUs visible: {gpus}, run.gpus = {cfg.run.gpus}")
-    for line in judge_costs(cfg):
+    plans = [m.plan(cfg) for m in map(methods.get, cfg.run.methods) if m.plan]
+    for line in judge_costs(cfg) + plans:
         print(f"[start] {line}")
-    if "ppo" in cfg.run.methods:
-        p, processes = cfg.ppo, cfg.run.processes
-        print(f"[start] ppo: a global batch of {p.batch_size} prompts per step = {processes} process(es) x "
-              f"{p.batch_size // processes}; optimizer steps of {p.mini_batch_size * p.gradient_accumulation_steps} "
-              f"rollouts (mini-batch {p.mini_batch_size} x accumulation {p.gradient_accumulation_steps})")
     return {"datastore_type": datastore_type, "storage_root": storage_root, "metaflow_config": source,
             "run_config": cfg.model_dump(), "gpus_visible": gpus, "judges": judge_costs(cfg)}
-
-
-def resolve_storage_root(cfg: RunConfig, datastore_type: str | None) -> str:
-    """Where this run's stage outputs go: run.storage_root when it is a URI; the Metaflow S3 datastore's root
-    (`<sysroot>/rlhf`) when the run's datastore is S3 (on a cluster a local path would vanish with each pod);
-    else the local path."""
-    if storage.is_remote(cfg.run.storage_root) or datastore_type != "s3":
-        return cfg.storage_uri
-    from metaflow.metaflow_config import DATASTORE_SYSROOT_S3
-
-    if not DATASTORE_SYSROOT_S3:
-        raise storage.StorageError("Metaflow's datastore is S3 but METAFLOW_DATASTORE_SYSROOT_S3 is not set; set "
-                                   "it, or set run.storage_root to an s3:// URI")
-    return storage.join(DATASTORE_SYSROOT_S3, S3_DATASTORE_SUBDIR)
 
 
 def check_machine(cfg: RunConfig, stage: str, work: Path) -> int:
@@ -125,7 +99,7 @@ def check_machine(cfg: RunConfig, stage: str, work: Path) -> int:
                 f"{visible} (CUDA_VISIBLE_DEVICES={launch.cuda_visible_devices()!r}): set run.gpus = 0 to run on the "
                 f"CPU, or run where the GPUs are")
     need_gb = cfg.run.min_free_disk_gb
-    if storage.is_remote(cfg.storage_uri):  # a pod: it asked the cluster for resources.<kind>.disk_mb of disk
+    if workspace.in_pod():  # a pod: it asked the cluster for resources.<kind>.disk_mb of disk
         need_gb = max(need_gb, getattr(cfg.resources, kind).disk_mb / 1024 * 0.9)
     existing = next((p for p in [Path(work), *Path(work).parents] if p.exists()), Path("/"))
     free_gb = shutil.disk_usage(existing).free / 1e9
@@ -140,11 +114,11 @@ def check_machine(cfg: RunConfig, stage: str, work: Path) -> int:
 def run_stage(cfg: RunConfig, stage: str, run_id: str, inputs: dict[str, str], origin_run_id: str | None = None,
               *, name: str | None = None, extra_args: list[str] | None = None, nodes: Nodes | None = None,
               module: str | None = None, attempt: int = 0) -> dict | None:
-    """Launch a stage through accelerate and return its result.json. `attempt` is Metaflow's retry count: each
-    attempt works under its own prefix, and continues from the newest checkpoint that loads among its task's
-    earlier attempts and, on a Metaflow `resume`, the origin run's. `name` (default: the stage) names the output
-    directory, so one stage module can run twice in a step (the gold reward model). `nodes`: this machine's place
-    in a multi-machine stage (`@parallel`); node 0 writes, stores and returns the result, the others return None.
+    """Launch a stage and return its result.json. `attempt` is Metaflow's retry count: each attempt works under its
+    own prefix, and continues from the newest checkpoint that loads among its task's earlier attempts and, on a
+    Metaflow `resume`, the origin run's. `name` (default: the stage) names the output directory, so one stage
+    module can run twice in a step (the gold reward model). `nodes`: this machine's place in a multi-machine stage
+    (`@parallel`); node 0 writes, stores and returns the result, the others return None.
 
     Stages on one machine take turns (a lock in a local directory): parallel branches of a local run would
     otherwise share its cores or GPUs and starve each other; on a cluster each step has its own machine. The
@@ -157,8 +131,7 @@ def run_stage(cfg: RunConfig, stage: str, run_id: str, inputs: dict[str, str], o
         ws.begin()
         roots = ws.checkpoint_roots(origin_run_id)
         local_inputs = ws.localize(inputs)
-        lock = contextlib.nullcontext() if nodes.count > 1 else \
-            launch.machine_lock(storage.scratch_root() if ws.remote else cfg.local_root, name)
+        lock = contextlib.nullcontext() if nodes.count > 1 else launch.machine_lock(ws.lock_root, name)
         with lock:
             result = launch.launch(stage, cfg.to_json(), ws.work, local_inputs, run_id=str(run_id), resume_from=roots,
                                    env=tracking.wandb_env(cfg, name, str(run_id)), extra_args=extra_args,
@@ -173,19 +146,19 @@ def run_stage(cfg: RunConfig, stage: str, run_id: str, inputs: dict[str, str], o
 
 def prepare_data(cfg: RunConfig, run_id: str, attempt: int = 0) -> dict:
     """The `data` step: every dataset split as a Deep Lake dataset and the base models (tiny ones built here),
-    under the local storage root (shared by the runs that use the same sources, seed and tiny specs), or built in
-    scratch and uploaded to this attempt's `<root>/RLHFFlow/<run>/data/attempt-<k>/`."""
+    where the workspace keeps data: the local storage root (shared by the runs that use the same sources, seed
+    and tiny specs), or this attempt's scratch, published to `<root>/RLHFFlow/<run>/data/attempt-<k>/`."""
     from rlhf_lib import models
     from rlhf_lib.data.ingest import prepare_datasets
 
     ws = Workspace.of(cfg, run_id, "data", attempt)
-    root = ws.work if ws.remote else cfg.local_root
+    root = ws.data_root
     try:
         out = {"datasets": prepare_datasets(cfg, root),
                "policy_base": models.prepare(cfg.policy.model, cfg.policy.tiny, "policy", root, cfg.run.seed),
                "reward_base": models.prepare(cfg.reward_model.model, cfg.reward_model.tiny, "reward", root,
                                              cfg.run.seed)}
-        return ws.publish(out, {}) if ws.remote else out
+        return ws.publish(out, {})
     finally:
         ws.close()
 
@@ -220,13 +193,6 @@ def reward_models(cfg: RunConfig, run_id: str, origin_run_id: str | None, inputs
     return proxy, gold
 
 
-def method_enabled(cfg: RunConfig, method: str) -> bool:
-    enabled = method in cfg.run.methods
-    if not enabled:
-        print(f"[{method}] {SKIPPED}: not in run.methods {cfg.run.methods}", flush=True)
-    return enabled
-
-
 # ------------------------------------------------------------------ the methods (rlhf_lib/methods.py)
 
 
@@ -237,9 +203,7 @@ def method_inputs(flow, method: methods.Method, cfg: RunConfig) -> dict[str, str
         if need == "sft_model":
             inputs["sft_model"] = flow.sft_merged_path
         elif need == "reward":
-            from rlhf_lib import scoring  # imports torch: not in the steps that only route or skip
-
-            inputs.update(scoring.reward_input(flow.reward_model_path, cfg.reward.function))
+            inputs.update(contract.reward_input(flow.reward_model_path, cfg.reward.function))
         elif need == "preference":
             inputs["train"] = flow.datasets["preference_train"]["uri"]
             inputs["eval"] = flow.datasets["preference_eval"]["uri"]
@@ -249,7 +213,7 @@ def method_inputs(flow, method: methods.Method, cfg: RunConfig) -> dict[str, str
 
 
 def _section(cfg: RunConfig, method: methods.Method) -> dict:
-    return getattr(cfg, method.config_section).model_dump() if method.config_section else {}
+    return getattr(cfg, method.name).model_dump() if method.settings else {}
 
 
 def skipped_outcome(cfg: RunConfig, method: methods.Method) -> dict:
@@ -259,14 +223,15 @@ def skipped_outcome(cfg: RunConfig, method: methods.Method) -> dict:
 
 
 def run_method(flow, name: str, current) -> dict | None:
-    """A method's step body: its stage on the inputs its registry row names (skipped when it is not in
-    run.methods), continued from its own checkpoints on a retry or a resume. Returns the outcome to store (see
-    `store_outcome`); None on the nodes of a gang other than node 0, which store nothing."""
+    """A method's stage on the inputs its registry row names (skipped when it is not in run.methods), continued
+    from its own checkpoints on a retry or a resume. Returns the outcome to store (see `store_outcome`); None on
+    the nodes of a gang other than node 0, which store nothing."""
     method = methods.get(name)
     cfg = config_from_flow(flow.config, flow.storage_root)
-    if not method_enabled(cfg, name):
+    if name not in cfg.run.methods:
+        print(f"[{name}] {SKIPPED}: not in run.methods {cfg.run.methods}", flush=True)
         return skipped_outcome(cfg, method)
-    nodes = Nodes.of(current.parallel, current.run_id) if method.gang else None
+    nodes = Nodes.of(current.parallel, current.run_id) if getattr(current, "is_parallel", False) else None
     result = run_stage(cfg, name, current.run_id, method_inputs(flow, method, cfg), current.origin_run_id,
                        module=method.module, nodes=nodes, attempt=current.retry_count)
     if result is None:
@@ -282,10 +247,34 @@ def store_outcome(flow, name: str, outcome: dict | None) -> None:
         setattr(flow, f"{name}_{key}", value)
 
 
-def outcome(run_data, name: str) -> dict:
-    """A method's outcome read back from a step (`self`) or a finished run's `run.data`."""
-    method = methods.get(name)
-    return {key: getattr(run_data, f"{name}_{key}", None) for key in OUTCOME_KEYS + method.extras}
+def method_step(flow, name: str, current) -> None:
+    """A method's step body: run it, store its outcome, and draw its card when this step carries it."""
+    store_outcome(flow, name, run_method(flow, name, current))
+    if methods.get(name).last_step == current.step_name:
+        method_card(flow, name, current)
+
+
+def route(flow, name: str) -> None:
+    """A gang method's first step: `<name>_layout` says which route its branch takes — one node (a plain step, on
+    any backend) or a `@parallel` gang across `<name>_nodes` machines (run.nodes >= 2, and the method runs)."""
+    cfg = config_from_flow(flow.config, flow.storage_root)
+    gang = cfg.run.nodes > 1 and name in cfg.run.methods
+    setattr(flow, f"{name}_layout", GANG if gang else ONE_NODE)
+    setattr(flow, f"{name}_nodes", cfg.run.nodes if gang else 1)
+    print(f"[{name}] " + (f"a gang across {cfg.run.nodes} nodes" if gang else "one node: a plain step"), flush=True)
+
+
+def join_gang(flow, name: str, inputs) -> None:
+    """A gang's join: node 0's outcome (only it sets the `<name>_*` artifacts)."""
+    flow.merge_artifacts(inputs)
+
+
+def method_card(flow, name: str, current) -> None:
+    """The method's card (its training curves), on the step that carries it (`Method.last_step`, `card=True`)."""
+    if methods.get(name).card:
+        from rlhf_lib import report
+
+        report.build_method_card(current.card, flow, name)
 
 
 def done_methods(run_data) -> list[str]:
@@ -295,11 +284,11 @@ def done_methods(run_data) -> list[str]:
 
 def evaluate(flow, current) -> dict:
     """The `evaluate` step: SFT and every method that ran, on held-out prompts, by the proxy and the gold judge;
-    with each online method's saved checkpoints (the over-optimisation curve)."""
+    with the saved checkpoints of each method that keeps snapshots (the over-optimisation curve)."""
     cfg = config_from_flow(flow.config, flow.storage_root)
     done = done_methods(flow)
     snapshots = {m: getattr(flow, f"{m}_snapshots_dir") for m in done
-                 if cfg.eval.curve and methods.get(m).online and getattr(flow, f"{m}_snapshots_dir", None)}
+                 if cfg.eval.curve and methods.get(m).snapshots and getattr(flow, f"{m}_snapshots_dir", None)}
     inputs = evaluation_inputs(flow, cfg, {m: getattr(flow, f"{m}_model_path") for m in done}, snapshots)
     result = run_stage(cfg, "evaluate", current.run_id, inputs, attempt=current.retry_count)
     report = add_stage_seconds(result["eval_report"], {m: getattr(flow, f"{m}_seconds") for m in done})
@@ -312,10 +301,8 @@ def evaluation_inputs(artifacts, cfg: RunConfig, policies: dict[str, str], snaps
     run's `Run(...).data`): the SFT model and `policies` (method -> model) to compare with it, the proxy reward, the
     held-out prompts and SFT eval set, the gold reward model when the run trained one, and `snapshots` (method ->
     directory of saved checkpoints) for the over-optimisation curve."""
-    from rlhf_lib import scoring
-
     inputs = {"policy_sft": artifacts.sft_merged_path, **{f"policy_{m}": path for m, path in policies.items()},
-              **scoring.reward_input(artifacts.reward_model_path, cfg.reward.function),
+              **contract.reward_input(artifacts.reward_model_path, cfg.reward.function),
               "prompts": artifacts.datasets["prompts_eval"]["uri"], "sft_eval": artifacts.datasets["sft_eval"]["uri"],
               **{f"snapshots_{m}": directory for m, directory in snapshots.items()}}
     if artifacts.gold_reward_model_path:

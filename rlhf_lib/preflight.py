@@ -1,6 +1,8 @@
 """Checks the `start` step runs in seconds, before any training: everything that would otherwise fail an hour in.
 
-Each failure raises PreflightError with one line per problem, naming the config key and the fix.
+`CHECKS` is a list of small checks, each `check(cfg) -> list of problems`, then every method in `run.methods`
+adds its own (its registry row's `check`). Each problem is one line naming the config key and the fix;
+`check_or_raise` raises PreflightError with all of them.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from rlhf_lib import methods
 from rlhf_lib.config import AI_FEEDBACK, RunConfig
 from rlhf_lib.data import lake
 from rlhf_lib.data.ingest import KINDS
@@ -44,34 +47,101 @@ def _check_source(key: str, source: str, kind: str, mapping: dict[str, list[str]
     return None
 
 
-def _check_reward_model_config(ref: str, trust_remote_code: bool) -> str | None:
+def data_sources(cfg: RunConfig) -> list[str]:
+    """Every configured dataset source exists and has the columns its kind needs."""
+    problems = []
+    for kind in KINDS:
+        section = getattr(cfg.data, kind)
+        mapping = lake.column_map(kind, section.format, section.columns)
+        for field in ("source", "eval_source"):
+            value = getattr(section, field)
+            problem = _check_source(f"data.{kind}.{field}", value, kind, mapping) if value else None
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+def needs_reward_model(cfg: RunConfig) -> bool:
+    return not cfg.reward.function or cfg.gold_judge == "reward_model"
+
+
+def model_refs(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(config key, reference) of every model the run loads."""
+    refs = [("policy.model", cfg.policy.model)]
+    if needs_reward_model(cfg):
+        refs.append(("reward_model.model", cfg.reward_model.model))
+    if cfg.data.preference.source == AI_FEEDBACK:
+        refs.append(("rlaif.judge_model", cfg.rlaif.judge_model))
+    if cfg.gold_judge == "judge_model":
+        refs.append(("eval.gold_judge_model", cfg.eval.gold_judge_model))
+    return refs
+
+
+def reachable_models(cfg: RunConfig) -> list[str]:
+    """Every model the run loads can be loaded from here (a local directory, the HF cache, or the hub)."""
+    from rlhf_lib import models
+
+    problems = []
+    for key, ref in model_refs(cfg):
+        try:
+            models.check_reachable(ref, key)
+        except models.ModelError as err:
+            problems.append(str(err))
+    return problems
+
+
+def constitution(cfg: RunConfig) -> list[str]:
+    """A judge model needs its constitution."""
+    judged = cfg.data.preference.source == AI_FEEDBACK or cfg.gold_judge == "judge_model"
+    if judged and not cfg.rlaif.constitution_path.is_file():
+        return [f"rlaif.constitution: {str(cfg.rlaif.constitution_path)!r} does not exist; point it at a text file "
+                f"of principles (the default is configs/constitution.txt)"]
+    return []
+
+
+def reward_functions(cfg: RunConfig) -> list[str]:
+    """Each configured reward function imports and scores a sample completion."""
+    from rlhf_lib import scoring
+
+    problems = []
+    for key, spec in (("reward.function", cfg.reward.function),
+                      ("eval.gold_function", cfg.eval.gold_function if cfg.gold_judge == "function" else "")):
+        problem = scoring.check_function(spec) if spec else None
+        if problem:
+            problems.append(f"{key}: {problem}; it must be `module:function` taking (prompts, completions) and "
+                            f"returning one float per completion")
+    return problems
+
+
+def reward_model_shape(cfg: RunConfig) -> list[str]:
     """A reward model must be a sequence classifier with one label (or a base model we give one label)."""
-    if ref == "tiny":
-        return None
+    ref = cfg.reward_model.model
+    if not needs_reward_model(cfg) or ref == "tiny":
+        return []
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(ref, trust_remote_code=cfg.run.trust_remote_code)
     except Exception as err:
-        return f"reward_model.model: cannot read config of {ref!r}: {err}"
+        return [f"reward_model.model: cannot read config of {ref!r}: {err}"]
     archs = config.architectures or []
     if any(a.endswith("ForCausalLM") for a in archs):
-        return (f"reward_model.model: {ref!r} is a causal LM ({archs[0]}); use an encoder/sequence classifier "
-                "such as microsoft/deberta-v3-base")
+        return [f"reward_model.model: {ref!r} is a causal LM ({archs[0]}); use an encoder/sequence classifier such "
+                f"as microsoft/deberta-v3-base"]
     if any(a.endswith("ForSequenceClassification") for a in archs) and config.num_labels != 1:
-        return (f"reward_model.model: {ref!r} is a classifier with {config.num_labels} labels; a reward model "
-                "needs num_labels=1 (use its base model, which the reward stage gives one label)")
-    return None
+        return [f"reward_model.model: {ref!r} is a classifier with {config.num_labels} labels; a reward model needs "
+                f"num_labels=1 (use its base model, which the reward stage gives one label)"]
+    return []
 
 
-def _check_4bit_on_cpu(cfg: RunConfig) -> str | None:
+def four_bit_on_cpu(cfg: RunConfig) -> list[str]:
     """QLoRA's NF4 runs on a CPU only for layer widths bitsandbytes' CPU kernel packs; say so now, not mid-SFT."""
     import torch
 
     from rlhf_lib import models
 
     if not cfg.sft.quantize_4bit or cfg.run.gpus > 0 or torch.cuda.is_available():
-        return None  # on a GPU, NF4 takes any width
+        return []  # on a GPU, NF4 takes any width
     ref = cfg.policy.model
     if ref == models.TINY:
         config = models.tiny_policy_config(cfg.policy.tiny)
@@ -81,92 +151,63 @@ def _check_4bit_on_cpu(cfg: RunConfig) -> str | None:
         config = AutoConfig.from_pretrained(ref, trust_remote_code=cfg.run.trust_remote_code)
     bad = models.layers_4bit_cpu_cannot_run(config)
     if not bad:
-        return None
+        return []
     name, k, n = bad[0]
-    return (f"sft.quantize_4bit: bitsandbytes' CPU 4-bit kernel needs every quantized layer's output width to be a "
+    return [f"sft.quantize_4bit: bitsandbytes' CPU 4-bit kernel needs every quantized layer's output width to be a "
             f"multiple of {models.BNB_CPU_BLOCK_N} (and its input width even); {ref!r} has {len(bad)} layer(s) that "
             f"are not, e.g. {name} ({k} -> {n}). Set sft.quantize_4bit = false (LoRA on the full-precision base) "
-            f"or run SFT on a GPU")
+            f"or run SFT on a GPU"]
 
 
-def check(cfg: RunConfig) -> list[str]:
-    """All problems found, empty when the run can start."""
-    from rlhf_lib import models
+def gpus_here(cfg: RunConfig) -> list[str]:
+    """When the steps run on this machine, it must have the GPUs run.gpus asks for."""
+    from rlhf_lib import compute, launch
 
-    problems = []
-    for kind in KINDS:
-        section = getattr(cfg.data, kind)
-        for field in ("source", "eval_source"):
-            value = getattr(section, field)
-            if value:
-                problem = _check_source(f"data.{kind}.{field}", value, kind,
-                                        lake.column_map(kind, section.format, section.columns))
-                if problem:
-                    problems.append(problem)
-    needs_reward_model = not cfg.reward.function or cfg.gold_judge == "reward_model"
-    model_refs = [("policy.model", cfg.policy.model)]
-    if needs_reward_model:
-        model_refs.append(("reward_model.model", cfg.reward_model.model))
-    for key, ref in model_refs:
-        try:
-            models.check_reachable(ref, key)
-        except models.ModelError as err:
-            problems.append(str(err))
-    judges = []
-    if cfg.data.preference.source == AI_FEEDBACK:
-        judges.append(("rlaif.judge_model", cfg.rlaif.judge_model))
-    if cfg.gold_judge == "judge_model":
-        judges.append(("eval.gold_judge_model", cfg.eval.gold_judge_model))
-    for key, ref in judges:
-        try:
-            models.check_reachable(ref, key)
-        except models.ModelError as err:
-            problems.append(str(err))
-    if judges and not cfg.rlaif.constitution_path.is_file():
-        problems.append(f"rlaif.constitution: {str(cfg.rlaif.constitution_path)!r} does not exist; point it at a "
-                        f"text file of principles (the default is configs/constitution.txt)")
-    from rlhf_lib import scoring
+    if not cfg.run.gpus or compute.runs_remote():
+        return []
+    try:
+        visible = launch.visible_gpus()
+    except launch.MachineUnfit as err:
+        return [f"run.gpus: {err}"]
+    if visible < cfg.run.gpus:
+        return [f"run.gpus = {cfg.run.gpus} but this machine has {visible} GPU(s) "
+                f"(CUDA_VISIBLE_DEVICES={launch.cuda_visible_devices()!r}): set run.gpus = {visible} (0 runs every "
+                f"stage on the CPU), or run where the GPUs are"]
+    return []
 
-    for key, spec in (("reward.function", cfg.reward.function),
-                      ("eval.gold_function", cfg.eval.gold_function if cfg.gold_judge == "function" else "")):
-        problem = scoring.check_function(spec) if spec else None
-        if problem:
-            problems.append(f"{key}: {problem}; it must be `module:function` taking (prompts, completions) and "
-                            f"returning one float per completion")
-    if needs_reward_model and not any(p.startswith("reward_model.model") for p in problems):
-        problem = _check_reward_model_config(cfg.reward_model.model, cfg.run.trust_remote_code)
-        if problem:
-            problems.append(problem)
-    if not any(p.startswith("policy.model") for p in problems):
-        problem = _check_4bit_on_cpu(cfg)
-        if problem:
-            problems.append(problem)
-    from rlhf_lib import compute, launch, storage
 
-    processes = cfg.run.processes
-    if "ppo" in cfg.run.methods and cfg.ppo.batch_size % processes:
-        problems.append(f"ppo.batch_size ({cfg.ppo.batch_size}) is the global batch: it must be divisible by the "
-                        f"{processes} processes run.gpus x run.nodes give (each generates an equal share)")
+def storage_root(cfg: RunConfig) -> list[str]:
+    """The storage root can be written, and has room."""
+    from rlhf_lib import storage
 
-    if cfg.run.gpus and not compute.runs_remote():  # steps run here: this machine must have the GPUs
-        try:
-            visible = launch.visible_gpus()
-        except launch.MachineUnfit as err:
-            problems.append(f"run.gpus: {err}")
-        else:
-            if visible < cfg.run.gpus:
-                problems.append(f"run.gpus = {cfg.run.gpus} but this machine has {visible} GPU(s) "
-                                f"(CUDA_VISIBLE_DEVICES={launch.cuda_visible_devices()!r}): set run.gpus = {visible} "
-                                f"(0 runs every stage on the CPU), or run where the GPUs are")
     problem = storage.check_root(cfg.storage_uri)
     if problem:
-        problems.append(problem)
+        return [problem]
     root = cfg.local_root
     existing = next((p for p in [root, *root.parents] if p.exists()), Path("/"))
     free_gb = shutil.disk_usage(existing).free / 1e9
     if free_gb < cfg.run.min_free_disk_gb:
-        problems.append(f"run.storage_root: only {free_gb:.1f} GB free under {existing}, run.min_free_disk_gb is "
-                        f"{cfg.run.min_free_disk_gb}; free space or point run.storage_root elsewhere")
+        return [f"run.storage_root: only {free_gb:.1f} GB free under {existing}, run.min_free_disk_gb is "
+                f"{cfg.run.min_free_disk_gb}; free space or point run.storage_root elsewhere"]
+    return []
+
+
+# In order; a check whose key already has a problem is skipped (reachable_models first: the others read models).
+CHECKS = (data_sources, reachable_models, constitution, reward_functions, reward_model_shape, four_bit_on_cpu,
+          gpus_here, storage_root)
+DEPENDS_ON = {reward_model_shape: "reward_model.model", four_bit_on_cpu: "policy.model"}
+
+
+def check(cfg: RunConfig) -> list[str]:
+    """All problems found, empty when the run can start: the checks above, then each method's own."""
+    problems: list[str] = []
+    for check_fn in CHECKS:
+        key = DEPENDS_ON.get(check_fn)
+        if key and any(p.startswith(key) for p in problems):
+            continue
+        problems += check_fn(cfg)
+    for name in cfg.run.methods:
+        problems += methods.get(name).problems(cfg)
     return problems
 
 

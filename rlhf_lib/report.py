@@ -1,7 +1,8 @@
 """Plots and tables of a run, from its artifacts: shared by the Metaflow cards and the notebook.
 
 Every method of the registry (rlhf_lib/methods.py) appears in every table, plot and summary here without a line
-of its own: PPO and ReST have plots shaped for their loops, any other method gets its logged training series.
+of its own: a method's plot is the function its row names (PPO's and ReST's are shaped for their loops; the
+default draws its logged training series), and its card, when it has one, shows that plot.
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ PPO_PANELS = (("score_mean", "mean reward-model score"), ("kl", "KL per sequence
               ("beta", "KL coefficient β"), ("response_length_mean", "mean response length (tokens)"))
 
 
-def plot_ppo(ppo_stats: list[dict], kl_target: float | None = None):
+def plot_ppo(name: str, run_data):
+    """PPO's four panels: mean reward, KL per sequence (with the adaptive controller's target), beta, length."""
+    ppo_stats = getattr(run_data, f"{name}_stats")
+    kl_target = (getattr(run_data, f"{name}_config") or {}).get("kl_target")
     fig, axes = plt.subplots(2, 2, figsize=(9, 5.5))
     steps = [s["step"] for s in ppo_stats]
     for ax, (key, title) in zip(axes.flat, PPO_PANELS):
@@ -77,8 +81,9 @@ def plot_ppo(ppo_stats: list[dict], kl_target: float | None = None):
     return fig
 
 
-def plot_rest(iterations: list[dict]):
+def plot_rest(name: str, run_data):
     """ReST per Improve: mean reward-model score of the whole Grow and of the kept part, and the kept fraction."""
+    iterations = getattr(run_data, f"{name}_iterations")
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
     x = list(range(1, len(iterations) + 1))
     ax.plot(x, [it["mean_reward_all"] for it in iterations], marker="o", label="all samples of the Grow")
@@ -139,8 +144,9 @@ SERIES = (("reward", "mean reward"), ("score_mean", "mean reward"), ("kl", "KL t
           ("completions/mean_length", "mean completion length"), ("entropy", "entropy"))
 
 
-def plot_series(title: str, stats: list[dict]):
+def plot_series(name: str, run_data):
     """Up to four of a method's logged series (`<method>_stats`: one dict per logged step) against the step."""
+    title, stats = methods.get(name).title, getattr(run_data, f"{name}_stats", None) or []
     rows = [r for r in stats if isinstance(r.get("step"), (int, float))]
     panels = [(k, label) for k, label in SERIES if any(isinstance(r.get(k), (int, float)) for r in rows)][:4]
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(3.2 * max(len(panels), 1), 2.8), squeeze=False)
@@ -154,12 +160,11 @@ def plot_series(title: str, stats: list[dict]):
 
 
 def plot_method(name: str, run_data):
-    """A method's training curves: PPO's and ReST's own plots, the logged series for any other method."""
-    if name == "ppo":
-        return plot_ppo(run_data.ppo_stats, (run_data.ppo_config or {}).get("kl_target"))
-    if name == "rest":
-        return plot_rest(run_data.rest_iterations)
-    return plot_series(methods.get(name).title, getattr(run_data, f"{name}_stats", None) or [])
+    """A method's training curves: the plot its registry row names (`module:function(name, run_data)`)."""
+    import importlib
+
+    module, _, function = methods.get(name).plot.partition(":")
+    return getattr(importlib.import_module(module), function)(name, run_data)
 
 
 def plot_over_optimisation(eval_report: dict):
@@ -252,17 +257,17 @@ def build_evaluate_card(card, run_data) -> None:
     plt.close("all")
 
 
-def build_ppo_card(card, run_data) -> None:
-    """The PPO gang's card (on `ppo_join`): its training curves, or that it was skipped."""
+def build_method_card(card, run_data, name: str) -> None:
+    """A method's own card (its row says `card=True`): its training curves, or that it was skipped."""
     from metaflow.cards import Image, Markdown
 
-    if run_data.ppo_status != methods.DONE:
-        card.append(Markdown("# ppo: skipped (not in run.methods)"))
+    if getattr(run_data, f"{name}_status") != methods.DONE:
+        card.append(Markdown(f"# {name}: skipped (not in run.methods)"))
         return
-    resumed = run_data.ppo_resumed_from_step
+    resumed = getattr(run_data, f"{name}_resumed_from_step")
     note = f" (resumed from step {resumed})" if resumed else ""
-    card.append(Markdown(f"# PPO: {len(run_data.ppo_stats)} steps{note}"))
-    card.append(Image.from_matplotlib(plot_method("ppo", run_data)))
+    card.append(Markdown(f"# {methods.get(name).title}: {len(getattr(run_data, f'{name}_stats'))} steps{note}"))
+    card.append(Image.from_matplotlib(plot_method(name, run_data)))
     plt.close("all")
 
 

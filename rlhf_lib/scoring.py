@@ -21,8 +21,8 @@ import math
 import torch
 
 from rlhf_lib.data.formatting import reward_text
+from rlhf_lib.stages.contract import FUNCTION_PREFIX
 
-FUNCTION_PREFIX = "function:"  # how a reward function travels as a stage --input value
 
 
 class RewardFunctionError(ValueError):
@@ -158,16 +158,8 @@ class FunctionReward(Reward):
         return torch.tensor(values, dtype=torch.float32, device=self.device)
 
 
-def reward_input(reward_model_path: str | None, function: str) -> dict[str, str]:
-    """The stage `--input` that names a reward: `reward_function=function:module:fn` when a function is configured,
-    else `reward_model=DIR`."""
-    if function:
-        return {"reward_function": FUNCTION_PREFIX + function}
-    return {"reward_model": reward_model_path}
-
-
 def load_reward(inputs: dict[str, str], max_length: int, trust_remote_code: bool = False, device=None) -> Reward:
-    """The reward a stage's inputs name (see `reward_input`), on this stage's device."""
+    """The reward a stage's inputs name (`rlhf_lib.stages.contract.reward_input`), on this stage's device."""
     if "reward_function" in inputs:
         return FunctionReward(inputs["reward_function"].removeprefix(FUNCTION_PREFIX), device)
     if "reward_model" not in inputs:

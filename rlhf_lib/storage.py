@@ -1,4 +1,6 @@
-"""Where stage outputs live — a local directory (the default) or an S3 prefix — and moving files between the two.
+"""Where stage outputs live — a local directory (the default) or an S3 prefix — and moving files between the two:
+the one place that tells a local path from a URI (with `rlhf_lib/workspace.py`, which says where a task's files
+go). Local writes that readers depend on are atomic (`atomic_dir`, `atomic_write_json`).
 
 A storage root is a string: an absolute local path, or `s3://bucket/prefix`. On a cluster every step runs in its
 own pod, so nothing a step leaves on its local disk survives it: with an S3 root a stage works in a local scratch
@@ -19,11 +21,13 @@ usual chain (env, ~/.aws, instance or pod roles) and are never logged.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any, Callable
 
 S3 = "s3://"
 _SUPPORTED = (S3,)
@@ -48,6 +52,20 @@ def join(root: str | Path, *parts: str) -> str:
     if is_remote(root):
         return "/".join([str(root).rstrip("/"), *(p.strip("/") for p in parts)])
     return str(Path(root).joinpath(*parts))
+
+
+def absolute(root: str | Path, base: Path) -> str:
+    """A storage root as a URI: an s3:// URI as given (without a trailing slash), else an absolute local path
+    (`base`/root when it is relative)."""
+    if is_remote(root):
+        return str(root).rstrip("/")
+    path = Path(root).expanduser()
+    return str(path if path.is_absolute() else base / path)
+
+
+def local_root(root: str) -> Path:
+    """Where this machine keeps files for a storage root: the root itself when it is local, else the scratch dir."""
+    return scratch_root() if is_remote(root) else Path(root)
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -305,6 +323,91 @@ def download_dir(uri: str, local: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return local
+
+
+def copy_dir(src: str | Path, dst: str | Path) -> str:
+    """Copy a directory between any two places, local or S3: a local copy or a download lands atomically (a
+    temporary sibling renamed into place); an upload goes file by file (readers wait for a marker). Returns `dst`."""
+    src, dst = str(src), str(dst)
+    if is_remote(src) and is_remote(dst):
+        raise StorageError(f"cannot copy {src} to {dst}: one side must be local")
+    if is_remote(src):
+        download_dir(src, Path(dst))
+    elif is_remote(dst):
+        upload_dir(Path(src), dst)
+    else:
+        atomic_dir(Path(dst), lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
+    return dst
+
+
+def fetch_dir(uri: str | Path, local: Path, complete=None) -> Path:
+    """A local directory holding what is at `uri`: `uri` itself when it is local; else downloaded into `local`
+    (kept when `complete(local)` says an earlier download finished)."""
+    if not is_remote(uri):
+        return Path(uri)
+    local = Path(local)
+    if not (complete and complete(local)):
+        print(f"[checkpoints] downloading checkpoint {uri}", flush=True)
+        download_dir(str(uri), local)
+    return local
+
+
+def mirror_of(uri: str | None) -> str | None:
+    """Where a stage also stores what it writes locally: `uri` when it is remote (its attempt's S3 prefix); None
+    when it is the stage's own local directory."""
+    return uri if is_remote(uri) else None
+
+
+# ------------------------------------------------------------------ atomic local files and directories
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_dir(final: Path, build: Callable[[Path], None], is_complete: Callable[[Path], bool] | None = None
+               ) -> Path:
+    """Run build(tmp) in a temporary sibling and rename it to `final`; skip if `final` is already complete."""
+    final = Path(final)
+    complete = is_complete or (lambda p: p.exists())
+    if complete(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        build(tmp)
+        _fsync_tree(tmp)
+        if complete(final):  # another process finished the same work first
+            shutil.rmtree(tmp)
+        else:
+            if final.exists():  # an incomplete leftover from a crash
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return final
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    """Write JSON via a temp file, fsync and rename: readers see the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=2, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------ local scratch

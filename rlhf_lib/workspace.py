@@ -14,11 +14,14 @@ the scratch directory whether it succeeds or fails — a retry on this machine o
 
 The same few operations on both: `begin` (the fence), `localize` (inputs), `checkpoint_roots` (where earlier
 attempts of this task, and a resume's origin run, left checkpoints: the stage continues from the newest that
-loads), `publish`, `close`.
+loads), `publish`, `close`; and where this machine keeps what is not the stage's output (`lock_root`,
+`data_root`). Whether the task runs in a pod is another question (`in_pod`): a pod is told by the environment
+its scheduler gives it, not by where the outputs go.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import time
@@ -26,9 +29,33 @@ from pathlib import Path
 
 from rlhf_lib import checkpoints, storage
 from rlhf_lib.config import RunConfig
-from rlhf_lib.stages.common import RESULT_FILE, atomic_write_json
+from rlhf_lib.stages.contract import RESULT_FILE
+from rlhf_lib.storage import atomic_write_json
 
 FLOW_NAME = "RLHFFlow"
+S3_DATASTORE_SUBDIR = "rlhf"  # stage outputs under the Metaflow S3 datastore's root, beside its own files
+# What Metaflow's Kubernetes and Batch plugins set in the pods they start.
+POD_ENVIRONMENT = ("METAFLOW_KUBERNETES_WORKLOAD", "AWS_BATCH_JOB_ID")
+
+
+def in_pod(environ=None) -> bool:
+    """Whether this task runs in a pod (Kubernetes, Batch) that Metaflow started, with the disk its step asked for."""
+    environ = os.environ if environ is None else environ
+    return any(environ.get(var) for var in POD_ENVIRONMENT)
+
+
+def resolve_storage_root(cfg: RunConfig, datastore_type: str | None) -> str:
+    """Where this run's stage outputs go: run.storage_root when it is a URI; the Metaflow S3 datastore's root
+    (`<sysroot>/rlhf`) when the run's datastore is S3 (on a cluster a local path would vanish with each pod);
+    else the local path."""
+    if storage.is_remote(cfg.run.storage_root) or datastore_type != "s3":
+        return cfg.storage_uri
+    from metaflow.metaflow_config import DATASTORE_SYSROOT_S3
+
+    if not DATASTORE_SYSROOT_S3:
+        raise storage.StorageError("Metaflow's datastore is S3 but METAFLOW_DATASTORE_SYSROOT_S3 is not set; set "
+                                   "it, or set run.storage_root to an s3:// URI")
+    return storage.join(DATASTORE_SYSROOT_S3, S3_DATASTORE_SUBDIR)
 
 
 class OriginUnreachable(RuntimeError):
@@ -75,6 +102,16 @@ class Workspace:
     @property
     def work(self) -> Path:
         """The local directory the stage writes to."""
+        raise NotImplementedError
+
+    @property
+    def lock_root(self) -> Path:
+        """The local directory where the stages of this machine take turns (their lock)."""
+        raise NotImplementedError
+
+    @property
+    def data_root(self) -> Path:
+        """Where the data step builds datasets and tiny models."""
         raise NotImplementedError
 
     def begin(self) -> None:
@@ -128,6 +165,16 @@ class LocalWorkspace(Workspace):
         root = Path(self.uri)
         return root if self.node == 0 else root / f"node-{self.node}"
 
+    @property
+    def lock_root(self) -> Path:
+        return self.cfg.local_root
+
+    @property
+    def data_root(self) -> Path:
+        """The local storage root itself: datasets and tiny models built from the same sources, seed and specs
+        are shared by every run that uses it."""
+        return self.cfg.local_root
+
 
 class S3Workspace(Workspace):
     remote = True
@@ -139,6 +186,15 @@ class S3Workspace(Workspace):
     @property
     def work(self) -> Path:
         return self.scratch / ("out" if self.node == 0 else f"node-{self.node}")
+
+    @property
+    def lock_root(self) -> Path:
+        return storage.scratch_root()
+
+    @property
+    def data_root(self) -> Path:
+        """This attempt's own output directory: built in scratch, then published under its prefix."""
+        return self.work
 
     def localize(self, inputs: dict[str, str]) -> dict[str, str]:
         """S3 inputs downloaded into this attempt's own scratch (freed with it)."""

@@ -38,9 +38,25 @@ def deep_merge(base: dict, overrides: dict) -> dict:
     return out
 
 
+def one_node_steps() -> set[str]:
+    """The steps a run on one node takes: the chain's, and each method's (a gang method's one-node route)."""
+    from rlhf_lib import methods
+
+    steps = {"start", "data", "sft", "merge", "rlaif", "reward", "evaluate", "end"}
+    for m in methods.REGISTRY.values():
+        steps |= {m.name, f"{m.name}_train", m.last_step} if m.gang else {m.name}
+    return steps
+
+
 def write_config(path: Path, overrides: dict | None = None, base: Path = TEST_CONFIG) -> Path:
-    """configs/test.toml with `overrides` merged in, written to `path`."""
-    data = deep_merge(tomllib.loads(base.read_text()), overrides or {})
+    """configs/test.toml with `overrides` merged in, written to `path`. The test profile runs every method of the
+    registry unless `overrides` names them."""
+    from rlhf_lib import methods
+
+    data = tomllib.loads(base.read_text())
+    if base == TEST_CONFIG:
+        data["run"]["methods"] = methods.names()
+    data = deep_merge(data, overrides or {})
     path.write_text(dump_toml(data))
     return path
 

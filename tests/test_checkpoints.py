@@ -41,8 +41,11 @@ def test_torn_and_corrupt_checkpoints_are_skipped(tmp_path):
     (tmp_path / "step-000002" / "state.json").write_text("{trunc")  # corrupt file, marker intact
     (tmp_path / "step-000003").mkdir()  # torn: no marker
     (tmp_path / "step-000003" / "state.json").write_text(json.dumps({"step": 3}))
+    out = tmp_path.parent / (tmp_path.name + "-stage")
+    (out).mkdir()
+    (out / "checkpoints").symlink_to(tmp_path)  # the stage's own checkpoint directory
     with pytest.warns(UserWarning, match="skipping"):
-        path, state = checkpoints.latest_valid(tmp_path, _load)
+        path, state = checkpoints.resume_point("ppo", [], out, _load)
     assert path.name == "step-000001" and state == {"step": 1}
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, S3_CREDENTIALS, stage_process, write_config
+from conftest import ROOT, S3_CREDENTIALS, one_node_steps, stage_process, write_config
+from rlhf_lib import methods
 
 FLOW = str(ROOT / "flows" / "rlhf_flow.py")
 PODSIM = str(ROOT / "tests" / "podsim")
@@ -50,8 +51,7 @@ SMALL = {"run": {"cpu_threads": 1, "retries": 1, "local_retries": 1},
          "rest": {"grow_steps": 1, "prompts_per_grow": 8, "max_steps": 3, "thresholds": [0.5]},
          "grpo": {"max_steps": 4, "save_steps": 2, "batch_size": 8}, "rloo": {"max_steps": 4, "save_steps": 2,
                                                                              "batch_size": 8}}
-STEPS = ("start", "data", "sft", "merge", "rlaif", "reward", "ppo", "ppo_train", "ppo_join", "dpo", "rest", "grpo",
-         "rloo", "evaluate", "end")
+STEPS = one_node_steps()
 
 
 def user_env(home: Path, **extra) -> dict:
@@ -133,29 +133,40 @@ def _requests(template: dict) -> dict:
             "shared_memory_mb": float(shm[0]["emptyDir"]["sizeLimit"].rstrip("Mi")) if shm else None}
 
 
+# What a step with nothing to do asks for under @kubernetes: Metaflow's own floor (its decorator keeps the larger of
+# @resources and its defaults: 1 CPU, 4096 MB of memory, 10240 MB of disk).
+KUBERNETES_FLOOR = {"gpu": 0, "cpu": 1.0, "memory_mb": 4096.0, "disk_mb": 10240.0, "shared_memory_mb": None}
+
+
+def _dag_tasks(templates: dict) -> dict:
+    return {t["name"]: t for template in templates.values() for t in template.get("dag", {}).get("tasks", [])}
+
+
 def test_argo_workflow_asks_each_step_for_what_it_uses(s3_env, tmp_path):
-    """configs/opt-1.3b.toml (PPO only, 8 GPUs): GPUs only where a stage uses them, and each kind of step the
-    CPU, memory, shared memory and disk of its [resources] entry."""
+    """configs/opt-1.3b.toml (PPO only, 8 GPUs, one node): GPUs only where a stage uses them, each kind of step the
+    CPU, memory, shared memory and disk of its [resources] entry, the least a scheduler takes for the steps with
+    nothing to do; PPO on one node is a plain pod, and the gang's JobSet is reached only through the `ppo` switch
+    when run.nodes >= 2."""
     from rlhf_lib import config
 
     cfg = config.load(ROOT / "configs" / "opt-1.3b.toml")
-    assert cfg.run.methods == ["ppo"] and cfg.run.gpus == 8
+    assert cfg.run.methods == ["ppo"] and cfg.run.gpus == 8 and cfg.run.nodes == 1
     templates = _argo_templates(ROOT / "configs" / "opt-1.3b.toml", s3_env, tmp_path)
-    expected_gpus = {"data": 0, "sft": 8, "merge": 1, "rlaif": 0, "reward": 8, "dpo": 0, "rest": 0, "grpo": 0,
-                     "rloo": 0, "evaluate": 1}
-    kinds = {"data": "light", "sft": "train", "merge": "infer", "rlaif": "light", "reward": "train",
-             "dpo": "light", "rest": "light", "grpo": "light", "rloo": "light", "evaluate": "infer"}
-    for step, gpus in expected_gpus.items():
-        got = _requests(templates[step])
-        want = getattr(cfg.resources, kinds[step])
-        assert got == {"gpu": gpus, "cpu": want.cpu, "memory_mb": want.memory_mb, "disk_mb": want.disk_mb,
-                       "shared_memory_mb": want.shared_memory_mb}, step
-    # The PPO gang (one node here) is a JobSet whose pods ask the train kind's resources and run.gpus GPUs.
-    manifest = templates["ppo-train"]["resource"]["manifest"]
-    assert "kind: JobSet" in manifest and "nvidia.com/gpu: '8'" in manifest
-    assert f"cpu={cfg.resources.train.cpu:.1f}" in manifest and f"disk={cfg.resources.train.disk_mb:.1f}" in manifest
-    assert f"shared_memory={cfg.resources.train.shared_memory_mb}" in manifest
-    for step in ("start", "ppo", "ppo-join", "end"):  # routing steps ask for nothing special
+    kinds = {"data": "light", "sft": "train", "merge": "infer", "reward": "train", "ppo-train": "train",
+             "evaluate": "infer"}
+    gpus = {"light": 0, "train": 8, "infer": 1}
+    for step, kind in kinds.items():
+        want = getattr(cfg.resources, kind)
+        assert _requests(templates[step]) == {"gpu": gpus[kind], "cpu": want.cpu, "memory_mb": want.memory_mb,
+                                              "disk_mb": want.disk_mb, "shared_memory_mb": want.shared_memory_mb}, step
+    for step in ("rlaif", "dpo", "rest", "grpo", "rloo"):  # skipped here: the least there is
+        assert _requests(templates[step]) == KUBERNETES_FLOOR, step
+    assert "container" in templates["ppo-train"] and "JobSet" not in json.dumps(templates["ppo-train"])
+    jobsets = [name for name, t in templates.items() if "JobSet" in json.dumps(t.get("resource", {}))]
+    assert jobsets == ["ppo-gang-train"]
+    tasks = _dag_tasks(templates)
+    assert "ppo_gang" in tasks["ppo-gang"]["when"] and "ppo_train" in tasks["ppo-train"]["when"]
+    for step in ("start", "ppo", "ppo-gang", "ppo-gang-join", "ppo-join", "end"):  # routing steps: no GPU
         assert _requests(templates[step])["gpu"] == 0, step
     assert "rlhf_lib" not in json.dumps(templates["sft"]["container"]["env"])  # the code comes in the package
 
@@ -165,9 +176,9 @@ def test_argo_gang_spans_run_nodes_and_ai_feedback_puts_rlaif_on_a_gpu(s3_env, t
                                                 "data": {"preference": {"source": "ai_feedback"}}})
     templates = _argo_templates(cfg, s3_env, tmp_path)
     assert _requests(templates["rlaif"])["gpu"] == 1 and _requests(templates["grpo"])["gpu"] == 2
-    assert _requests(templates["dpo"])["gpu"] == 0
-    manifest = templates["ppo-train"]["resource"]["manifest"]
-    # run.nodes reaches the JobSet at run time: `ppo` fans out to num_parallel = run.nodes workers.
+    assert _requests(templates["dpo"]) == KUBERNETES_FLOOR
+    manifest = templates["ppo-gang-train"]["resource"]["manifest"]
+    # run.nodes reaches the JobSet at run time: `ppo_gang` fans out to num_parallel = run.nodes workers.
     assert "kind: JobSet" in manifest and "nvidia.com/gpu: '2'" in manifest and "workerCount" in manifest
 
 
@@ -267,15 +278,15 @@ print(json.dumps({{"successful": run.successful, "paths": found, "stats": d.ppo_
                   "reward_metrics": {{k: v for k, v in d.reward_metrics.items() if k != "curves"}},
                   "gold_reward_metrics": {{k: v for k, v in d.gold_reward_metrics.items() if k != "curves"}},
                   "gold_reward_model_path": d.gold_reward_model_path, "gold_judge": d.gold_judge,
-                  "statuses": {{m: getattr(d, m + "_status") for m in ("ppo", "dpo", "rest", "grpo", "rloo")}},
+                  "statuses": {{m: getattr(d, m + "_status") for m in {methods}}},
                   "ppo_model_path": d.ppo_model_path}}))
 """
 
 
 def client_view(env: dict, run_id: str) -> dict:
     """What the Client API shows of a run, read as that user (their datastore and metadata), in a subprocess."""
-    proc = subprocess.run([sys.executable, "-c", CLIENT.format(root=str(ROOT), run_id=run_id)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    code = CLIENT.format(root=str(ROOT), run_id=run_id, methods=methods.names())
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -326,7 +337,8 @@ def s3_run(s3_endpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("s3run")
     home, env, bucket = s3_user(tmp, s3_endpoint)
     root = f"s3://{bucket}/explicit"
-    cfg = write_config(tmp / "cfg.toml", {**SMALL, "run": {**SMALL["run"], "storage_root": root}}, base=COMPARE)
+    cfg = write_config(tmp / "cfg.toml", {**SMALL, "run": {**SMALL["run"], "storage_root": root,
+                                                           "methods": methods.names()}}, base=COMPARE)
     with s3_client_env(s3_endpoint):
         origin, returncode, log = _run_and_kill_ppo(
             [sys.executable, FLOW, "--config", "config", str(cfg), "--with", "podsim", "run", "--max-workers", "2"],
@@ -392,10 +404,10 @@ def test_every_step_ran_in_its_own_pod_on_the_runs_own_code(s3_run):
 @pytest.mark.slow
 def test_every_method_ai_feedback_and_the_gold_reward_model_ran(s3_run):
     view = s3_run["view"]
-    assert view["statuses"] == {m: "done" for m in ("ppo", "dpo", "rest", "grpo", "rloo")}
-    assert view["methods"] == ["ppo", "dpo", "rest", "grpo", "rloo"]
-    assert set(view["eval_report"]) == {"sft", "ppo", "dpo", "rest", "grpo", "rloo"}
-    for online in ("ppo", "rest", "grpo", "rloo"):  # every online method's over-optimisation curve
+    assert view["statuses"] == {m: "done" for m in methods.names()}
+    assert view["methods"] == methods.names()
+    assert set(view["eval_report"]) == {"sft", *methods.names()}
+    for online in [m.name for m in methods.REGISTRY.values() if m.snapshots]:  # every over-optimisation curve
         curve = view["eval_report"][online]["curve"]
         assert curve[0]["step"] == 0 and len(curve) >= 2 and "gold_win_rate" in curve[-1], online
     # AI feedback: the judge ranked SFT answers, dropped disagreeing orders, and both reward models trained on the

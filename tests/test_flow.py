@@ -4,13 +4,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import one_node_steps
+from rlhf_lib import methods
+
 pytestmark = pytest.mark.slow  # whole flow runs
 
 
 def test_steps_chain_in_order(flow_run):
     steps = [s.id for s in flow_run]
-    assert set(steps) == {"start", "data", "sft", "merge", "rlaif", "reward", "ppo", "ppo_train", "ppo_join", "dpo",
-                          "rest", "grpo", "rloo", "evaluate", "end"}
+    assert set(steps) == one_node_steps()
     assert flow_run["rlaif"].task.data.rlaif_status == "skipped"  # human (sample) pairs in this profile
 
 
@@ -57,9 +59,9 @@ def test_ppo_raises_mean_reward(flow_run):
 
 def test_evaluate_report(flow_run):
     report = flow_run.data.eval_report
-    assert list(report) == ["sft", "ppo", "dpo", "rest", "grpo", "rloo"]
+    assert list(report) == ["sft"] + methods.names()
     assert set(report["sft"]) >= {"mean_score", "mean_gold_score", "perplexity"}
-    for method in ("ppo", "dpo", "rest", "grpo", "rloo"):
+    for method in methods.names():
         assert set(report[method]) >= {"mean_score", "mean_gold_score", "win_rate_vs_sft", "gold_win_rate_vs_sft",
                                        "over_optimised", "kl_vs_sft", "kl_vs_sft_per_sequence", "perplexity",
                                        "stage_seconds"}, method
@@ -67,15 +69,16 @@ def test_evaluate_report(flow_run):
     assert flow_run.data.gold_judge == "rule"
     assert report["ppo"]["mean_score"] > report["sft"]["mean_score"]
     assert report["ppo"]["win_rate_vs_sft"] > 0.5
-    for online in ("ppo", "rest", "grpo", "rloo"):  # the over-optimisation curve: SFT, then every snapshot
+    for online in [m.name for m in methods.REGISTRY.values() if m.snapshots]:  # the curve: SFT, every snapshot
         curve = report[online]["curve"]
         assert curve[0] == {**curve[0], "step": 0, "kl_per_sequence": 0.0, "proxy_win_rate": 0.5}
         assert [p["step"] for p in curve] == sorted(p["step"] for p in curve) and len(curve) >= 3, online
         assert {"proxy_win_rate", "gold_win_rate", "kl_per_sequence", "proxy_score", "gold_score"} <= set(curve[-1])
-    assert "curve" not in report["dpo"]  # offline: no samples of its own while it trains
+    for offline in [m.name for m in methods.REGISTRY.values() if not m.snapshots]:
+        assert "curve" not in report[offline]  # no samples of its own while it trains
     samples = flow_run.data.eval_samples
-    assert samples and {"prompt", "sft_answer", "ppo_answer", "dpo_answer", "rest_answer", "grpo_answer",
-                        "rloo_answer", "sft_score", "ppo_score", "sft_gold_score"} <= set(samples[0])
+    assert samples and {"prompt", "sft_answer", "sft_score", "ppo_score", "sft_gold_score"} <= set(samples[0])
+    assert {f"{m}_answer" for m in methods.names()} <= set(samples[0])
 
 
 def test_dpo_branch(flow_run):

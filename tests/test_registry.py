@@ -4,22 +4,15 @@ notebook; and every method of the registry appears in every report."""
 
 import json
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT, TEST_CONFIG
+from conftest import ROOT, TEST_CONFIG, write_config
 from rlhf_lib import config, methods, pipeline, report
 
-
-@pytest.fixture
-def toy_method():
-    sys.path.insert(0, str(ROOT / "tests"))
-    import toy_methods
-
-    methods.register(toy_methods.TOY)
-    yield toy_methods.TOY
-    methods.REGISTRY.pop("toy")
+FLOW = ROOT / "flows" / "rlhf_flow.py"
 
 
 class FakeCard(list):
@@ -42,48 +35,47 @@ def _run_data(cfg, done: dict[str, dict], eval_report: dict, **extra):
     return data
 
 
-def test_a_method_added_to_the_registry_alone_runs_and_shows_everywhere(toy_method, tiny_policy, tmp_path):
-    """The toy method's stage runs through the same path as every method's (run_method), the evaluation takes
-    it as one more policy, and the report, the card and the summary show it — none of them edited for it."""
-    cfg = config.validate({**config.load(TEST_CONFIG).model_dump(),
-                           "run": {**config.load(TEST_CONFIG).run.model_dump(), "storage_root": str(tmp_path),
-                                   "methods": ["toy"], "wandb_mode": "disabled"}})
-    flow = SimpleNamespace(config=cfg.model_dump(), storage_root=str(tmp_path), sft_merged_path=tiny_policy)
-    current = SimpleNamespace(run_id="5", origin_run_id=None, retry_count=0, parallel=None)
-    import os
+def _flow_class(flow_file: Path = FLOW):
+    """RLHFFlow as its flow file defines it."""
+    import importlib.util
 
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    outcome = pipeline.run_method(flow, "toy", current)
-    assert outcome["status"] == methods.DONE and outcome["metrics"] == {"toy_metric": 1.0}
-    assert outcome["model_path"] == str(tmp_path / "RLHFFlow" / "5" / "toy" / "attempt-0" / "merged")
+    spec = importlib.util.spec_from_file_location(f"rlhf_flow_{abs(hash(str(flow_file)))}", flow_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    flow = module.RLHFFlow
+    while hasattr(flow, "_flow_cls"):  # under its FlowMutators (rlhf_lib/decorators.py)
+        flow = flow._flow_cls
+    return flow
 
-    from rlhf_lib.data import lake
-    from rlhf_lib.config import DatasetSource
 
-    prompts = lake.materialise("prompts", DatasetSource(eval_rows=4), "eval", tmp_path, seed=0, sample_rows=40)
-    held = lake.materialise("sft", DatasetSource(eval_rows=4), "eval", tmp_path, seed=0, sample_rows=40)
-    # evaluate takes its policies from its inputs (a toy registered in this process only is not in its config).
-    eval_cfg = config.validate({**cfg.model_dump(), "run": {**cfg.run.model_dump(), "methods": ["ppo"]},
-                                "eval": {**cfg.eval.model_dump(), "num_prompts": 4}})
-    from rlhf_lib import launch
+def test_the_flows_graph_is_the_registry():
+    """Metaflow's own graph of RLHFFlow against the registry: `reward` branches into exactly the registry's methods,
+    in its order; each method's step hands its own name to `pipeline.method_step`; a plain method goes on to
+    `evaluate`; a gang method routes to one node or a @parallel gang and meets again in `<name>_join`; @parallel is
+    exactly on the gangs' per-node steps."""
+    import inspect
 
-    result = launch.launch("evaluate", eval_cfg.to_json(), tmp_path / "evaluate", {
-        "policy_sft": tiny_policy, "policy_toy": outcome["model_path"],
-        "reward_function": "function:rlhf_lib.judges:rule_reward", "prompts": prompts["uri"],
-        "sft_eval": held["uri"]})
-    assert set(result["eval_report"]) == {"sft", "toy"}
-    assert result["eval_report"]["toy"]["win_rate_vs_sft"] == 0.5  # the same model: every prompt a tie
+    from metaflow.graph import FlowGraph
 
-    data = _run_data(cfg, {"toy": outcome}, result["eval_report"])
-    assert "toy model" in report.summary(data)
-    headers, rows = report.eval_table(data.eval_report)
-    assert [r[0] for r in rows] == ["sft", "toy"]
-    assert "toy" in [r[0] for r in report.stages_table(data)[1]]
-    card = FakeCard()
-    report.build_evaluate_card(card, data)
-    tables = [c._data for c in card if hasattr(c, "_data")]
-    assert ["toy"] in [[row[0]] for table in tables for row in table if row and row[0] == "toy"]
-    report.plot_method("toy", data)  # its logged series, with no plot written for it
+    flow = _flow_class()
+    graph = FlowGraph(flow)
+    assert graph["reward"].out_funcs == methods.names()
+    for method in methods.REGISTRY.values():
+        name = method.name
+        for step in method.train_steps:
+            assert f'pipeline.method_step(self, "{name}", current)' in inspect.getsource(getattr(flow, step)), step
+        if method.gang:
+            assert graph[name].type == "split-switch"
+            assert graph[name].switch_cases == {"one_node": f"{name}_train", "gang": f"{name}_gang"}
+            assert graph[f"{name}_gang"].parallel_foreach
+            assert graph[f"{name}_gang"].out_funcs == [f"{name}_gang_train"]
+            assert graph[f"{name}_gang_train"].out_funcs == [f"{name}_gang_join"]
+            assert graph[f"{name}_gang_join"].type == "join"
+            assert graph[f"{name}_train"].out_funcs == graph[f"{name}_gang_join"].out_funcs == [f"{name}_join"]
+        assert graph[method.last_step].out_funcs == ["evaluate"], name
+    assert sorted(graph["evaluate"].in_funcs) == sorted(m.last_step for m in methods.REGISTRY.values())
+    parallel = {node.name for node in graph if node.parallel_step}
+    assert parallel == {f"{m.name}_gang_train" for m in methods.REGISTRY.values() if m.gang}
 
 
 def test_every_method_of_the_registry_is_in_every_report():
@@ -137,3 +129,159 @@ def test_the_steps_that_route_or_skip_load_no_ml_library():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+# ------------------------------------------------------------------ a sixth method, added as the next engineer would
+
+TOY_STAGE = '''"""Toy: a sixth method for tests/test_registry.py. It keeps the SFT model as it is."""
+
+import shutil
+
+from rlhf_lib.stages import contract
+
+
+def main(argv=None):
+    run = contract.start("toy", argv, "sft_model")
+    model = run.out / "merged"
+    if not model.exists():
+        shutil.copytree(run.paths[0], model)
+    contract.write_result(run, model_path=str(model.resolve()), metrics={"toy_metric": 1.0},
+                          stats=[{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}], resumed_from_step=0)
+
+
+if __name__ == "__main__":
+    main()
+'''
+TOY_ROW = '''
+
+class ToySection(Section):
+    keep_sft: bool = Field(True, description="Keep the SFT model as it is (the only thing the toy can do).")
+
+
+def _toy_checks(cfg) -> list[str]:
+    return [] if cfg.toy.keep_sft else ["toy.keep_sft = false: the toy method can only keep the SFT model"]
+
+
+register(Method("toy", "Toy", ToySection, "A toy method: the SFT model as it is.", ("sft_model",), online=False,
+                check=_toy_checks, plan=lambda cfg: "toy: the SFT model as it is"))
+'''
+TOY_STEP = '''
+    @step
+    def toy(self):
+        """Toy: the SFT model as it is."""
+        from rlhf_lib import pipeline
+
+        pipeline.method_step(self, "toy", current)
+        self.next(self.evaluate)
+'''
+FAN_OUT = "self.next(self.ppo, self.dpo, self.rest, self.grpo, self.rloo)"
+
+
+def _copy_of_the_project(tmp_path: Path) -> Path:
+    import shutil
+
+    tree = tmp_path / "project"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv", "artifacts", ".metaflow", "__pycache__",
+                                                              ".pytest_cache", "*.ipynb_checkpoints"))
+    return tree
+
+
+def _in(tree: Path, code: str, env: dict | None = None) -> str:
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True, timeout=600,
+                          env={**(env or os.environ), "PYTHONPATH": str(tree)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_a_sixth_method_is_its_module_its_row_and_one_flow_step(tmp_path):
+    """In a copy of the project, a toy method gets a stage module, a registry row (settings, check, plan) and one
+    flow step (with its name in `reward`'s fan-out) — nothing else is edited — and it is in the config, `start`'s
+    checks, the run, the report, the card and the notebook; without its flow step the graph test fails."""
+    import os
+    import subprocess
+    import sys
+
+    tree = _copy_of_the_project(tmp_path)
+    (tree / "rlhf_lib" / "stages" / "toy.py").write_text(TOY_STAGE)
+    with open(tree / "rlhf_lib" / "methods.py", "a") as fh:
+        fh.write(TOY_ROW)
+    flow = (tree / "flows" / "rlhf_flow.py").read_text()
+    with_step = flow.replace(FAN_OUT, FAN_OUT[:-1] + ", self.toy)").replace(
+        "    # ---------------------------------------------------------------- judging", TOY_STEP.lstrip("\n") +
+        "\n    # ---------------------------------------------------------------- judging")
+    (tree / "flows" / "rlhf_flow.py").write_text(with_step)
+
+    # The config has its section (from the row), and `start` runs its check.
+    checked = _in(tree, "from rlhf_lib import config, preflight\n"
+                        "cfg = config.validate({'run': {'methods': ['toy']}, 'toy': {'keep_sft': False}})\n"
+                        "print(cfg.toy.keep_sft, preflight.check(cfg)[-1])")
+    assert checked.strip() == "False toy.keep_sft = false: the toy method can only keep the SFT model"
+
+    graph_test = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                  "tests/test_registry.py::test_the_flows_graph_is_the_registry"]
+    assert subprocess.run(graph_test, cwd=tree, capture_output=True, timeout=300).returncode == 0
+
+    # A whole run with the toy method alone: in the run, the report, the card, the end summary and the notebook.
+    store = tmp_path / "store"
+    cfg = write_config(tmp_path / "toy.toml", {
+        "run": {"storage_root": str(store), "methods": ["toy"], "cpu_threads": 1},
+        "policy": {"tiny": {"pretrain_steps": 10}}, "sft": {"max_steps": 4, "save_steps": 4, "eval_steps": 4},
+        "reward": {"max_steps": 10, "save_steps": 10, "eval_steps": 10}, "eval": {"num_prompts": 4}})
+    # The copy's own Metaflow datastore: none of the settings rlhf_lib.env gave this process.
+    env = {k: v for k, v in os.environ.items() if k not in ("RLHF_METAFLOW_CONFIG", "METAFLOW_HOME",
+                                                            "METAFLOW_DATASTORE_SYSROOT_LOCAL", "PYTHONPATH")}
+    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    run = subprocess.run([sys.executable, "flows/rlhf_flow.py", "--config", "config", str(cfg), "run"], cwd=tree,
+                         env=env, capture_output=True, text=True, timeout=900)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    assert "[start] toy: the SFT model as it is" in log and "toy model" in log  # start's plan, end's summary
+    shown = _in(tree, "import sys; sys.path.insert(0, '.')\n"
+                      "from rlhf_lib import env; env.configure()\n"
+                      "import torch\n"
+                      "from metaflow import Flow\n"
+                      "data = Flow('RLHFFlow').latest_run.data\n"
+                      "print(sorted(data.eval_report), data.toy_status, data.toy_metrics, data.run_config['toy'])",
+                env)
+    assert shown.strip() == "['sft', 'toy'] done {'toy_metric': 1.0} {'keep_sft': True}"
+    card = tmp_path / "card.html"
+    subprocess.run([sys.executable, "flows/rlhf_flow.py", "card", "get", "evaluate", str(card)], cwd=tree, env=env,
+                   check=True, capture_output=True, timeout=300)
+    assert '"toy"' in _card_content(card)
+    _run_notebook_shows(tree, "toy", env)
+
+    (tree / "flows" / "rlhf_flow.py").write_text(flow.replace(FAN_OUT, FAN_OUT[:-1] + ", self.toy)"))
+    assert subprocess.run(graph_test, cwd=tree, capture_output=True, timeout=300).returncode != 0  # no toy step
+
+
+def _card_content(card: Path) -> str:
+    import base64
+    import re
+
+    payload = re.search(r'window\.__MF_DATA__\["[^"]+"\] = "([^"]+)"', card.read_text())
+    return base64.b64decode(payload.group(1)).decode()
+
+
+def _run_notebook_shows(tree: Path, name: str, env: dict) -> None:
+    import os
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(tree / "notebooks" / "inspect_run.ipynb", as_version=4)
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)  # the kernel starts with the copy's environment
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": str(tree / "notebooks")}}).execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    outputs = json.dumps([o for c in nb.cells for o in c.get("outputs", [])])
+    assert f"{name}" in outputs and "Toy" in outputs

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, S3_CREDENTIALS, TEST_CONFIG, write_config
-from rlhf_lib import checkpoints, config, pipeline, storage
+from rlhf_lib import checkpoints, config, pipeline, storage, workspace
 
 
 def _ckpt(root: Path, name: str, step: int, payload: str = "w") -> Path:
@@ -152,8 +152,6 @@ def test_checkpoint_roots_are_the_earlier_attempts_then_the_origin_runs(tmp_path
 def test_a_stage_continues_from_s3_and_falls_back_past_a_checkpoint_that_fails_to_load(s3_env, tmp_path, capsys):
     """The newest checkpoint in S3 is corrupt: the stage says so and downloads the one before it; the chosen one
     is adopted with the snapshots the earlier attempt kept up to its step."""
-    from rlhf_lib.stages import common
-
     remote = f"s3://{s3_env['BUCKET']}/rlhf/RLHFFlow/17/ppo/attempt-0/checkpoints"
     for step in (2, 4):
         checkpoints.publish(_ckpt(tmp_path / "written", f"step-{step:06d}", step), remote)
@@ -167,7 +165,7 @@ def test_a_stage_continues_from_s3_and_falls_back_past_a_checkpoint_that_fails_t
         return json.loads((path / "state.json").read_text())
 
     out = tmp_path / "attempt-1"
-    path, state = common.resume_point("ppo", [remote], out, load)
+    path, state = checkpoints.resume_point("ppo", [remote], out, load)
     assert state == {"step": 2} and path == out / "checkpoints" / "step-000002"
     printed = capsys.readouterr().out
     assert f"downloading checkpoint {remote}/step-000004" in printed
@@ -178,9 +176,7 @@ def test_a_stage_continues_from_s3_and_falls_back_past_a_checkpoint_that_fails_t
 
 
 def test_no_checkpoint_anywhere_is_said(tmp_path, capsys):
-    from rlhf_lib.stages import common
-
-    assert common.resume_point("ppo", [str(tmp_path / "attempt-0" / "checkpoints")], tmp_path / "a1",
+    assert checkpoints.resume_point("ppo", [str(tmp_path / "attempt-0" / "checkpoints")], tmp_path / "a1",
                                lambda p: p) is None
     assert f"no checkpoint in {tmp_path / 'attempt-0' / 'checkpoints'}: starting at step 0" in capsys.readouterr().out
 
@@ -231,12 +227,12 @@ def test_storage_follows_an_s3_datastore(monkeypatch):
 
     monkeypatch.setattr(metaflow_config, "DATASTORE_SYSROOT_S3", "s3://team-bucket/metaflow")
     local = _cfg("artifacts/x")
-    assert pipeline.resolve_storage_root(local, "s3") == "s3://team-bucket/metaflow/rlhf"
-    assert pipeline.resolve_storage_root(local, "local") == str(ROOT / "artifacts" / "x")
-    assert pipeline.resolve_storage_root(_cfg("s3://mine/x/"), "local") == "s3://mine/x"
+    assert workspace.resolve_storage_root(local, "s3") == "s3://team-bucket/metaflow/rlhf"
+    assert workspace.resolve_storage_root(local, "local") == str(ROOT / "artifacts" / "x")
+    assert workspace.resolve_storage_root(_cfg("s3://mine/x/"), "local") == "s3://mine/x"
     monkeypatch.setattr(metaflow_config, "DATASTORE_SYSROOT_S3", None)
     with pytest.raises(storage.StorageError, match="METAFLOW_DATASTORE_SYSROOT_S3"):
-        pipeline.resolve_storage_root(local, "s3")
+        workspace.resolve_storage_root(local, "s3")
 
 
 def test_transfers_survive_a_store_that_fails_one_request_in_five(s3_env, tmp_path, monkeypatch):

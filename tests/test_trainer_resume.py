@@ -56,9 +56,9 @@ def test_reward_stage_resumes_from_an_origin_checkpoint(reward_inputs, tmp_path)
 
 def test_no_in_training_evaluation_when_eval_steps_exceed_max_steps(tmp_path):
     """HF evaluates at the last step of any step schedule; the reward stage then scored the held-out pairs twice."""
-    from rlhf_lib.stages import common
+    from rlhf_lib.stages import hf
 
     cfg = config.load(TEST_CONFIG)
     never = cfg.reward.model_copy(update={"eval_steps": cfg.reward.max_steps + 1})
-    assert common.hf_training_kwargs(cfg, never, "reward", tmp_path)["eval_strategy"] == "no"
-    assert common.hf_training_kwargs(cfg, cfg.reward, "reward", tmp_path)["eval_strategy"] == "steps"
+    assert hf.training_kwargs(cfg, never, "reward", tmp_path)["eval_strategy"] == "no"
+    assert hf.training_kwargs(cfg, cfg.reward, "reward", tmp_path)["eval_strategy"] == "steps"

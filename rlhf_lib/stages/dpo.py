@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf_lib.stages import common
+from rlhf_lib import checkpoints
+from rlhf_lib.stages import contract, hf
 
 
 def preference_to_dpo(row: dict) -> dict | None:
@@ -37,45 +38,41 @@ def _dataset(uri: str, batch_size: int):
     return datasets.Dataset.from_list(rows)
 
 
-def main(argv: list[str] | None = None) -> Path:
+def setup_trainer(run: contract.StageRun, sft_model: str, train_uri: str, eval_uri: str):
     from trl import DPOConfig, DPOTrainer
 
     from rlhf_lib import models
 
-    started, args, cfg, (sft_model, train_uri, eval_uri), out = common.start(
-        "dpo", argv, "sft_model", "train", "eval")
-    d = cfg.dpo
+    cfg, d = run.cfg, run.cfg.dpo
     model, tokenizer = models.policy_on_device(sft_model, cfg.run.trust_remote_code, padding_side="left")
     train_ds, eval_ds = _dataset(train_uri, cfg.data.stream_batch_size), _dataset(eval_uri, cfg.data.stream_batch_size)
-    print(f"[dpo] {len(train_ds)} training pairs, {len(eval_ds)} held-out pairs, beta={d.beta}", flush=True)
-    dpo_args = DPOConfig(**common.hf_training_kwargs(cfg, d, "dpo", out), beta=d.beta, loss_type=[d.loss_type],
+    run.say(f"{len(train_ds)} training pairs, {len(eval_ds)} held-out pairs, beta={d.beta}")
+    dpo_args = DPOConfig(**hf.training_kwargs(cfg, d, "dpo", run.out), beta=d.beta, loss_type=[d.loss_type],
                          max_length=d.max_length, truncation_mode="keep_end")
     trainer = DPOTrainer(model=model, args=dpo_args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=models.lora_config(d.lora))
-    train_out, resume = common.train_resumable(trainer, "dpo", args.resume_from, out, args.checkpoint_uri)
+    return trainer, tokenizer, train_ds
+
+
+def main(argv: list[str] | None = None) -> Path:
+    run = contract.start("dpo", argv, "sft_model", "train", "eval")
+    sft_model, train_uri, eval_uri = run.paths
+    trainer, tokenizer, train_ds = setup_trainer(run, sft_model, train_uri, eval_uri)
+    train_out, resume = hf.train_resumable(trainer, "dpo", run.args.resume_from, run.out, run.args.checkpoint_uri)
     eval_metrics = trainer.evaluate()
 
-    adapter_dir = out / "adapter"
-    if not common.save_trained(trainer, tokenizer, adapter_dir):
+    adapter_dir = run.out / "adapter"
+    if not hf.save_trained(trainer, tokenizer, adapter_dir):
         return adapter_dir
-    merged = models.merge_adapter(sft_model, str(adapter_dir), out / "merged", cfg.run.trust_remote_code)
-    metrics = {
-        "train_loss": train_out.training_loss,
-        "eval_loss": eval_metrics.get("eval_loss"),
-        "eval_reward_accuracy": eval_metrics.get("eval_rewards/accuracies"),
-        "eval_reward_margin": eval_metrics.get("eval_rewards/margins"),
-        "train_pairs": len(train_ds),
-        "steps": trainer.state.global_step,
-        "curves": common.log_history_summary(trainer.state.log_history),
-    }
-    result = common.write_result(out, "dpo", started, model_path=str(merged.resolve()),
-                                 adapter_path=str(adapter_dir.resolve()),
-                                 checkpoint_dir=str((out / "checkpoints").resolve()), sft_model=sft_model,
-                                 metrics=metrics, stats=common.log_history_stats(trainer.state.log_history),
-                                 resumed_from=resume, resumed_from_step=common.step_of(resume))
-    print(f"[dpo] model: {merged.resolve()}  held-out implicit-reward accuracy "
-          f"{metrics['eval_reward_accuracy']}  ({result})", flush=True)
-    return out
+    metrics = {"train_loss": train_out.training_loss, "eval_loss": eval_metrics.get("eval_loss"),
+               "eval_reward_accuracy": eval_metrics.get("eval_rewards/accuracies"),
+               "eval_reward_margin": eval_metrics.get("eval_rewards/margins"), "train_pairs": len(train_ds),
+               "steps": trainer.state.global_step, "curves": hf.log_history_summary(trainer.state.log_history)}
+    contract.finish_policy(run, adapter_dir, sft_model, snapshots=False, metrics=metrics,
+                           summary=f"held-out implicit-reward accuracy {metrics['eval_reward_accuracy']}",
+                           stats=hf.log_history_stats(trainer.state.log_history), resumed_from=resume,
+                           resumed_from_step=checkpoints.step_of(resume) or 0)
+    return run.out
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from rlhf_lib import rl
-from rlhf_lib.stages import common
+from rlhf_lib.stages import contract
 
 BASELINE = "sft"
 SNAPSHOT = re.compile(r"^step-(\d+)$")
@@ -165,30 +165,26 @@ def curve(method: str, snaps: list[tuple[int, Path]], sft_ref: str, sft: Judged,
     return points
 
 
-def main(argv: list[str] | None = None) -> Path:
-    from rlhf_lib import models, scoring, tracking
+def held_out_prompts(cfg, prompts_uri: str) -> tuple[list[str], list[str]]:
+    """(prompts as the policies see them, the questions in them) of the first eval.num_prompts held-out rows."""
     from rlhf_lib.data import formatting, lake
 
-    started, args, cfg, (prompts_uri, sft_eval_uri), out = common.start("evaluate", argv, "prompts", "sft_eval")
-    policies = {k.removeprefix("policy_"): v for k, v in args.inputs.items() if k.startswith("policy_")}
-    if BASELINE not in policies:
-        raise SystemExit("evaluate needs --input policy_sft=DIR (the baseline)")
-    e, trust = cfg.eval, cfg.run.trust_remote_code
+    rows = list(lake.stream(prompts_uri, ["instruction", "input"], cfg.data.stream_batch_size))[: cfg.eval.num_prompts]
+    return [formatting.rl_prompt(r) for r in rows], [formatting.rl_question(r) for r in rows]
 
-    rows = list(lake.stream(prompts_uri, ["instruction", "input"], cfg.data.stream_batch_size))[: e.num_prompts]
-    prompts = [formatting.rl_prompt(r) for r in rows]
-    questions = [formatting.rl_question(r) for r in rows]
-    held_out = list(lake.stream(sft_eval_uri, ["question", "response"]))
-    proxy = scoring.load_reward(args.inputs, e.reward_max_length, trust)
-    gold = GoldJudge(cfg, args.inputs)
-    print(f"[evaluate] proxy judge: {proxy.describe()}; gold judge: {gold.kind}", flush=True)
 
-    # One load per policy: the baseline first, kept in memory as the reference for every other policy's KL.
-    order = [BASELINE] + [n for n in policies if n != BASELINE]
+def judge_policies(run: contract.StageRun, policies: dict[str, str], prompts, questions, proxy, gold
+                   ) -> tuple[dict[str, Judged], dict[str, dict]]:
+    """Every policy's answers, scored, and its report row: SFT first, kept as every other policy's KL reference."""
+    from rlhf_lib import models
+    from rlhf_lib.data import formatting, lake
+
+    cfg, e = run.cfg, run.cfg.eval
+    held_out = list(lake.stream(run.inputs["sft_eval"], ["question", "response"]))
     judged: dict[str, Judged] = {}
     report: dict[str, dict] = {}
-    for name in order:
-        model, tokenizer = models.policy_on_device(policies[name], trust)
+    for name in [BASELINE] + [n for n in policies if n != BASELINE]:  # one load per policy
+        model, tokenizer = models.policy_on_device(policies[name], cfg.run.trust_remote_code)
         judged[name] = j = Judged(model, tokenizer, prompts, questions, proxy, gold, cfg.run.seed, e.max_new_tokens)
         row = {"mean_score": float(j.scores.mean())}
         if j.gold_scores is not None:
@@ -202,36 +198,62 @@ def main(argv: list[str] | None = None) -> Path:
             j.model = None  # keep SFT's model only: the KL reference
             del model
         report[name] = row
-        print(f"[evaluate] {name}: mean score {row['mean_score']:.3f}, perplexity {row['perplexity']:.2f}",
-              flush=True)
-    for name in order[1:]:
-        snaps = snapshots(args.inputs.get(f"snapshots_{name}"))
+        run.say(f"{name}: mean score {row['mean_score']:.3f}, perplexity {row['perplexity']:.2f}")
+    return judged, report
+
+
+def sample_rows(judged: dict[str, Judged], prompts: list[str], shown: int) -> list[dict]:
+    """The first `shown` prompts with every policy's answer and scores, side by side."""
+    return [{"prompt": prompts[i], **{f"{n}_answer": j.answers[i] for n, j in judged.items()},
+             **{f"{n}_score": float(j.scores[i]) for n, j in judged.items()},
+             **{f"{n}_gold_score": float(j.gold_scores[i]) for n, j in judged.items() if j.gold_scores is not None}}
+            for i in range(min(shown, len(prompts)))]
+
+
+def log_to_wandb(cfg, report: dict, samples: list[dict]) -> None:
+    from rlhf_lib import tracking
+
+    wandb_run = tracking.init_wandb(cfg, "evaluate")
+    if wandb_run is None:
+        return
+    import wandb
+
+    wandb_run.summary.update({f"{m}/{k}": v for m, vals in report.items() for k, v in vals.items()
+                              if not isinstance(v, list)})
+    if samples:
+        wandb_run.log({"samples": wandb.Table(columns=list(samples[0]), data=[list(s.values()) for s in samples])})
+    wandb_run.finish()
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from rlhf_lib import scoring
+    from rlhf_lib.storage import atomic_write_json
+
+    run = contract.start("evaluate", argv, "prompts", "sft_eval")
+    policies = {k.removeprefix("policy_"): v for k, v in run.inputs.items() if k.startswith("policy_")}
+    if BASELINE not in policies:
+        raise SystemExit("evaluate needs --input policy_sft=DIR (the baseline)")
+    cfg, e = run.cfg, run.cfg.eval
+    prompts, questions = held_out_prompts(cfg, run.paths[0])
+    proxy = scoring.load_reward(run.inputs, e.reward_max_length, cfg.run.trust_remote_code)
+    gold = GoldJudge(cfg, run.inputs)
+    run.say(f"proxy judge: {proxy.describe()}; gold judge: {gold.kind}")
+    judged, report = judge_policies(run, policies, prompts, questions, proxy, gold)
+    for name in [n for n in judged if n != BASELINE]:
+        snaps = snapshots(run.inputs.get(f"snapshots_{name}"))
         if e.curve and snaps:
             report[name]["curve"] = curve(name, snaps, policies[BASELINE], judged[BASELINE], proxy, gold, cfg)
-    samples = [
-        {"prompt": prompts[i], **{f"{n}_answer": judged[n].answers[i] for n in order},
-         **{f"{n}_score": float(judged[n].scores[i]) for n in order},
-         **{f"{n}_gold_score": float(judged[n].gold_scores[i]) for n in order if judged[n].gold_scores is not None}}
-        for i in range(min(e.num_samples_shown, len(prompts)))
-    ]
-    wandb_run = tracking.init_wandb(cfg, "evaluate")
-    if wandb_run is not None:
-        import wandb
-
-        wandb_run.summary.update({f"{m}/{k}": v for m, vals in report.items() for k, v in vals.items()
-                                  if not isinstance(v, list)})
-        if samples:
-            wandb_run.log({"samples": wandb.Table(columns=list(samples[0]), data=[list(s.values()) for s in samples])})
-        wandb_run.finish()
-    common.atomic_write_json(out / "eval_report.json", report)
-    common.atomic_write_json(out / "eval_samples.json", samples)
-    result = common.write_result(out, "evaluate", started, eval_report=report, eval_samples=samples,
-                                 num_prompts=len(prompts), gold_judge=gold.kind, proxy=proxy.describe())
+    samples = sample_rows(judged, prompts, e.num_samples_shown)
+    log_to_wandb(cfg, report, samples)
+    atomic_write_json(run.out / "eval_report.json", report)
+    atomic_write_json(run.out / "eval_samples.json", samples)
+    result = contract.write_result(run, eval_report=report, eval_samples=samples, num_prompts=len(prompts),
+                                   gold_judge=gold.kind, proxy=proxy.describe())
     for name, row in report.items():
-        print(f"[evaluate] {name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                                                  for k, v in row.items() if not isinstance(v, list)), flush=True)
-    print(f"[evaluate] report: {out.resolve() / 'eval_report.json'}  ({result})", flush=True)
-    return out
+        run.say(f"{name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in row.items() if not isinstance(v, list)))
+    run.say(f"report: {run.out.resolve() / 'eval_report.json'}  ({result})")
+    return run.out
 
 
 if __name__ == "__main__":

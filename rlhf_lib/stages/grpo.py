@@ -17,24 +17,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf_lib.stages import common, trl_online
-
-
-def make_trainer(cfg, g, model, tokenizer, reward_fn, train_ds, out: Path):
-    from trl import GRPOConfig, GRPOTrainer
-
-    from rlhf_lib import models
-
-    grpo_args = GRPOConfig(**common.hf_training_kwargs(cfg, g, "grpo", out), num_generations=g.num_generations,
-                           max_completion_length=g.max_completion_length, temperature=g.temperature, top_k=0,
-                           top_p=1.0, beta=g.beta, epsilon=g.epsilon, num_iterations=g.num_iterations,
-                           loss_type=g.loss_type, scale_rewards=g.scale_rewards, disable_dropout=True)
-    return GRPOTrainer(model=model, reward_funcs=[reward_fn], args=grpo_args, train_dataset=train_ds,
-                       processing_class=tokenizer, peft_config=models.lora_config(g.lora))
+from rlhf_lib.stages import trl_online
 
 
 def main(argv: list[str] | None = None) -> Path:
-    return trl_online.run("grpo", argv, make_trainer)
+    from trl import GRPOConfig, GRPOTrainer
+
+    return trl_online.run("grpo", argv, GRPOTrainer, GRPOConfig,
+                          lambda g: dict(loss_type=g.loss_type, scale_rewards=g.scale_rewards))
 
 
 if __name__ == "__main__":

@@ -9,22 +9,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf_lib.stages import common
+from rlhf_lib.stages import contract
 
 
 def main(argv: list[str] | None = None) -> Path:
     from rlhf_lib import models, tracking
 
-    started, args, cfg, (base_model, adapter), out = common.start("merge", argv, "base_model", "adapter")
-    merged = models.merge_adapter(base_model, adapter, out / "merged", cfg.run.trust_remote_code)
-    if common.is_main_process():
-        wandb_run = tracking.init_wandb(cfg, "merge")
+    run = contract.start("merge", argv, "base_model", "adapter")
+    base_model, adapter = run.paths
+    merged = models.merge_adapter(base_model, adapter, run.out / "merged", run.cfg.run.trust_remote_code)
+    if contract.is_main_process():
+        wandb_run = tracking.init_wandb(run.cfg, "merge")
         if wandb_run is not None:
             wandb_run.summary.update({"merged_path": str(merged.resolve()), "adapter_path": adapter})
             wandb_run.finish()
-        result = common.write_result(out, "merge", started, merged_path=str(merged.resolve()), base_model=base_model,
-                                     adapter_path=adapter, dtype=str(models.compute_dtype()).removeprefix("torch."))
-        print(f"[merge] merged model: {merged.resolve()}  ({result})", flush=True)
+        result = contract.write_result(run, merged_path=str(merged.resolve()), base_model=base_model,
+                                       adapter_path=adapter, dtype=str(models.compute_dtype()).removeprefix("torch."))
+        run.say(f"merged model: {merged.resolve()}  ({result})")
     return merged
 
 

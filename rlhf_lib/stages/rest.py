@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf_lib import checkpoints
-from rlhf_lib.stages import common
+from rlhf_lib import checkpoints, storage
+from rlhf_lib.stages import contract, hf
 
 STATE_FILE = "rest_state.json"
 GROWN_DIR = "grown"
@@ -72,7 +72,7 @@ def improve(policy, tokenizer, rows: list[dict], cfg, out: Path, tag: str) -> fl
 
     data = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": " " + r["response"].strip()}
                                        for r in rows])
-    kwargs = common.hf_training_kwargs(cfg, cfg.rest, "rest", out / "improve" / tag)
+    kwargs = hf.training_kwargs(cfg, cfg.rest, "rest", out / "improve" / tag)
     # The loop checkpoints itself after each Improve and logs to one W&B run; the inner trainers need neither.
     kwargs.update(save_strategy="no", eval_strategy="no", report_to=[])
     args = SFTConfig(**kwargs, max_length=cfg.rest.max_length, packing=False, completion_only_loss=True)
@@ -94,91 +94,121 @@ def _save(root: Path, index: int, policy, state: dict, keep: int = 2, mirror: st
 
 
 def _load(path: Path) -> dict:
-    from safetensors.torch import load_file
+    from rlhf_lib import models
 
     state = json.loads((Path(path) / STATE_FILE).read_text())
-    state["adapter"] = load_file(Path(path) / "adapter" / "adapter_model.safetensors")
+    state["adapter"] = models.adapter_weights(Path(path) / "adapter")
     return state
 
 
-def main(argv: list[str] | None = None) -> Path:
-    from peft import get_peft_model, set_peft_model_state_dict
+# ------------------------------------------------------------------ the recipe: setup, resume, loop, finish
 
-    from rlhf_lib import models, scoring, tracking
+
+def setup(run: contract.StageRun):
+    """(policy: the merged SFT model with a fresh adapter, its tokenizer, the reward, the training prompts)."""
+    from rlhf_lib import models, scoring
     from rlhf_lib.data import lake
 
-    started, args, cfg, (sft_model, prompts_uri), out = common.start("rest", argv, "sft_model", "prompts")
-    r, trust = cfg.rest, cfg.run.trust_remote_code
-    base, tokenizer = models.policy_on_device(sft_model, trust, padding_side="left")
-    policy = get_peft_model(base, models.lora_config(r.lora))
-    reward = scoring.load_reward(args.inputs, r.reward_max_length, trust)
-    prompts = lake.rl_prompts(prompts_uri, cfg.data.stream_batch_size)
+    cfg = run.cfg
+    sft_model, prompts_uri = run.paths
+    base, tokenizer = models.policy_on_device(sft_model, cfg.run.trust_remote_code, padding_side="left")
+    policy = models.attach_lora(base, cfg.rest.lora)
+    reward = scoring.load_reward(run.inputs, cfg.rest.reward_max_length, cfg.run.trust_remote_code)
+    return policy, tokenizer, reward, lake.rl_prompts(prompts_uri, cfg.data.stream_batch_size)
 
-    ckpt_root = out / "checkpoints"
+
+def resume(run: contract.StageRun, policy) -> dict:
+    """The loop's state: fresh, or the newest checkpoint's (its adapter put back into `policy`)."""
+    from rlhf_lib import models
+
     state = {"improves_done": 0, "thresholds": None, "iterations": [], "grown": {}}
-    found = common.resume_point("rest", args.resume_from, out, _load)
+    found = checkpoints.resume_point("rest", run.args.resume_from, run.out, _load)
     if found:
-        path, loaded = found
-        set_peft_model_state_dict(policy, loaded.pop("adapter"))
-        state = loaded
+        path, state = found
+        models.restore_adapter(policy, state.pop("adapter"))
         for g, uri in state["grown"].items():  # from a checkpoint written on another machine (or run)
             if not Path(uri).exists():
-                state["grown"][g] = str(shutil.copytree(Path(path) / GROWN_DIR / Path(uri).name, out / Path(uri).name))
-        print(f"[rest] resumed from step {state['improves_done']} ({path})", flush=True)
-    resumed_from = state["improves_done"]
-    wandb_run = tracking.init_wandb(cfg, "rest")
+                state["grown"][g] = str(shutil.copytree(Path(path) / GROWN_DIR / Path(uri).name,
+                                                        run.out / Path(uri).name))
+        run.say(f"resumed from step {state['improves_done']} ({path})")
+    return state
 
+
+def grown_rows(run: contract.StageRun, policy, tokenizer, reward, prompts, state: dict, g: int, j: int) -> list:
+    """Grow g's rows (sampled and scored now at its first Improve, read back from its Deep Lake set after)."""
+    from rlhf_lib.data import lake
+
+    if j == 0 or str(g) not in state["grown"]:
+        rows = grow(policy, tokenizer, reward, prompts, run.cfg, g)
+        grown = lake.write_rows(run.out / f"grow-{g}", rows, ["prompt", "response", "reward"], numeric=("reward",))
+        state["grown"][str(g)] = grown["uri"]
+        if state["thresholds"] is None:
+            quantiles = run.cfg.rest.thresholds
+            state["thresholds"] = absolute_thresholds(torch.tensor([x["reward"] for x in rows]), quantiles)
+            run.say(f"thresholds (quantiles {quantiles} of Grow 1): {[round(t, 3) for t in state['thresholds']]}")
+    return list(lake.stream(state["grown"][str(g)], ["prompt", "response", "reward"]))
+
+
+def improve_step(run: contract.StageRun, policy, tokenizer, rows: list, state: dict, g: int, j: int) -> dict:
+    """Improve j of Grow g: keep the rows at or above its threshold and fine-tune on them. Returns its record."""
+    scores = torch.tensor([float(x["reward"]) for x in rows])
+    threshold = state["thresholds"][j]
+    mask = keep_mask(scores, threshold)
+    kept = [x for x, k in zip(rows, mask.tolist()) if k]
+    loss = improve(policy, tokenizer, kept, run.cfg, run.out, f"g{g}-t{j}") if kept else float("nan")
+    record = {"grow": g, "improve": j + 1, "threshold_quantile": run.cfg.rest.thresholds[j], "threshold": threshold,
+              "samples": len(rows), "kept": len(kept), "kept_fraction": len(kept) / max(len(rows), 1),
+              "mean_reward_all": float(scores.mean()),
+              "mean_reward_kept": float(scores[mask].mean()) if kept else float("nan"), "train_loss": loss,
+              "grown_set": state["grown"][str(g)]}
+    run.say(f"grow {g} improve {j + 1}/{len(run.cfg.rest.thresholds)}: kept {len(kept)}/{len(rows)} "
+            f"(score >= {threshold:.3f}), mean reward all {record['mean_reward_all']:.3f}, "
+            f"kept {record['mean_reward_kept']:.3f}, loss {loss:.3f}")
+    return record
+
+
+def train(run: contract.StageRun, policy, tokenizer, reward, prompts, state: dict, wandb_run) -> None:
+    """Every Improve of the schedule not done yet, each followed by a checkpoint and a snapshot."""
+    r = run.cfg.rest
     schedule = improve_schedule(r.grow_steps, len(r.thresholds))
     for index, (g, j) in enumerate(schedule[state["improves_done"]:], start=state["improves_done"]):
-        if j == 0 or str(g) not in state["grown"]:
-            rows = grow(policy, tokenizer, reward, prompts, cfg, g)
-            grown = lake.write_rows(out / f"grow-{g}", rows, ["prompt", "response", "reward"], numeric=("reward",))
-            state["grown"][str(g)] = grown["uri"]
-            if state["thresholds"] is None:
-                state["thresholds"] = absolute_thresholds(torch.tensor([x["reward"] for x in rows]), r.thresholds)
-                print(f"[rest] thresholds (quantiles {r.thresholds} of Grow 1): "
-                      f"{[round(t, 3) for t in state['thresholds']]}", flush=True)
-        rows = list(lake.stream(state["grown"][str(g)], ["prompt", "response", "reward"]))
-        scores = torch.tensor([float(x["reward"]) for x in rows])
-        threshold = state["thresholds"][j]
-        mask = keep_mask(scores, threshold)
-        kept = [x for x, k in zip(rows, mask.tolist()) if k]
-        loss = improve(policy, tokenizer, kept, cfg, out, f"g{g}-t{j}") if kept else float("nan")
-        record = {"grow": g, "improve": j + 1, "threshold_quantile": r.thresholds[j], "threshold": threshold,
-                  "samples": len(rows), "kept": len(kept), "kept_fraction": len(kept) / max(len(rows), 1),
-                  "mean_reward_all": float(scores.mean()),
-                  "mean_reward_kept": float(scores[mask].mean()) if kept else float("nan"), "train_loss": loss,
-                  "grown_set": state["grown"][str(g)]}
+        rows = grown_rows(run, policy, tokenizer, reward, prompts, state, g, j)
+        record = improve_step(run, policy, tokenizer, rows, state, g, j)
         state["iterations"].append(record)
         state["improves_done"] = index + 1
-        print(f"[rest] grow {g} improve {j + 1}/{len(r.thresholds)}: kept {len(kept)}/{len(rows)} "
-              f"(score >= {threshold:.3f}), mean reward all {record['mean_reward_all']:.3f}, "
-              f"kept {record['mean_reward_kept']:.3f}, loss {loss:.3f}", flush=True)
         if wandb_run is not None:
             wandb_run.log({f"rest/{k}": v for k, v in record.items() if isinstance(v, (int, float))},
                           step=index + 1)
-        if common.is_main_process():
-            _save(ckpt_root, index + 1, policy, state, mirror=common.mirror(args))
-            common.save_snapshot(policy, out, index + 1, args.checkpoint_uri)
+        if contract.is_main_process():
+            _save(run.out / "checkpoints", index + 1, policy, state, mirror=storage.mirror_of(run.args.checkpoint_uri))
+            checkpoints.save_snapshot(policy, run.out, index + 1, run.args.checkpoint_uri)
 
-    if not common.is_main_process():
-        return out
-    adapter_dir = out / "adapter"
+
+def main(argv: list[str] | None = None) -> Path:
+    from rlhf_lib import tracking
+
+    run = contract.start("rest", argv, "sft_model", "prompts")
+    policy, tokenizer, reward, prompts = setup(run)
+    state = resume(run, policy)
+    resumed_from = state["improves_done"]
+    wandb_run = tracking.init_wandb(run.cfg, "rest")
+    train(run, policy, tokenizer, reward, prompts, state, wandb_run)
+    if not contract.is_main_process():
+        return run.out
+    adapter_dir = run.out / "adapter"
     policy.save_pretrained(adapter_dir, safe_serialization=True)
     tokenizer.save_pretrained(adapter_dir)
-    merged = models.merge_adapter(sft_model, str(adapter_dir), out / "merged", trust)
     if wandb_run is not None:
         wandb_run.finish()
-    result = common.write_result(
-        out, "rest", started, model_path=str(merged.resolve()), adapter_path=str(adapter_dir.resolve()),
-        checkpoint_dir=str(ckpt_root.resolve()), snapshots_dir=str((out / common.SNAPSHOTS).resolve()),
-        sft_model=sft_model, reward=reward.describe(), grown_sets=state["grown"], iterations=state["iterations"],
-        stats=[{"step": i + 1, **it} for i, it in enumerate(state["iterations"])], resumed_from_step=resumed_from,
-        metrics={"thresholds": state["thresholds"], "improves": len(state["iterations"]),
-                 "mean_reward_first_grow": state["iterations"][0]["mean_reward_all"],
-                 "mean_reward_last_grow": state["iterations"][-1]["mean_reward_all"]})
-    print(f"[rest] model: {merged.resolve()}; grown sets: {list(state['grown'].values())}  ({result})", flush=True)
-    return out
+    iterations = state["iterations"]
+    contract.finish_policy(
+        run, adapter_dir, run.paths[0], snapshots=True, reward=reward.describe(), grown_sets=state["grown"],
+        iterations=iterations, stats=[{"step": i + 1, **it} for i, it in enumerate(iterations)],
+        resumed_from_step=resumed_from, summary=f"grown sets: {list(state['grown'].values())}",
+        metrics={"thresholds": state["thresholds"], "improves": len(iterations),
+                 "mean_reward_first_grow": iterations[0]["mean_reward_all"],
+                 "mean_reward_last_grow": iterations[-1]["mean_reward_all"]})
+    return run.out
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf_lib.stages import common
+from rlhf_lib.stages import contract, hf
 
 
 def _setup_datasets(cfg, train_uri: str, eval_uri: str, part: tuple[int, int] | None = None):
@@ -42,48 +42,46 @@ def pairwise_accuracy(model, tokenizer, pairs, max_length: int, batch_size: int 
             "ties": int((margin == 0).sum())}
 
 
-def main(argv: list[str] | None = None) -> Path:
+def setup_trainer(run: contract.StageRun, base_model: str, train_uri: str, eval_uri: str):
     from trl import RewardConfig, RewardTrainer
 
     from rlhf_lib import models
 
-    started, args, cfg, (base_model, train_uri, eval_uri), out = common.start(
-        "reward", argv, "base_model", "train", "eval")
-    r = cfg.reward
-
+    cfg, r = run.cfg, run.cfg.reward
     tokenizer = models.load_tokenizer(base_model, cfg.run.trust_remote_code, padding_side="right")
     model = models.load_reward_model(base_model, cfg.run.trust_remote_code)
     model.config.pad_token_id = tokenizer.pad_token_id
-    train_ds, eval_ds = _setup_datasets(cfg, train_uri, eval_uri, args.part)
-    reward_args = RewardConfig(**common.hf_training_kwargs(cfg, r, "reward", out), max_length=r.max_length)
+    train_ds, eval_ds = _setup_datasets(cfg, train_uri, eval_uri, run.args.part)
+    reward_args = RewardConfig(**hf.training_kwargs(cfg, r, "reward", run.out), max_length=r.max_length)
     trainer = RewardTrainer(model=model, args=reward_args, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer)
     # TRL drops pairs longer than max_length from training; say how many are left.
-    train_pairs_used = len(trainer.train_dataset)
-    print(f"[reward] training on {train_pairs_used} of {len(train_ds)} pairs (TRL keeps those within "
-          f"max_length={r.max_length} tokens)", flush=True)
-    train_out, resume = common.train_resumable(trainer, "reward", args.resume_from, out, args.checkpoint_uri)
+    run.say(f"training on {len(trainer.train_dataset)} of {len(train_ds)} pairs (TRL keeps those within "
+            f"max_length={r.max_length} tokens)")
+    return trainer, tokenizer, train_ds, eval_ds
 
-    model_dir = out / "model"
-    if not common.save_trained(trainer, tokenizer, model_dir):
+
+def main(argv: list[str] | None = None) -> Path:
+    run = contract.start("reward", argv, "base_model", "train", "eval")
+    base_model, train_uri, eval_uri = run.paths
+    trainer, tokenizer, train_ds, eval_ds = setup_trainer(run, base_model, train_uri, eval_uri)
+    train_out, resume = hf.train_resumable(trainer, "reward", run.args.resume_from, run.out,
+                                           run.args.checkpoint_uri)
+
+    model_dir = run.out / "model"
+    if not hf.save_trained(trainer, tokenizer, model_dir):
         return model_dir
-    held_out = pairwise_accuracy(trainer.model, tokenizer, list(eval_ds), r.max_length)
-    metrics = {
-        "train_loss": train_out.training_loss,
-        "eval_accuracy": held_out["accuracy"],
-        "eval_mean_margin": held_out["mean_margin"],
-        "eval_pairs": held_out["pairs"],
-        "eval_ties": held_out["ties"],
-        "train_pairs": len(train_ds),
-        "train_pairs_used": train_pairs_used,
-        "steps": trainer.state.global_step,
-        "curves": common.log_history_summary(trainer.state.log_history),
-    }
-    result = common.write_result(out, "reward", started, model_path=str(model_dir.resolve()), base_model=base_model,
-                                 checkpoint_dir=str((out / "checkpoints").resolve()), metrics=metrics,
-                                 resumed_from=resume, part=list(args.part) if args.part else None)
-    print(f"[reward] model: {model_dir.resolve()}  held-out accuracy={held_out['accuracy']:.3f} "
-          f"on {held_out['pairs']} pairs  ({result})", flush=True)
+    held_out = pairwise_accuracy(trainer.model, tokenizer, list(eval_ds), run.cfg.reward.max_length)
+    metrics = {"train_loss": train_out.training_loss, "eval_accuracy": held_out["accuracy"],
+               "eval_mean_margin": held_out["mean_margin"], "eval_pairs": held_out["pairs"],
+               "eval_ties": held_out["ties"], "train_pairs": len(train_ds),
+               "train_pairs_used": len(trainer.train_dataset), "steps": trainer.state.global_step,
+               "curves": hf.log_history_summary(trainer.state.log_history)}
+    result = contract.write_result(run, model_path=str(model_dir.resolve()), base_model=base_model,
+                                   checkpoint_dir=str((run.out / "checkpoints").resolve()), metrics=metrics,
+                                   resumed_from=resume, part=list(run.args.part) if run.args.part else None)
+    run.say(f"model: {model_dir.resolve()}  held-out accuracy={held_out['accuracy']:.3f} on {held_out['pairs']} "
+            f"pairs  ({result})")
     return model_dir
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from rlhf_lib.stages import common
+from rlhf_lib.stages import contract
 
 
 def sample_pairs(model, tokenizer, rows: list[dict], max_new_tokens: int, seed: int) -> list[dict]:
@@ -37,30 +37,23 @@ def sample_pairs(model, tokenizer, rows: list[dict], max_new_tokens: int, seed: 
     return pairs
 
 
-def main(argv: list[str] | None = None) -> Path:
-    import torch
+def judge_pairs(run: contract.StageRun, judge_ref: str, pairs: list[dict]):
+    """The judge's verdict on each pair, both orders, calibrated: (labels, position bias, raw order agreement)."""
+    from rlhf_lib import judges
 
-    from rlhf_lib import judges, models, tracking
-    from rlhf_lib.data import lake, sample
-
-    started, args, cfg, (sft_model, judge_ref, prompts_uri), out = common.start(
-        "rlaif", argv, "sft_model", "judge_model", "prompts")
-    a, trust = cfg.rlaif, cfg.run.trust_remote_code
-    rows = list(lake.stream(prompts_uri, ["instruction", "input"], cfg.data.stream_batch_size))
-    rows = random.Random(f"rlaif-{cfg.run.seed}").sample(rows, min(a.num_prompts, len(rows)))
-
-    policy, tokenizer = models.policy_on_device(sft_model, trust, padding_side="left")
-    pairs = sample_pairs(policy, tokenizer, rows, a.max_new_tokens, cfg.run.seed)
-    del policy
-    print(f"[rlaif] sampled {len(pairs)} distinct pairs from {len(rows)} prompts; judging with {judge_ref}",
-          flush=True)
-
-    judge = judges.PairwiseJudge.load(judge_ref, a.constitution_path, a.max_length, trust)
+    a = run.cfg.rlaif
+    judge = judges.PairwiseJudge.load(judge_ref, a.constitution_path, a.max_length, run.cfg.run.trust_remote_code)
     questions = [p["question"] for p in pairs]
     pref_ab = judge.first_slot_preference(questions, [p["x"] for p in pairs], [p["y"] for p in pairs])
     pref_ba = judge.first_slot_preference(questions, [p["y"] for p in pairs], [p["x"] for p in pairs])
     labels, bias = judges.decide(pref_ab, pref_ba, a.calibrate_position_bias)
     raw_agree = float(((pref_ab > 0) != (pref_ba > 0)).float().mean()) if len(pairs) else 0.0
+    return labels, bias, raw_agree
+
+
+def judged_pairs(pairs: list[dict], labels) -> list[dict]:
+    """The pairs the judge decided, in hh-rlhf form (chosen first)."""
+    from rlhf_lib.data import sample
 
     judged = []
     for pair, label in zip(pairs, labels.tolist()):
@@ -69,6 +62,39 @@ def main(argv: list[str] | None = None) -> Path:
         chosen, rejected = (pair["x"], pair["y"]) if label == 1 else (pair["y"], pair["x"])
         judged.append({"chosen": sample.hh_format(pair["question"], chosen),
                        "rejected": sample.hh_format(pair["question"], rejected)})
+    return judged
+
+
+def agreement_with_rule(cfg, pairs: list[dict], labels) -> float | None:
+    """How often the (calibrated) judge's verdict matches the sample data's generating rule: meaningful only on
+    sample prompts, and only as a sanity figure for the judge."""
+    import torch
+
+    from rlhf_lib import judges
+
+    if cfg.data.prompts.source != "sample" or not bool((labels != 0).any()):
+        return None
+    rule_label = torch.sign(judges.rule_scores([p["x"] for p in pairs]) - judges.rule_scores([p["y"] for p in pairs]))
+    comparable = (labels != 0) & (rule_label != 0)
+    if not comparable.any():
+        return None
+    return float((rule_label[comparable] == labels[comparable].float()).float().mean())
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from rlhf_lib import models, tracking
+    from rlhf_lib.data import lake
+
+    run = contract.start("rlaif", argv, "sft_model", "judge_model", "prompts")
+    (sft_model, judge_ref, prompts_uri), cfg, a = run.paths, run.cfg, run.cfg.rlaif
+    rows = list(lake.stream(prompts_uri, ["instruction", "input"], cfg.data.stream_batch_size))
+    rows = random.Random(f"rlaif-{cfg.run.seed}").sample(rows, min(a.num_prompts, len(rows)))
+    policy, tokenizer = models.policy_on_device(sft_model, cfg.run.trust_remote_code, padding_side="left")
+    pairs = sample_pairs(policy, tokenizer, rows, a.max_new_tokens, cfg.run.seed)
+    del policy
+    run.say(f"sampled {len(pairs)} distinct pairs from {len(rows)} prompts; judging with {judge_ref}")
+    labels, bias, raw_agree = judge_pairs(run, judge_ref, pairs)
+    judged = judged_pairs(pairs, labels)
     # One held-out pair, and at least two to train on for each reward model (the gold one takes half of them).
     needed = 1 + (4 if cfg.gold_judge == "reward_model" else 2)
     if len(judged) < needed:
@@ -76,33 +102,21 @@ def main(argv: list[str] | None = None) -> Path:
                          f"train the reward model(s) (this run needs {needed}). Raise rlaif.num_prompts or use a "
                          f"stronger rlaif.judge_model")
     n_eval = min(cfg.data.preference.carved_eval_rows, max(1, len(judged) // 5))
-    columns = ["chosen", "rejected"]
-    eval_set = lake.write_rows(out / "pairs-eval", judged[:n_eval], columns)
-    train_set = lake.write_rows(out / "pairs-train", judged[n_eval:], columns)
-    # How often the (calibrated) judge's verdict matches the sample data's generating rule: meaningful only
-    # on sample prompts, and only as a sanity figure for the judge.
-    rule_agreement = None
-    if cfg.data.prompts.source == "sample" and judged:
-        rule_x = judges.rule_scores([p["x"] for p in pairs])
-        rule_y = judges.rule_scores([p["y"] for p in pairs])
-        decided = labels != 0
-        rule_label = torch.sign(rule_x - rule_y)
-        comparable = decided & (rule_label != 0)
-        if comparable.any():
-            rule_agreement = float((rule_label[comparable] == labels[comparable].float()).float().mean())
+    eval_set = lake.write_rows(run.out / "pairs-eval", judged[:n_eval], ["chosen", "rejected"])
+    train_set = lake.write_rows(run.out / "pairs-train", judged[n_eval:], ["chosen", "rejected"])
     metrics = {"prompts": len(rows), "pairs_sampled": len(pairs), "pairs_kept": len(judged),
                "kept_fraction": len(judged) / max(len(pairs), 1), "position_bias": bias,
                "orders_agree_uncalibrated": raw_agree, "train_pairs": train_set["rows"],
-               "eval_pairs": eval_set["rows"], "agreement_with_rule": rule_agreement}
+               "eval_pairs": eval_set["rows"], "agreement_with_rule": agreement_with_rule(cfg, pairs, labels)}
     wandb_run = tracking.init_wandb(cfg, "rlaif")
     if wandb_run is not None:
         wandb_run.summary.update({k: v for k, v in metrics.items() if v is not None})
         wandb_run.finish()
-    result = common.write_result(out, "rlaif", started, train=train_set, eval=eval_set, judge_model=judge_ref,
-                                 constitution=str(a.constitution_path), metrics=metrics)
-    print(f"[rlaif] kept {len(judged)} of {len(pairs)} judged pairs (position bias {bias:.3f}); "
-          f"train {train_set['uri']}, eval {eval_set['uri']}  ({result})", flush=True)
-    return out
+    result = contract.write_result(run, train=train_set, eval=eval_set, judge_model=judge_ref,
+                                   constitution=str(a.constitution_path), metrics=metrics)
+    run.say(f"kept {len(judged)} of {len(pairs)} judged pairs (position bias {bias:.3f}); train {train_set['uri']}, "
+            f"eval {eval_set['uri']}  ({result})")
+    return run.out
 
 
 if __name__ == "__main__":

@@ -16,24 +16,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf_lib.stages import common, trl_online
-
-
-def make_trainer(cfg, r, model, tokenizer, reward_fn, train_ds, out: Path):
-    from trl import RLOOConfig, RLOOTrainer
-
-    from rlhf_lib import models
-
-    rloo_args = RLOOConfig(**common.hf_training_kwargs(cfg, r, "rloo", out), num_generations=r.num_generations,
-                           max_completion_length=r.max_completion_length, temperature=r.temperature, top_k=0,
-                           top_p=1.0, beta=r.beta, epsilon=r.epsilon, num_iterations=r.num_iterations,
-                           normalize_advantages=r.normalize_advantages, disable_dropout=True)
-    return RLOOTrainer(model=model, reward_funcs=[reward_fn], args=rloo_args, train_dataset=train_ds,
-                       processing_class=tokenizer, peft_config=models.lora_config(r.lora))
+from rlhf_lib.stages import trl_online
 
 
 def main(argv: list[str] | None = None) -> Path:
-    return trl_online.run("rloo", argv, make_trainer)
+    from trl import RLOOConfig, RLOOTrainer
+
+    return trl_online.run("rloo", argv, RLOOTrainer, RLOOConfig, lambda g: dict(normalize_advantages=g.normalize_advantages))
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from rlhf_lib.stages import common
+from rlhf_lib.stages import contract, hf
 
 
-def _setup_datasets(cfg, train_uri: str, eval_uri: str):
+def setup_datasets(cfg, train_uri: str, eval_uri: str):
     from rlhf_lib.data import formatting, lake
 
     def to_text(row):
@@ -27,7 +27,7 @@ def _setup_datasets(cfg, train_uri: str, eval_uri: str):
     return (lake.to_hf_dataset(train_uri, cols, bs, to_text), lake.to_hf_dataset(eval_uri, cols, bs, to_text))
 
 
-def _setup_model(cfg, base_model: str):
+def setup_model(cfg, base_model: str):
     import torch
 
     from rlhf_lib import models
@@ -46,42 +46,42 @@ def _setup_model(cfg, base_model: str):
     return model
 
 
-def main(argv: list[str] | None = None) -> Path:
+def setup_trainer(run: contract.StageRun, base_model: str, train_uri: str, eval_uri: str):
     from trl import SFTConfig, SFTTrainer
 
     from rlhf_lib import models
 
-    started, args, cfg, (base_model, train_uri, eval_uri), out = common.start(
-        "sft", argv, "base_model", "train", "eval")
-    s = cfg.sft
-
+    cfg, s = run.cfg, run.cfg.sft
     tokenizer = models.load_tokenizer(base_model, cfg.run.trust_remote_code, padding_side="right")
-    train_ds, eval_ds = _setup_datasets(cfg, train_uri, eval_uri)
-    model = _setup_model(cfg, base_model)
+    train_ds, eval_ds = setup_datasets(cfg, train_uri, eval_uri)
+    model = setup_model(cfg, base_model)
     max_length = min(s.max_length, getattr(model.config, "max_position_embeddings", s.max_length))
     # "wrapped" packing is the seed's ConstantLengthDataset; "bfd" would need a padding-free attention kernel.
-    sft_args = SFTConfig(**common.hf_training_kwargs(cfg, s, "sft", out), max_length=max_length, packing=s.packing,
+    sft_args = SFTConfig(**hf.training_kwargs(cfg, s, "sft", run.out), max_length=max_length, packing=s.packing,
                          packing_strategy="wrapped", dataset_text_field="text")
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=models.lora_config(s.lora))
-    train_out, resume = common.train_resumable(trainer, "sft", args.resume_from, out, args.checkpoint_uri)
+    return trainer, tokenizer
+
+
+def main(argv: list[str] | None = None) -> Path:
+    run = contract.start("sft", argv, "base_model", "train", "eval")
+    base_model, train_uri, eval_uri = run.paths
+    trainer, tokenizer = setup_trainer(run, base_model, train_uri, eval_uri)
+    train_out, resume = hf.train_resumable(trainer, "sft", run.args.resume_from, run.out, run.args.checkpoint_uri)
     eval_metrics = trainer.evaluate()
 
-    adapter_dir = out / "adapter"  # adapter weights only (safetensors) + adapter_config.json
-    if not common.save_trained(trainer, tokenizer, adapter_dir):
+    adapter_dir = run.out / "adapter"  # adapter weights only (safetensors) + adapter_config.json
+    if not hf.save_trained(trainer, tokenizer, adapter_dir):
         return adapter_dir
     eval_loss = eval_metrics.get("eval_loss")
-    metrics = {
-        "train_loss": train_out.training_loss,
-        "eval_loss": eval_loss,
-        "eval_perplexity": math.exp(eval_loss) if eval_loss is not None else None,
-        "steps": trainer.state.global_step,
-        "curves": common.log_history_summary(trainer.state.log_history),
-    }
-    result = common.write_result(out, "sft", started, adapter_path=str(adapter_dir.resolve()),
-                                 checkpoint_dir=str((out / "checkpoints").resolve()), base_model=base_model,
-                                 metrics=metrics, resumed_from=resume)
-    print(f"[sft] adapter: {adapter_dir.resolve()}  eval_loss={eval_loss:.4f}  ({result})", flush=True)
+    metrics = {"train_loss": train_out.training_loss, "eval_loss": eval_loss,
+               "eval_perplexity": math.exp(eval_loss) if eval_loss is not None else None,
+               "steps": trainer.state.global_step, "curves": hf.log_history_summary(trainer.state.log_history)}
+    result = contract.write_result(run, adapter_path=str(adapter_dir.resolve()),
+                                   checkpoint_dir=str((run.out / "checkpoints").resolve()), base_model=base_model,
+                                   metrics=metrics, resumed_from=resume)
+    run.say(f"adapter: {adapter_dir.resolve()}  eval_loss={eval_loss:.4f}  ({result})")
     return adapter_dir
 
 

