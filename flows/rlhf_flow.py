@@ -236,10 +236,10 @@ class RLHFFlow(FlowSpec):
 
     @step
     def end(self):
-        """Say where everything is."""
-        from rlhf_lib import report
+        """Remove what no artifact references (failed attempts' outputs); say where everything is."""
+        from rlhf_lib import pipeline
 
-        print(report.summary(self))
+        pipeline.end(self, current)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ Every place is a local directory or an S3 prefix; `rlhf_lib/storage.py` answers 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import warnings
@@ -29,10 +30,11 @@ from pathlib import Path
 from typing import Callable
 
 from rlhf_lib import storage
-from rlhf_lib.storage import atomic_dir
+from rlhf_lib.storage import atomic_dir, atomic_write_json
 
 MARKER = "COMPLETE"
 STARTED = "STARTED"
+READING = "READING"  # <stage>/READING/<reader>: the task's checkpoints are being read by another attempt or run
 HF_STATE = "trainer_state.json"
 SNAPSHOTS = "snapshots"  # DIR/snapshots/step-N: an online method's adapter at each checkpoint, never pruned
 FETCHED = ".fetched"  # DIR/.fetched/<checkpoint>: a checkpoint downloaded to continue from
@@ -131,40 +133,104 @@ def later_attempt_started(checkpoint_root: str | Path) -> bool:
     return False
 
 
+def readers(checkpoint_root: str | Path) -> list[str]:
+    """Who marked a checkpoint of this task as being read (`<stage>/READING/<reader>`): a later attempt, or a run
+    resumed from this one."""
+    where = attempt_of(checkpoint_root)
+    return storage.list_files(storage.join(where[0], READING)) if where else []
+
+
+def mark_reading(location: str, reader: str) -> None:
+    """Say, beside the task that wrote it, that `reader` is reading the checkpoint at `location`: from then on that
+    task's attempts delete none of its checkpoints (a zombie pod, or the origin of a resumed run still running)."""
+    where = attempt_of(str(location).rstrip("/").rsplit("/", 1)[0])
+    if where:
+        storage.write_text(storage.join(where[0], READING, reader), f"{location}\n")
+
+
 def _may_prune(root: str | Path, what: str) -> bool:
+    """Whether this attempt still holds the lease on its task's checkpoints: no later attempt has started and no
+    one reads them. Asked right before each delete."""
     if later_attempt_started(root):
         print(f"[checkpoints] a later attempt of this task has started: keeping every checkpoint in {root} "
+              f"({what})", flush=True)
+        return False
+    marks = readers(root)
+    if marks:
+        print(f"[checkpoints] {', '.join(marks)} read(s) this task's checkpoints: keeping every checkpoint in {root} "
               f"({what})", flush=True)
         return False
     return True
 
 
+def prune(root: str | Path, keep: int, what: str, fenced: bool = True) -> None:
+    """Delete all but the newest `keep` complete checkpoints under `root` (local or S3; an S3 one marker first),
+    each only while this attempt still holds the lease (`fenced`: asked again right before each delete)."""
+    for _, old in list_checkpoints(root)[:-keep]:
+        if fenced and not _may_prune(root, what):
+            return
+        storage.delete(old, [MARKER])  # incomplete to every reader from now on
+        storage.delete_tree(old)
+
+
 # ------------------------------------------------------------------ writing
+
+
+class Uploads:
+    """Checkpoint and snapshot uploads, one at a time on a background thread: while rank 0 stores a checkpoint the
+    training goes on, so the other ranks never wait at a collective for an upload (a slow one would outlast the
+    process group's timeout). Uploads of a newer step wait for those of the older one (`submit`), and a stage
+    waits for all of them before it writes its result (`wait`). A failed upload fails the stage there."""
+
+    def __init__(self):
+        self._pool = None
+        self._step: int | None = None
+        self._pending: list = []
+
+    def submit(self, step: int, fn, *args, **kwargs) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if step != self._step:
+            self.wait()
+            self._step = step
+        self._pool = self._pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+        self._pending.append(self._pool.submit(fn, *args, **kwargs))
+
+    def wait(self) -> None:
+        """Until every upload submitted so far is stored; raises the first one's error."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+
+UPLOADS = Uploads()
 
 
 def save(root: Path, step: int, write: Callable[[Path], None], keep: int | None = None,
          mirror: str | None = None) -> Path:
     """Write checkpoint `step` under root via write(tmp_dir), mark it complete, then prune to the last `keep`;
-    with `mirror` (the attempt's checkpoint prefix in S3), upload it there too before returning. Without a mirror
-    `root` is the attempt's own checkpoint directory on a shared disk, pruned only while no later attempt reads it."""
+    with `mirror` (the attempt's checkpoint prefix in S3), upload it there too — in the background (`UPLOADS`): the
+    training goes on, and the next checkpoint waits for it. Without a mirror `root` is the attempt's own checkpoint
+    directory on a shared disk, pruned only while this attempt holds the lease (`_may_prune`)."""
 
     def build(tmp: Path) -> None:
         write(tmp)
         (tmp / MARKER).write_text(json.dumps({"step": step}))
 
-    path = atomic_dir(step_dir(root, step), build, is_complete=lambda p: marked_step(p) == step)
-    if keep and (mirror or _may_prune(root, "local")):
-        for _, old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
     if mirror:
-        publish(path, mirror, keep)
+        UPLOADS.wait()  # the previous checkpoint's upload is done before its local copy may be pruned
+    path = atomic_dir(step_dir(root, step), build, is_complete=lambda p: marked_step(p) == step)
+    if keep:  # a mirrored attempt's local directory is its own scratch: no one else reads it
+        prune(root, keep, "local", fenced=not mirror)
+    if mirror:
+        UPLOADS.submit(step, publish, path, mirror, keep)
     return path
 
 
 def publish(checkpoint: Path, remote_root: str, keep: int | None = None) -> str:
     """Upload a finished local checkpoint (`step-N` or `checkpoint-N`) to `remote_root/<name>/`, HF's state and the
-    marker last; then delete remote checkpoints older than the newest `keep` (their marker first) — unless a later
-    attempt of this task has started, which may be reading them."""
+    marker last; then delete remote checkpoints older than the newest `keep` (their marker first) while this
+    attempt holds the lease (no later attempt started, no one reading them)."""
     checkpoint = Path(checkpoint)
     step = step_of(checkpoint.name)
     if marked_step(checkpoint) != step:  # HF checkpoints have no marker of their own: complete once saved
@@ -172,10 +238,8 @@ def publish(checkpoint: Path, remote_root: str, keep: int | None = None) -> str:
     target = storage.join(remote_root, checkpoint.name)
     storage.upload_dir(checkpoint, target, last=(HF_STATE, MARKER))
     print(f"[checkpoints] step {step} stored at {target}", flush=True)
-    if keep and _may_prune(remote_root, "remote"):
-        for _, old in list_checkpoints(remote_root)[:-keep]:
-            files = storage.list_files(old)
-            storage.delete(old, [MARKER] + [f for f in files if f != MARKER])
+    if keep:
+        prune(remote_root, keep, "remote")
     return target
 
 
@@ -185,7 +249,7 @@ def publish(checkpoint: Path, remote_root: str, keep: int | None = None) -> str:
 def fetch(where: str, local_root: Path) -> Path:
     """A local copy of the checkpoint at `where` (itself, when it is local; else downloaded into
     `local_root/<name>`), checked afterwards: its marker must still be there (an earlier attempt still running may
-    have pruned it meanwhile). Raises StorageError when it is gone or torn."""
+    have pruned it meanwhile). Raises storage.Gone when it is gone or torn."""
     name = str(where).rstrip("/").rsplit("/", 1)[1]
     step = step_of(name)
     local = storage.fetch_dir(where, Path(local_root) / name, complete=lambda p: marked_step(p) == step)
@@ -193,7 +257,7 @@ def fetch(where: str, local_root: Path) -> Path:
         return local
     if _stored_step(where) != step or marked_step(local) != step:
         shutil.rmtree(local, ignore_errors=True)
-        raise storage.StorageError(f"checkpoint {where} was removed or changed while it was being downloaded")
+        raise storage.Gone(f"checkpoint {where} was removed or changed while it was being downloaded")
     return local
 
 
@@ -206,36 +270,160 @@ def adopt(checkpoint: Path, own_root: Path) -> Path:
     return atomic_dir(target, lambda tmp: shutil.copytree(checkpoint, tmp, dirs_exist_ok=True))
 
 
-def resume_point(stage: str, roots: list[str], output: Path, load) -> tuple[Path, object] | None:
-    """Where a stage continues: the newest checkpoint that `load` accepts, among those in its own directory (a
-    rerun of this attempt) and under `roots` (earlier attempts of this task, then a resume's origin run; local
-    directories or S3 prefixes). One in S3 is downloaded first; one that fails to load is said and the next older
-    one tried. One from elsewhere is copied into this stage's own directory with the snapshots it had up to its
-    step. Every outcome is said, "starting at step 0" included. Returns (local checkpoint, what `load` gave)."""
+def unusable(err: BaseException) -> bool:
+    """Whether a failure to fetch or load a checkpoint means *this checkpoint* is incomplete or corrupt (then an
+    older one may be tried), rather than a fault of the storage or the machine (permissions, throttling past the
+    retries, timeouts, a full disk), which must fail the stage: a fault is never "no checkpoint, start at 0"."""
+    if isinstance(err, storage.Gone):
+        return True  # not there, or removed while it was downloaded
+    if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return True  # a file of the checkpoint is missing
+    if isinstance(err, (OSError, storage.StorageError, MemoryError, ConnectionError, TimeoutError)):
+        return False
+    return type(err).__module__.split(".")[0] not in ("botocore", "boto3", "s3transfer", "urllib3")
+
+
+class Ranks:
+    """This process's place among the stage's processes (torch.distributed when it is initialized, else alone),
+    and the few collectives a resume needs."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist if dist.is_available() and dist.is_initialized() else None
+        self.rank = self.dist.get_rank() if self.dist else 0
+        self.world = self.dist.get_world_size() if self.dist else 1
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0")) if self.dist else 0
+
+    def broadcast(self, value):
+        if not self.dist:
+            return value
+        box = [value]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.dist:
+            self.dist.barrier()
+
+    def gather(self, value) -> list:
+        if not self.dist:
+            return [value]
+        out = [None] * self.world
+        self.dist.all_gather_object(out, value)
+        return out
+
+
+def choose(stage: str, roots: list[str], output: Path, load, reader: str | None) -> tuple[int, str, Path, object] | None:
+    """The newest checkpoint `load` accepts among this stage's own directory and `roots`: (step, location, local
+    copy, what `load` gave). An incomplete or corrupt one is said and the next older one tried; any other error
+    (the storage's or the machine's) is raised. One from elsewhere is marked as being read before it is fetched."""
     own_root = Path(output) / "checkpoints"
-    candidates = newest_first([own_root, *roots])
     where = ", ".join(str(r) for r in roots) or "this stage's own directory"
+    try:
+        candidates = newest_first([own_root, *roots])
+    except Exception as err:
+        _fault(stage, f"the checkpoints in {where}", err)
+        raise
     if not candidates:
         print(f"[{stage}] no checkpoint in {where}: starting at step 0", flush=True)
         return None
     for i, (step, location) in enumerate(candidates):
         try:
+            if reader and not str(location).startswith(str(own_root)):
+                mark_reading(location, reader)
             local = fetch(location, Path(output) / FETCHED)
-            state = load(local)
-        except Exception as err:  # torn, corrupt, or pruned while downloading: the next older one
+            return step, location, local, load(local)
+        except Exception as err:
+            if not unusable(err):
+                _fault(stage, f"checkpoint {location}", err)
+                raise
             following = f"trying {candidates[i + 1][1]}" if i + 1 < len(candidates) else "starting at step 0"
             print(f"[{stage}] checkpoint {location} failed to load ({type(err).__name__}: {err}): {following}",
                   flush=True)
-            continue
-        if Path(local).parent.resolve() != own_root.resolve():
-            source_root = location.rstrip("/").rsplit("/", 1)[0]
-            local = adopt(Path(local), own_root)
-            snapshots = fetch_snapshots(source_root, step, Path(output) / SNAPSHOTS)
-            print(f"[{stage}] continuing from {location} (step {step}; {snapshots} snapshot(s) of the curve with it)",
-                  flush=True)
-        shutil.rmtree(Path(output) / FETCHED, ignore_errors=True)
-        return Path(local), state
     return None
+
+
+def reader_of(checkpoint_uri: str | None) -> str | None:
+    """How an attempt names itself in a READING mark: `<flow>-<run>-<stage>-attempt-<k>` from its checkpoint
+    location (None for a stage run alone, which has none)."""
+    if not checkpoint_uri:
+        return None
+    parts = str(checkpoint_uri).rstrip("/").split("/")
+    return "-".join(parts[-5:-1]) if len(parts) >= 5 else None
+
+
+def _fault(stage: str, what: str, err: BaseException) -> None:
+    print(f"[{stage}] {what} could not be read ({type(err).__name__}: {err}): failing the stage rather than "
+          f"starting over", flush=True)
+
+
+def resume_point(stage: str, roots: list[str], output: Path, load, own_uri: str | None = None
+                 ) -> tuple[Path, object] | None:
+    """Where a stage continues: the newest checkpoint that `load` accepts (`choose`), among those in its own
+    directory (a rerun of this attempt) and under `roots` (earlier attempts of this task, then a resume's origin
+    run; local directories or S3 prefixes). A collective on several processes: rank 0 chooses; the first process
+    of each other node downloads that checkpoint once for its node; every process loads it; all of them must agree
+    on the step, or every one fails (none hangs). One from elsewhere is copied into this stage's own directory with
+    the snapshots it had up to its step. Every outcome is said, "starting at step 0" included. Returns (local
+    checkpoint, what `load` gave), or None to start at step 0."""
+    ranks, output = Ranks(), Path(output)
+    chosen = choose(stage, roots, output, load, reader_of(own_uri)) if ranks.rank == 0 else None
+    if ranks.rank == 0 and chosen:
+        chosen = _adopt_with_snapshots(stage, chosen, output)
+    location = ranks.broadcast(chosen[1] if chosen else None)
+    local, state = (chosen[2], chosen[3]) if chosen else (None, None)
+    if location is not None and ranks.rank != 0:
+        local, state = _load_on_this_rank(ranks, location, output, load)
+    else:
+        ranks.barrier()  # rank 0 has its copy; the others are fetching theirs
+    step = (step_of(location) if state is not None else -1) if location is not None else 0
+    steps = ranks.gather(step)
+    if len(set(steps)) != 1:
+        raise RuntimeError(f"[{stage}] the {ranks.world} processes do not agree on the checkpoint to continue from "
+                           f"(steps by rank, -1 where it failed to load: {steps}); failing the stage")
+    if location is None:
+        return None
+    if ranks.world > 1:
+        print(f"[{stage}] rank {ranks.rank}/{ranks.world}: continuing from step {step} ({local})", flush=True)
+    return Path(local), state
+
+
+def _adopt_with_snapshots(stage: str, chosen: tuple, output: Path) -> tuple:
+    """A chosen checkpoint from elsewhere copied into this stage's own directory, with its snapshots."""
+    step, location, local, state = chosen
+    own_root = output / "checkpoints"
+    if Path(local).parent.resolve() != own_root.resolve():
+        local = adopt(Path(local), own_root)
+        snapshots = fetch_snapshots(location.rstrip("/").rsplit("/", 1)[0], step, output / SNAPSHOTS)
+        print(f"[{stage}] continuing from {location} (step {step}; {snapshots} snapshot(s) of the curve with it)",
+              flush=True)
+    shutil.rmtree(output / FETCHED, ignore_errors=True)
+    return step, location, local, state
+
+
+def _load_on_this_rank(ranks: Ranks, location: str, output: Path, load) -> tuple[Path | None, object]:
+    """A process other than rank 0: its node's copy of the chosen checkpoint (fetched once, by the node's first
+    process; on rank 0's node, rank 0's own copy), loaded. (None, None) when it cannot be."""
+    point = output / FETCHED / "POINT.json"
+    if ranks.local_rank == 0:
+        try:
+            local = fetch(location, output / FETCHED)
+            atomic_write_json(point, {"location": location, "local": str(local)})
+        except Exception as err:
+            print(f"[checkpoints] rank {ranks.rank}: cannot fetch {location} ({type(err).__name__}: {err})", flush=True)
+    ranks.barrier()
+    try:
+        local = Path(json.loads(point.read_text())["local"]) if point.exists() else _rank0_copy(output, location)
+        return local, load(local)
+    except Exception as err:
+        print(f"[checkpoints] rank {ranks.rank}: cannot load {location} ({type(err).__name__}: {err})", flush=True)
+        return None, None
+
+
+def _rank0_copy(output: Path, location: str) -> Path:
+    """On rank 0's node, the copy rank 0 adopted into the stage's own directory."""
+    return output / "checkpoints" / str(location).rstrip("/").rsplit("/", 1)[1]
 
 
 # ------------------------------------------------------------------ snapshots
@@ -248,28 +436,55 @@ def snapshots_beside(checkpoint_root: str) -> str:
 
 
 def save_snapshot(adapter_model, output: Path, step: int, checkpoint_uri: str | None = None) -> Path:
-    """The adapter as it is at `step`, kept for good under DIR/snapshots/step-N (atomic). With a `checkpoint_uri`
-    elsewhere (S3) it is stored beside the attempt's checkpoints at once, so a retried or resumed attempt elsewhere
-    keeps the whole curve."""
-    path = atomic_dir(Path(output) / SNAPSHOTS / f"step-{step:06d}",
-                      lambda tmp: adapter_model.save_pretrained(tmp, safe_serialization=True),
-                      is_complete=lambda p: (p / "adapter_config.json").exists())
+    """The adapter as it is at `step`, kept for good under DIR/snapshots/step-N, with its own `COMPLETE` marker
+    written last (atomic). With a `checkpoint_uri` elsewhere (S3) it is stored beside the attempt's checkpoints
+    (in the background, marker last), so a retried or resumed attempt elsewhere keeps the whole curve."""
+
+    def build(tmp: Path) -> None:
+        adapter_model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / MARKER).write_text(json.dumps({"step": step}))
+
+    path = atomic_dir(Path(output) / SNAPSHOTS / f"step-{step:06d}", build,
+                      is_complete=lambda p: marked_step(p) == step)
     mirror = storage.mirror_of(checkpoint_uri)
     if mirror:
-        storage.upload_dir(path, storage.join(snapshots_beside(mirror), path.name))
+        UPLOADS.submit(step, storage.upload_dir, path, storage.join(snapshots_beside(mirror), path.name),
+                       last=(MARKER,))
     return path
 
 
+def complete_snapshots(directory: str | Path | None, say: str = "") -> list[tuple[int, Path]]:
+    """(step, directory) of every complete snapshot (`step-N` whose marker names N) in a local directory, oldest
+    first; one without its marker (cut off while it was written or copied) is skipped, and said when `say` names
+    who skips it."""
+    found = []
+    if not directory or not Path(directory).is_dir():
+        return found
+    for path in sorted(Path(directory).iterdir()):
+        step = step_of(path.name)
+        if step is None or not path.is_dir():
+            continue
+        if marked_step(path) == step:
+            found.append((step, path))
+        elif say:
+            print(f"[{say}] snapshot {path} has no {MARKER} marker (cut off while it was written): skipped", flush=True)
+    return sorted(found)
+
+
 def fetch_snapshots(checkpoint_root: str, upto: int, local_dir: Path) -> int:
-    """Copy (or download) the adapter snapshots an earlier attempt or run kept beside `checkpoint_root`, up to step
-    `upto`, into `local_dir` (those already there are kept): a continued method keeps its whole over-optimisation
-    curve. Returns how many were brought."""
+    """Copy (or download) the complete adapter snapshots an earlier attempt or run kept beside `checkpoint_root`, up
+    to step `upto`, into `local_dir` (those already there are kept): a continued method keeps its whole
+    over-optimisation curve. One without its marker is skipped, and said. Returns how many were brought."""
     source = snapshots_beside(checkpoint_root)
     brought = 0
     for name in storage.list_dirs(source):
         step = step_of(name)
         target = Path(local_dir) / name
-        if step is None or step > upto or target.exists():
+        if step is None or step > upto or marked_step(target) == step:
+            continue
+        if _stored_step(storage.join(source, name)) != step:
+            print(f"[checkpoints] snapshot {storage.join(source, name)} has no {MARKER} marker (cut off while it was "
+                  f"written): skipped", flush=True)
             continue
         storage.copy_dir(storage.join(source, name), target)
         brought += 1

@@ -293,7 +293,7 @@ def evaluate(flow, current) -> dict:
     result = run_stage(cfg, "evaluate", current.run_id, inputs, attempt=current.retry_count)
     report = add_stage_seconds(result["eval_report"], {m: getattr(flow, f"{m}_seconds") for m in done})
     return {"methods": done, "gold_judge": result["gold_judge"], "eval_report": report,
-            "eval_samples": result["eval_samples"]}
+            "eval_samples": result["eval_samples"], "eval_report_path": result["report_path"]}
 
 
 def evaluation_inputs(artifacts, cfg: RunConfig, policies: dict[str, str], snapshots: dict[str, str]) -> dict:
@@ -314,3 +314,19 @@ def add_stage_seconds(report: dict, seconds: dict[str, float]) -> dict:
     """The report with each method's stage wall time (seconds inside the stage, not waiting for a turn)."""
     return {name: {**row, **({"stage_seconds": seconds[name]} if name in seconds else {})}
             for name, row in report.items()}
+
+
+def end(flow, current) -> None:
+    """The `end` step: remove what no artifact of the run references (failed attempts, their checkpoints and
+    snapshots, the READING marks, open multipart uploads; rlhf_lib/cleanup.py), then say where everything is."""
+    from rlhf_lib import cleanup, report
+
+    cfg = config_from_flow(flow.config, flow.storage_root)
+    artifacts = {name: getattr(flow, name) for name, _ in flow._datastore.items() if not name.startswith("_")}
+    done = cleanup.clean_run(flow.storage_root, current.run_id, artifacts, current.origin_run_id,
+                             keep_failed=cfg.run.keep_failed_attempts)
+    for attempt in done["removed"]:
+        print(f"[end] removed {attempt}: an attempt no artifact of this run references", flush=True)
+    if done["aborted_uploads"]:
+        print(f"[end] aborted {done['aborted_uploads']} unfinished multipart upload(s)", flush=True)
+    print(report.summary(flow))

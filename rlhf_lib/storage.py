@@ -38,6 +38,11 @@ class StorageError(RuntimeError):
     """Storage that cannot be used; the message names the location and the fix."""
 
 
+class Gone(StorageError):
+    """What a reader looked for is not there (any more): nothing stored at a location, or a file removed while it
+    was being read. For a checkpoint this means incomplete — never a fault of the storage itself."""
+
+
 def scheme(uri: str) -> str:
     """`s3://` for S3 URIs, `gs://`-style prefixes as they are, '' for local paths."""
     head, sep, _ = str(uri).partition("://")
@@ -46,6 +51,11 @@ def scheme(uri: str) -> str:
 
 def is_remote(uri: str | Path | None) -> bool:
     return bool(uri) and scheme(str(uri)) != ""
+
+
+def names_a_place(text: str) -> bool:
+    """Whether a string is an absolute local path or a storage URI (what artifacts hold for outputs)."""
+    return text.startswith("/") or is_remote(text)
 
 
 def join(root: str | Path, *parts: str) -> str:
@@ -302,27 +312,67 @@ def download_dir(uri: str, local: Path) -> Path:
                                                                                              Prefix=prefix)
                for o in page.get("Contents", [])]
     if not objects:
-        raise StorageError(f"nothing stored at {uri}")
+        raise Gone(f"nothing stored at {uri}")
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(f".tmp-{local.name}-{uuid.uuid4().hex[:8]}")
     try:
-        if sum(size for _, size in objects) >= BULK_BYTES:
-            with transfers(local.parent) as mf:
-                for obj in mf.get_many([f"s3://{bucket}/{key}" for key, _ in objects]):
-                    target = tmp / obj.url[len(f"s3://{bucket}/{prefix}"):]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.move(obj.path, target)
-        else:
-            for key, _ in objects:
-                target = tmp / key[len(prefix):]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                s3.download_file(bucket, key, str(target))
+        try:
+            _download(s3, bucket, prefix, objects, tmp, local.parent)
+        except Exception as err:
+            if _missing(err) or type(err).__name__ == "MetaflowS3NotFound":
+                raise Gone(f"{uri} changed while it was being downloaded ({type(err).__name__}: {err})") from err
+            raise
         if local.exists():
             shutil.rmtree(local)
         os.replace(tmp, local)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return local
+
+
+def _download(s3, bucket: str, prefix: str, objects: list[tuple[str, int]], tmp: Path, tmproot: Path) -> None:
+    """Every object under `prefix` into the directory `tmp`, through metaflow.S3's workers when they are large."""
+    if sum(size for _, size in objects) >= BULK_BYTES:
+        with transfers(tmproot) as mf:
+            for obj in mf.get_many([f"s3://{bucket}/{key}" for key, _ in objects]):
+                target = tmp / obj.url[len(f"s3://{bucket}/{prefix}"):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(obj.path, target)
+        return
+    for key, _ in objects:
+        target = tmp / key[len(prefix):]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(bucket, key, str(target))
+
+
+def delete_tree(uri: str | Path) -> int:
+    """Delete everything under a local directory or an S3 prefix; returns how many files went."""
+    if not is_remote(uri):
+        root = Path(uri)
+        count = sum(1 for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
+        shutil.rmtree(root, ignore_errors=True)
+        return count
+    bucket, prefix = _prefix(str(uri))
+    s3 = client()
+    keys = _keys(s3, bucket, prefix)[0]
+    for i in range(0, len(keys), 1000):
+        s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+    return len(keys)
+
+
+def abort_uploads(uri: str | Path) -> int:
+    """Abort the multipart uploads still open under an S3 prefix (those of killed processes, which S3 keeps — and
+    bills — until aborted); nothing to do for a local directory. Returns how many were aborted."""
+    if not is_remote(uri):
+        return 0
+    bucket, prefix = _prefix(str(uri))
+    s3 = client()
+    aborted = 0
+    for page in s3.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
+        for upload in page.get("Uploads", []):
+            s3.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            aborted += 1
+    return aborted
 
 
 def copy_dir(src: str | Path, dst: str | Path) -> str:

@@ -1,22 +1,37 @@
 """A TCP proxy in front of an S3 server that fails one request in `every`: a 503 SlowDown (what S3 answers when
 throttling) or a connection dropped before any answer, in turn. Each connection carries one request (the proxy
-asks for `Connection: close`), so "a request" is what it counts."""
+asks for `Connection: close`), so "a request" is what it counts.
+
+Or, for the requests whose first line matches `match` (a method and a part of the path): always answer `status`
+(a persistent 403 AccessDenied or 503 SlowDown), or pass them on after `delay` seconds (a slow upload)."""
 
 from __future__ import annotations
 
 import itertools
 import socket
 import threading
+import time
 
 SLOW_DOWN = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
              b"Content-Length: 92\r\n\r\n<?xml version=\"1.0\"?><Error><Code>SlowDown</Code><Message>Slow down</Message>"
              b"</Error>\n\n")
 
 
+ACCESS_DENIED = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+                 b"Content-Length: 99\r\n\r\n<?xml version=\"1.0\"?><Error><Code>AccessDenied</Code>"
+                 b"<Message>Access Denied</Message></Error>\n\n")
+ANSWERS = {403: ACCESS_DENIED, 503: SLOW_DOWN}
+
+
 class FaultyProxy:
-    def __init__(self, upstream_host: str, upstream_port: int, every: int = 5):
+    def __init__(self, upstream_host: str, upstream_port: int, every: int = 5, match=None, status: int | None = None,
+                 delay: float = 0.0):
+        """`match`: a function of the request line (bytes) choosing the requests `status` or `delay` applies to;
+        without one, one request in `every` fails."""
         self.upstream = (upstream_host, upstream_port)
         self.every = every
+        self.match, self.status, self.delay = match, status, delay
+        self.matched = 0
         self.requests = itertools.count(1)
         self.failed = {"503": 0, "dropped": 0}
         self.served = 0
@@ -46,7 +61,16 @@ class FaultyProxy:
                 head += chunk
             with self._lock:
                 n = next(self.requests)
-            if n % self.every == 0:
+            request_line = head.split(b"\r\n", 1)[0]
+            if self.match is not None:
+                if self.match(request_line):
+                    with self._lock:
+                        self.matched += 1
+                    if self.status:
+                        conn.sendall(ANSWERS[self.status])
+                        return
+                    time.sleep(self.delay)
+            elif n % self.every == 0:
                 kind = "503" if (n // self.every) % 2 else "dropped"
                 with self._lock:
                     self.failed[kind] += 1

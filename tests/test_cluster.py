@@ -468,6 +468,25 @@ def test_resume_on_a_clean_machine_continues_from_s3(s3_run):
 
 
 @pytest.mark.slow
+def test_the_storage_root_keeps_only_what_the_runs_artifacts_reference(s3_run):
+    """When the resumed run ends, the storage root holds only the attempts its artifacts point into: PPO's two
+    killed attempts of the origin run, with their checkpoints and snapshots, are gone, and the READING marks."""
+    from rlhf_lib import storage
+
+    root = s3_run["root"]
+    references = {value.rstrip("/") for _, value in s3_run["view"]["paths"] if value.startswith(root + "/")}
+    with s3_client_env(s3_run["endpoint"]):
+        files = storage.list_files(root)
+    attempts = {"/".join(f.split("/")[:4]) for f in files}  # RLHFFlow/<run>/<stage>/attempt-<k>
+    assert files and all(len(a.split("/")) == 4 and a.split("/")[3].startswith("attempt-") for a in attempts), attempts
+    unreferenced = [a for a in attempts if not any(r == f"{root}/{a}" or r.startswith(f"{root}/{a}/")
+                                                   for r in references)]
+    assert unreferenced == []
+    for attempt in (0, 1):  # the origin's killed PPO attempts
+        assert f"[end] removed {root}/RLHFFlow/{s3_run['origin']}/ppo/attempt-{attempt}" in s3_run["resume_log"]
+
+
+@pytest.mark.slow
 def test_notebook_opens_the_s3_run(s3_run, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
@@ -526,11 +545,14 @@ ZOMBIE_STEPS = 30
 @pytest.mark.slow
 def test_an_attempt_given_up_for_dead_cannot_change_what_the_next_one_reads(s3_env, tiny_policy, tmp_path):
     """Attempt 0 of a PPO task stops answering (SIGSTOP: a partitioned or frozen pod Kubernetes gives up on) after
-    its first checkpoint; attempt 1 starts on another machine and continues from that checkpoint; then attempt 0
-    comes back (SIGCONT) and goes on writing checkpoints — into its own prefix only, and without pruning now that
-    attempt 1 has started — and its own result. Attempt 1 ends with the stats of an uninterrupted run, and its
-    result (what Metaflow records) names attempt 1's outputs."""
+    its first checkpoint; attempt 1 starts on another machine and downloads that checkpoint (slowly: its S3 reads go
+    through a proxy that delays them); while it downloads, attempt 0 comes back (SIGCONT) and goes on writing
+    checkpoints — into its own prefix only, and deleting none now that attempt 1 has started and marked them as
+    being read — and its own result. Attempt 1 ends with the stats of an uninterrupted run, and its result (what
+    Metaflow records) names attempt 1's outputs."""
     import boto3
+
+    from faulty_proxy import FaultyProxy
 
     from rlhf_lib import models
     from rlhf_lib.config import DatasetSource, TinyModelSpec
@@ -546,10 +568,16 @@ def test_an_attempt_given_up_for_dead_cannot_change_what_the_next_one_reads(s3_e
         "ppo": {"steps": ZOMBIE_STEPS, "save_freq": 5, "keep_checkpoints": 2, "batch_size": 8, "mini_batch_size": 4,
                 "ppo_epochs": 2, "min_response_length": 4, "max_response_length": 12, "stop_at_eos": False,
                 "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}})
-    def start(attempt: int):  # each attempt on its own "machine": its own scratch (and so its own stage lock)
+    upstream = s3_env["METAFLOW_S3_ENDPOINT_URL"].removeprefix("http://").split(":")
+    slow = FaultyProxy(upstream[0], int(upstream[1]), delay=1.0,
+                       match=lambda line: line.startswith(b"GET") and b"/checkpoints/step-" in line)
+
+    def start(attempt: int, endpoint: str | None = None):  # each attempt on its own "machine" (scratch, lock)
         log = open(tmp_path / f"attempt-{attempt}.log", "w")
         code = ZOMBIE.format(root=str(ROOT), cfg=str(cfg), inputs=inputs, attempt=attempt)
         env = {**os.environ, "RLHF_SCRATCH_DIR": str(tmp_path / f"machine-{attempt}"), "OMP_NUM_THREADS": "1"}
+        if endpoint:
+            env["METAFLOW_S3_ENDPOINT_URL"] = endpoint
         return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=subprocess.STDOUT)
 
     s3 = boto3.client("s3", endpoint_url=s3_env["METAFLOW_S3_ENDPOINT_URL"], **_boto_credentials())
@@ -567,18 +595,25 @@ def test_an_attempt_given_up_for_dead_cannot_change_what_the_next_one_reads(s3_e
         time.sleep(0.1)
     frozen = stage_process(zombie.pid, "ppo")
     frozen.send_signal(signal.SIGSTOP)
-    successor = start(1)
-    while time.time() < deadline and "continuing from" not in (tmp_path / "attempt-1.log").read_text():
+    successor = start(1, slow.url)
+    while time.time() < deadline and "downloading checkpoint" not in (tmp_path / "attempt-1.log").read_text():
         assert successor.poll() is None, (tmp_path / "attempt-1.log").read_text()[-3000:]
-        time.sleep(0.2)
-    frozen.send_signal(signal.SIGCONT)  # the zombie is back, and writes on
+        time.sleep(0.05)
+    frozen.send_signal(signal.SIGCONT)  # the zombie is back while its successor downloads, and writes on
+    assert "continuing from" not in (tmp_path / "attempt-1.log").read_text()
     assert successor.wait(timeout=900) == 0, (tmp_path / "attempt-1.log").read_text()[-3000:]
     assert zombie.wait(timeout=900) == 0, (tmp_path / "attempt-0.log").read_text()[-3000:]
     log0, log1 = (tmp_path / "attempt-0.log").read_text(), (tmp_path / "attempt-1.log").read_text()
     result0 = json.loads(log0.split("RESULT ", 1)[1].splitlines()[0])
     result1 = json.loads(log1.split("RESULT ", 1)[1].splitlines()[0])
+    slow.close()
     adopted = result1["resumed_from_step"]
     assert adopted >= 5 and f"continuing from {root}/RLHFFlow/77/ppo/attempt-0/checkpoints/step-{adopted:06d}" in log1
+    assert slow.matched > 0  # attempt 1's reads of the checkpoint went through the slow proxy
+    # The checkpoint attempt 1 read is still there, and attempt 1 said it was reading it.
+    assert adopted in complete(0)
+    mark = s3.get_object(Bucket=s3_env["BUCKET"], Key=f"{prefix}/READING/RLHFFlow-77-ppo-attempt-1")["Body"].read()
+    assert mark.decode().strip() == f"{root}/RLHFFlow/77/ppo/attempt-0/checkpoints/step-{adopted:06d}"
     # The zombie went on: checkpoints after the one attempt 1 took, and none pruned once attempt 1 had started.
     assert max(complete(0)) == ZOMBIE_STEPS and max(complete(0)) > adopted and len(complete(0)) > 2
     assert "a later attempt of this task has started: keeping every checkpoint" in log0

@@ -153,10 +153,14 @@ def test_a_stage_continues_from_s3_and_falls_back_past_a_checkpoint_that_fails_t
     """The newest checkpoint in S3 is corrupt: the stage says so and downloads the one before it; the chosen one
     is adopted with the snapshots the earlier attempt kept up to its step."""
     remote = f"s3://{s3_env['BUCKET']}/rlhf/RLHFFlow/17/ppo/attempt-0/checkpoints"
-    for step in (2, 4):
-        checkpoints.publish(_ckpt(tmp_path / "written", f"step-{step:06d}", step), remote)
-        storage.upload_dir(_ckpt(tmp_path / "snaps", f"step-{step:06d}", step),
-                           f"s3://{s3_env['BUCKET']}/rlhf/RLHFFlow/17/ppo/attempt-0/snapshots/step-{step:06d}")
+    snaps = f"s3://{s3_env['BUCKET']}/rlhf/RLHFFlow/17/ppo/attempt-0/snapshots"
+    for step in (1, 2, 4):
+        if step != 1:
+            checkpoints.publish(_ckpt(tmp_path / "written", f"step-{step:06d}", step), remote)
+        snapshot = _ckpt(tmp_path / "snaps", f"step-{step:06d}", step)
+        if step != 1:  # snapshot 1 was cut off before its marker
+            (snapshot / checkpoints.MARKER).write_text(json.dumps({"step": step}))
+        storage.upload_dir(snapshot, f"{snaps}/step-{step:06d}")
     storage.upload_dir(_ckpt(tmp_path / "bad", "step-000004", 4, payload="corrupt"), f"{remote}/step-000004")
 
     def load(path):
@@ -172,6 +176,7 @@ def test_a_stage_continues_from_s3_and_falls_back_past_a_checkpoint_that_fails_t
     assert f"checkpoint {remote}/step-000004 failed to load (ValueError: truncated weights): trying " \
            f"{remote}/step-000002" in printed
     assert f"continuing from {remote}/step-000002 (step 2; 1 snapshot(s) of the curve with it)" in printed
+    assert f"snapshot {snaps}/step-000001 has no COMPLETE marker (cut off while it was written): skipped" in printed
     assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step-000002"]
 
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -82,8 +83,15 @@ class StageRun:
         print(f"[{self.name}] {message}", flush=True)
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def start(stage: str, argv: list[str] | None, *required: str) -> StageRun:
-    """The preamble every stage shares: arguments, config, required inputs, the seed and torch's CPU threads."""
+    """The preamble every stage shares: arguments, config, required inputs, the seed and torch's CPU threads. A
+    SIGTERM (a pod being evicted) ends the stage as an exception does, so an upload in progress aborts its
+    multipart upload instead of leaving it open."""
+    signal.signal(signal.SIGTERM, _terminated)
     started = time.time()
     args = parse_args(stage, argv)
     cfg = load_config(args.config)

@@ -23,7 +23,6 @@ Writes DIR/eval_report.json, DIR/eval_samples.json and DIR/result.json.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -32,7 +31,6 @@ from rlhf_lib import rl
 from rlhf_lib.stages import contract
 
 BASELINE = "sft"
-SNAPSHOT = re.compile(r"^step-(\d+)$")
 
 
 def perplexity(model, tokenizer, prompts: list[str], answers: list[str]) -> float:
@@ -123,12 +121,11 @@ class Judged:
 
 
 def snapshots(directory: str | None) -> list[tuple[int, Path]]:
-    """(step, adapter dir) of every `step-N` snapshot an online method saved, oldest first."""
-    if not directory or not Path(directory).is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in Path(directory).iterdir() if (m := SNAPSHOT.match(p.name))
-             and (p / "adapter_config.json").exists()]
-    return sorted(found)
+    """(step, adapter dir) of every complete `step-N` snapshot an online method saved, oldest first; one without
+    its marker is skipped, and said."""
+    from rlhf_lib import checkpoints
+
+    return checkpoints.complete_snapshots(directory, say="evaluate")
 
 
 def curve(method: str, snaps: list[tuple[int, Path]], sft_ref: str, sft: Judged, proxy, gold: GoldJudge, cfg
@@ -248,7 +245,8 @@ def main(argv: list[str] | None = None) -> Path:
     atomic_write_json(run.out / "eval_report.json", report)
     atomic_write_json(run.out / "eval_samples.json", samples)
     result = contract.write_result(run, eval_report=report, eval_samples=samples, num_prompts=len(prompts),
-                                   gold_judge=gold.kind, proxy=proxy.describe())
+                                   gold_judge=gold.kind, proxy=proxy.describe(),
+                                   report_path=str((run.out / "eval_report.json").resolve()))
     for name, row in report.items():
         run.say(f"{name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in row.items() if not isinstance(v, list)))

@@ -27,7 +27,8 @@ def training_kwargs(cfg, section, stage: str, output: Path) -> dict[str, Any]:
         # Sections without held-out data (grpo, rloo) have no eval_steps.
         eval_strategy="steps" if getattr(section, "eval_steps", None) and section.eval_steps <= section.max_steps
         else "no", eval_steps=getattr(section, "eval_steps", None), seed=cfg.run.seed, data_seed=cfg.run.seed,
-        logging_first_step=True, dataloader_num_workers=0, **trainer_precision(),
+        logging_first_step=True, dataloader_num_workers=0, ddp_timeout=cfg.run.process_group_timeout_s,
+        **trainer_precision(),
     )
 
 
@@ -80,8 +81,10 @@ def mirror_checkpoints_callback(checkpoint_uri: str, keep: int | None):
 
     class MirrorCheckpoints(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                checkpoints.publish(Path(args.output_dir) / f"checkpoint-{state.global_step}", checkpoint_uri, keep)
+            if state.is_world_process_zero:  # stored in the background; the next checkpoint waits for it
+                checkpoints.UPLOADS.submit(state.global_step, checkpoints.publish,
+                                           Path(args.output_dir) / f"checkpoint-{state.global_step}", checkpoint_uri,
+                                           keep)
 
     return MirrorCheckpoints()
 
@@ -110,7 +113,7 @@ def train_resumable(trainer, stage: str, roots: list[str], output: Path, checkpo
     mirror = storage.mirror_of(checkpoint_uri)
     if mirror:
         trainer.add_callback(mirror_checkpoints_callback(mirror, trainer.args.save_total_limit))
-    found = checkpoints.resume_point(stage, roots, output, check_trainer_checkpoint)
+    found = checkpoints.resume_point(stage, roots, output, check_trainer_checkpoint, checkpoint_uri)
     resume = str(found[0]) if found else None
     if resume:
         from transformers.trainer_callback import TrainerState
@@ -146,10 +149,12 @@ def finished_from(trainer, checkpoint: Path, saved):
 
 def save_trained(trainer, tokenizer, directory: Path) -> bool:
     """Save what an HF trainer trained (a model, or an adapter) and the tokenizer beside it, as safetensors.
-    Every process must call it (saving synchronises them); True on the main process only."""
+    Every process must call it (saving synchronises them); True on the main process only, once every checkpoint
+    and snapshot it stored in the background is in place."""
     trainer.save_model(str(directory))
     if not is_main_process():
         return False
+    checkpoints.UPLOADS.wait()
     tokenizer.save_pretrained(directory)
     (Path(directory) / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing here needs it
     return True

@@ -122,7 +122,7 @@ def resume(run: contract.StageRun, policy) -> dict:
     from rlhf_lib import models
 
     state = {"improves_done": 0, "thresholds": None, "iterations": [], "grown": {}}
-    found = checkpoints.resume_point("rest", run.args.resume_from, run.out, _load)
+    found = checkpoints.resume_point("rest", run.args.resume_from, run.out, _load, run.args.checkpoint_uri)
     if found:
         path, state = found
         models.restore_adapter(policy, state.pop("adapter"))
@@ -182,6 +182,7 @@ def train(run: contract.StageRun, policy, tokenizer, reward, prompts, state: dic
         if contract.is_main_process():
             _save(run.out / "checkpoints", index + 1, policy, state, mirror=storage.mirror_of(run.args.checkpoint_uri))
             checkpoints.save_snapshot(policy, run.out, index + 1, run.args.checkpoint_uri)
+    checkpoints.UPLOADS.wait()
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -176,6 +176,16 @@ class Layout:
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts)
 
+    def gather_objects(self, obj) -> list:
+        """`obj` of every process, in rank order (picklable objects, e.g. RNG states)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def sum_gradients(self, params: list[nn.Parameter]) -> None:
         """Sum each parameter's gradient over every process (one collective for all of them)."""
         if self.world == 1:
@@ -367,12 +377,16 @@ def _save_weights(policy: PolicyWithValueHead, directory: Path) -> None:
 
 
 def save_checkpoint(root: Path, step: int, policy, optimizer, kl_ctl, sampler, length_gen, stats, keep: int,
-                    mirror: str | None = None) -> Path:
+                    mirror: str | None = None, rng_by_rank: list[dict] | None = None) -> Path:
+    """A checkpoint of everything the loop holds. `rng_by_rank`: every process's RNG states (each samples its own
+    rollouts from its own stream), rank 0's alone when None."""
+    rng_by_rank = rng_by_rank or [_rng_state()]
+
     def write(tmp: Path) -> None:
         _save_weights(policy, tmp)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "kl_ctl": kl_ctl.state_dict(),
-                    "sampler": sampler.state_dict(), "length_rng": length_gen.get_state(), "rng": _rng_state(),
-                    "stats": stats}, tmp / STATE_FILE)
+                    "sampler": sampler.state_dict(), "length_rng": length_gen.get_state(), "rng": rng_by_rank[0],
+                    "rng_by_rank": rng_by_rank, "stats": stats}, tmp / STATE_FILE)
 
     return checkpoints.save(root, step, write, keep=keep, mirror=mirror)
 
@@ -390,7 +404,9 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def _restore(state: dict, policy, optimizer, kl_ctl, sampler, length_gen) -> None:
+def _restore(state: dict, policy, optimizer, kl_ctl, sampler, length_gen, layout: Layout = Layout()) -> None:
+    """Put a checkpoint back; each process takes its own RNG states when the checkpoint has one per process of this
+    layout (else rank 0's: a different layout samples differently anyway)."""
     from rlhf_lib import models
 
     models.restore_adapter(policy.lm, state["adapter"])
@@ -399,7 +415,8 @@ def _restore(state: dict, policy, optimizer, kl_ctl, sampler, length_gen) -> Non
     kl_ctl.load_state_dict(state["kl_ctl"])
     sampler.load_state_dict(state["sampler"])
     length_gen.set_state(state["length_rng"])
-    _set_rng_state(state["rng"])
+    by_rank = state.get("rng_by_rank") or []
+    _set_rng_state(by_rank[layout.rank] if len(by_rank) == layout.world else state["rng"])
 
 
 # ------------------------------------------------------------------ the recipe: setup, resume, train, finish
@@ -416,7 +433,13 @@ class Run:
 
         self.stage, self.cfg, self.p = stage, stage.cfg, stage.cfg.ppo
         self.sft_model, prompts_uri = stage.paths
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())  # the process group, this process's device
+        from datetime import timedelta
+
+        from accelerate.utils import InitProcessGroupKwargs
+
+        # The process group (its timeout from run.process_group_timeout_s) and this process's device.
+        timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=self.cfg.run.process_group_timeout_s))
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
         self.layout = Layout(self.accelerator.process_index, self.accelerator.num_processes)
         from rlhf_lib.methods import ppo_batch_problem
 
@@ -448,10 +471,11 @@ class Run:
 
 def resume(run: Run) -> None:
     """Continue from the newest checkpoint that loads (its weights, optimizer, controller, data cursor, RNGs)."""
-    found = checkpoints.resume_point("ppo", run.stage.args.resume_from, run.stage.out, load_checkpoint)
+    found = checkpoints.resume_point("ppo", run.stage.args.resume_from, run.stage.out, load_checkpoint,
+                                     run.stage.args.checkpoint_uri)
     if found:
         path, state = found
-        _restore(state, run.policy, run.optimizer, run.kl_ctl, run.sampler, run.length_gen)
+        _restore(state, run.policy, run.optimizer, run.kl_ctl, run.sampler, run.length_gen, run.layout)
         run.start_step, run.stats = state["step"], list(state["stats"])
         run.accelerator.print(f"[ppo] resumed from step {run.start_step} ({path})")
     run.policy.eval()
@@ -485,17 +509,19 @@ def train(run: Run, wandb_run) -> None:
         if wandb_run is not None:
             wandb_run.log({f"ppo/{k}": v for k, v in stats.items() if k != "step"}, step=step + 1)
         if (step + 1) % p.save_freq == 0 or step + 1 == p.steps:
-            run.accelerator.wait_for_everyone()
+            rng_by_rank = run.layout.gather_objects(_rng_state())  # every process's: each samples its own rollouts
             if run.accelerator.is_main_process:
                 save_checkpoint(out / "checkpoints", step + 1, run.policy, run.optimizer, run.kl_ctl, run.sampler,
                                 run.length_gen, run.stats, p.keep_checkpoints,
-                                mirror=storage.mirror_of(run.stage.args.checkpoint_uri))
+                                mirror=storage.mirror_of(run.stage.args.checkpoint_uri), rng_by_rank=rng_by_rank)
                 checkpoints.save_snapshot(run.policy.lm, out, step + 1, run.stage.args.checkpoint_uri)
     run.accelerator.wait_for_everyone()
 
 
 def finish(run: Run, wandb_run) -> None:
-    """On the main process: the adapter and value head, the merged model, the result."""
+    """On the main process: the adapter and value head, the merged model, the result — once every checkpoint and
+    snapshot is stored (the other processes have finished: nothing waits for the uploads at a collective)."""
+    checkpoints.UPLOADS.wait()
     out, stats = run.stage.out, run.stats
     _save_weights(run.policy, out)
     run.tokenizer.save_pretrained(out / "adapter")

@@ -1,0 +1,223 @@
+"""Preemption at the recipe's scale: resume is a collective, a storage fault is never "no checkpoint", a torn
+snapshot is refused, an attempt prunes only while it holds the lease, and a run cleans up after itself. Against
+the local S3 server (moto's), through a proxy that answers chosen requests with errors (tests/faulty_proxy.py)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, _free_port
+from faulty_proxy import FaultyProxy
+from rlhf_lib import checkpoints, cleanup, storage
+
+
+def _checkpoint(root: Path, step: int, marker: bool = True) -> Path:
+    path = root / f"step-{step:06d}"
+    path.mkdir(parents=True)
+    (path / "weights.bin").write_text("w" * 100)
+    (path / "state.json").write_text(json.dumps({"step": step}))
+    if marker:
+        (path / checkpoints.MARKER).write_text(json.dumps({"step": step}))
+    return path
+
+
+def _load(path: Path) -> dict:
+    return json.loads((Path(path) / "state.json").read_text())
+
+
+def _stored(s3_env, tmp_path, steps=(2, 4), run="17") -> str:
+    remote = f"s3://{s3_env['BUCKET']}/rlhf/RLHFFlow/{run}/ppo/attempt-0/checkpoints"
+    for step in steps:
+        checkpoints.publish(_checkpoint(tmp_path / "written", step), remote)
+    return remote
+
+
+@pytest.mark.parametrize("status, target, what", [
+    (403, b"/checkpoints/step-000004/weights.bin", "checkpoint {remote}/step-000004"),
+    (503, b"/checkpoints/step-000004/COMPLETE", "the checkpoints in {remote}")])
+def test_a_storage_fault_reading_a_checkpoint_fails_the_stage(status, target, what, s3_env, tmp_path, capsys,
+                                                              monkeypatch):
+    """A persistent AccessDenied (a permissions slip) on the newest checkpoint's weights, or SlowDown (throttling
+    past every retry) on its marker: the stage fails naming the error — it neither falls back to an older
+    checkpoint nor starts at step 0."""
+    import metaflow.metaflow_config as metaflow_config
+    from botocore.exceptions import ClientError
+
+    remote = _stored(s3_env, tmp_path)
+    upstream = s3_env["METAFLOW_S3_ENDPOINT_URL"].rsplit(":", 1)
+    proxy = FaultyProxy(upstream[0].removeprefix("http://"), int(upstream[1]), status=status,
+                        match=lambda line: line.startswith(b"GET") and target in line)
+    monkeypatch.setenv("METAFLOW_S3_ENDPOINT_URL", proxy.url)
+    monkeypatch.setattr(metaflow_config, "S3_CLIENT_RETRY_CONFIG", {"max_attempts": 2, "mode": "standard"})
+    try:
+        with pytest.raises(ClientError, match="AccessDenied" if status == 403 else "SlowDown"):
+            checkpoints.resume_point("ppo", [remote], tmp_path / "attempt-1", _load)
+    finally:
+        proxy.close()
+    printed = capsys.readouterr().out
+    assert proxy.matched >= 1
+    said = [line for line in printed.splitlines() if what.format(remote=remote) + " could not be read (" in line]
+    assert said and ("AccessDenied" if status == 403 else "SlowDown") in said[0]
+    assert said[0].endswith("failing the stage rather than starting over")
+    assert "starting at step 0" not in printed and "step-000002" not in printed.split("could not be read")[1]
+
+
+def test_a_checkpoint_without_its_marker_falls_back_to_the_one_before(s3_env, tmp_path, capsys):
+    remote = _stored(s3_env, tmp_path, steps=(2,))
+    storage.upload_dir(_checkpoint(tmp_path / "torn", 4, marker=False), f"{remote}/step-000004")  # cut off
+    with pytest.warns(UserWarning, match="step-000004"):
+        path, state = checkpoints.resume_point("ppo", [remote], tmp_path / "attempt-1", _load)
+    assert state == {"step": 2} and path.name == "step-000002"
+
+
+def test_a_snapshot_without_its_marker_is_skipped_by_evaluate(tmp_path, capsys):
+    from rlhf_lib.stages.evaluate import snapshots
+
+    good = _checkpoint(tmp_path / "snapshots", 2)
+    _checkpoint(tmp_path / "snapshots", 4, marker=False)  # preempted while it was written or copied
+    assert snapshots(str(tmp_path / "snapshots")) == [(2, good)]
+    assert (f"[evaluate] snapshot {tmp_path / 'snapshots' / 'step-000004'} has no COMPLETE marker (cut off while it "
+            f"was written): skipped") in capsys.readouterr().out
+
+
+def test_a_reader_fences_the_pruning_of_the_checkpoints_it_reads(tmp_path, capsys):
+    """A run resumed from another marks the origin's stage as being read; from then on the origin's attempts
+    (a pod of the origin still running) delete none of its checkpoints — checked right before each delete."""
+    origin = tmp_path / "RLHFFlow" / "5" / "ppo" / "attempt-0" / "checkpoints"
+    for step in (1, 2, 3):
+        checkpoints.save(origin, step, lambda tmp: (tmp / "state.json").write_text("{}"), keep=2)
+    assert [s for s, _ in checkpoints.list_checkpoints(origin)] == [2, 3]
+    resumed = tmp_path / "RLHFFlow" / "6" / "ppo" / "attempt-0"
+    found = checkpoints.resume_point("ppo", [str(origin)], resumed, lambda p: p,
+                                     own_uri=str(resumed / "checkpoints"))
+    assert found and found[0].name == "step-000003"
+    mark = tmp_path / "RLHFFlow" / "5" / "ppo" / checkpoints.READING / "RLHFFlow-6-ppo-attempt-0"
+    assert mark.read_text().strip() == str(origin / "step-000003")
+    for step in (4, 5):  # the origin's pod goes on writing
+        checkpoints.save(origin, step, lambda tmp: (tmp / "state.json").write_text("{}"), keep=2)
+    assert [s for s, _ in checkpoints.list_checkpoints(origin)] == [2, 3, 4, 5]
+    assert "RLHFFlow-6-ppo-attempt-0 read(s) this task's checkpoints: keeping every checkpoint" in \
+        capsys.readouterr().out
+
+
+def _resume_gang(root: str, tmp_path: Path, fail_rank: int | None = None, timeout: int = 300) -> list:
+    """Four processes on two "nodes" (two torch.distributed.run launchers of two processes each, gloo), each node
+    with its own stage directory, resuming from `root`. Returns (exit code, output) of each node's launcher."""
+    port = _free_port()
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+               "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+               str(ROOT / "tests" / "resume_worker.py"), root, str(tmp_path / f"node-{node}")]
+        cmd += [str(fail_rank)] if fail_rank is not None else []
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
+
+
+def test_four_processes_resume_as_one_or_fail_together(s3_env, tmp_path):
+    """Resume is a collective: rank 0 chooses, each node downloads the checkpoint once, every rank continues from
+    the same step. When one rank's copy is gone before it loads, every rank fails, loudly — none hangs."""
+    remote = _stored(s3_env, tmp_path, steps=(2, 4))
+    ok = _resume_gang(remote, tmp_path / "ok")
+    assert [code for code, _ in ok] == [0, 0], ok
+    for node, (_, log) in enumerate(ok):
+        assert log.count(f"downloading checkpoint {remote}/step-000004") == 1, log  # once per node
+        ranks = (0, 1) if node == 0 else (2, 3)
+        assert sorted(line for line in log.splitlines() if line.startswith("RESUMED")) == \
+            [f"RESUMED {r} 4" for r in ranks]
+    failed = _resume_gang(remote, tmp_path / "failed", fail_rank=3, timeout=180)
+    assert all(code != 0 for code, _ in failed), failed
+    assert all("do not agree on the checkpoint to continue from" in log for _, log in failed), failed
+
+
+def test_a_finished_run_keeps_only_what_its_artifacts_reference(s3_env, tmp_path):
+    """`end`: a failed attempt (checkpoints, snapshots), the READING marks and an upload a killed pod left open
+    go; the attempts the artifacts point into stay; with run.keep_failed_attempts the failed attempt stays too."""
+    import boto3
+
+    root = f"s3://{s3_env['BUCKET']}/rlhf"
+    run = f"{root}/RLHFFlow/21"
+    for attempt in (0, 1):
+        checkpoints.publish(_checkpoint(tmp_path / f"a{attempt}", 3), f"{run}/ppo/attempt-{attempt}/checkpoints")
+        storage.upload_dir(_checkpoint(tmp_path / f"s{attempt}", 3), f"{run}/ppo/attempt-{attempt}/snapshots/s")
+    storage.upload_dir(_checkpoint(tmp_path / "m", 1), f"{run}/merge/attempt-0/merged")
+    storage.write_text(f"{run}/ppo/{checkpoints.READING}/RLHFFlow-22-ppo-attempt-0", "x")
+    s3 = boto3.client("s3", endpoint_url=s3_env["METAFLOW_S3_ENDPOINT_URL"])
+    s3.create_multipart_upload(Bucket=s3_env["BUCKET"], Key="rlhf/RLHFFlow/21/ppo/attempt-0/merged/model.bin")
+    artifacts = {"ppo_model_path": f"{run}/ppo/attempt-1/merged", "sft_merged_path": f"{run}/merge/attempt-0/merged",
+                 "datasets": {"x": {"uri": f"{run}/merge/attempt-0/merged"}}, "seed": 3}
+
+    kept = cleanup.clean_run(root, "21", artifacts, keep_failed=True)
+    assert kept == {"removed": [], "aborted_uploads": 1}
+    assert cleanup.unreferenced(run, cleanup.paths_in(artifacts)) == [f"{run}/ppo/attempt-0"]
+
+    done = cleanup.clean_run(root, "21", artifacts)
+    assert done["removed"] == [f"{run}/ppo/attempt-0"]
+    left = storage.list_files(run)
+    assert left and all(f.startswith(("ppo/attempt-1/", "merge/attempt-0/")) for f in left), left
+    assert not s3.list_multipart_uploads(Bucket=s3_env["BUCKET"]).get("Uploads")
+
+
+def _ppo_gang(cfg: Path, inputs: dict, out: Path, checkpoint_uri: str, resume_from: str | None = None) -> list:
+    """The PPO stage as four processes on two "nodes" (two torch.distributed.run launchers of two processes each,
+    gloo), each node writing to its own directory, rank 0 storing checkpoints at `checkpoint_uri`."""
+    port = _free_port()
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+               "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+               "-m", "rlhf_lib.stages.ppo", "--config", str(cfg), "--output", str(out / f"node-{node}"),
+               "--checkpoint-uri", checkpoint_uri, *[a for k, v in inputs.items() for a in ("--input", f"{k}={v}")]]
+        cmd += ["--resume-from", resume_from] if resume_from else []
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}))
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    return logs
+
+
+@pytest.mark.slow
+def test_four_ppo_processes_resumed_from_s3_end_as_an_uninterrupted_run(s3_env, tiny_policy, tmp_path):
+    """PPO on 4 processes (2 nodes x 2), its checkpoints in S3; its newest checkpoint lost (died before it was
+    stored); a new attempt of 4 processes resumes: every rank continues from the same step, each node downloads the
+    checkpoint once, and the stats equal the uninterrupted run's."""
+    import math
+
+    from conftest import write_config
+    from rlhf_lib import config, models
+    from rlhf_lib.config import DatasetSource, TinyModelSpec
+    from rlhf_lib.data import lake
+
+    reward = models.prepare("tiny", TinyModelSpec(hidden_size=32, num_layers=1, num_heads=2, ffn_dim=64,
+                                                  vocab_size=400, max_positions=128), "reward", tmp_path, seed=0)
+    prompts = lake.materialise("prompts", DatasetSource(), "train", tmp_path, seed=0, sample_rows=80)["uri"]
+    inputs = {"sft_model": tiny_policy, "reward_model": reward, "prompts": prompts}
+    toml = write_config(tmp_path / "cfg.toml", {
+        "run": {"cpu_threads": 1, "wandb_mode": "disabled", "process_group_timeout_s": 120},
+        "ppo": {"steps": 6, "save_freq": 2, "keep_checkpoints": 3, "batch_size": 8, "mini_batch_size": 2,
+                "ppo_epochs": 1, "min_response_length": 4, "max_response_length": 8, "stop_at_eos": False,
+                "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}})
+    (tmp_path / "run.json").write_text(config.load(toml).to_json())
+    task = f"s3://{s3_env['BUCKET']}/rlhf/RLHFFlow/31/ppo"
+    _ppo_gang(tmp_path / "run.json", inputs, tmp_path / "whole", f"{task}/attempt-0/checkpoints")
+    whole = json.loads((tmp_path / "whole" / "node-0" / "result.json").read_text())
+    storage.delete_tree(f"{task}/attempt-0/checkpoints/step-000006")  # lost: the attempt died before storing it
+
+    logs = _ppo_gang(tmp_path / "run.json", inputs, tmp_path / "again", f"{task}/attempt-1/checkpoints",
+                     resume_from=f"{task}/attempt-0/checkpoints")
+    resumed = json.loads((tmp_path / "again" / "node-0" / "result.json").read_text())
+    for node, log in enumerate(logs):
+        assert log.count(f"downloading checkpoint {task}/attempt-0/checkpoints/step-000004") == 1, log[-3000:]
+        for rank in ((0, 1) if node == 0 else (2, 3)):
+            assert f"[ppo] rank {rank}/4: continuing from step 4" in log, log[-3000:]
+    assert resumed["resumed_from_step"] == 4 and resumed["metrics"]["ranks"] == 4
+    assert len(resumed["stats"]) == len(whole["stats"]) == 6
+    for a, b in zip(resumed["stats"], whole["stats"]):
+        for key, value in b.items():
+            if isinstance(value, float):
+                assert math.isclose(a[key], value, rel_tol=1e-4, abs_tol=1e-4), (a["step"], key, a[key], value)
