@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -177,29 +178,54 @@ def prune(root: str | Path, keep: int, what: str, fenced: bool = True) -> None:
 
 
 class Uploads:
-    """Checkpoint and snapshot uploads, one at a time on a background thread: while rank 0 stores a checkpoint the
-    training goes on, so the other ranks never wait at a collective for an upload (a slow one would outlast the
-    process group's timeout). Uploads of a newer step wait for those of the older one (`submit`), and a stage
-    waits for all of them before it writes its result (`wait`). A failed upload fails the stage there."""
+    """Checkpoint and snapshot uploads, on a background thread, one at a time and in order: while rank 0 stores a
+    checkpoint the training goes on, so the other ranks never wait at a collective for an upload (a slow one would
+    outlast the process group's timeout). Each upload reads a snapshot of its directory (hard links, taken when
+    it is submitted), so pruning or the HF Trainer's rotation may delete the checkpoint meanwhile; when uploads fall
+    behind the checkpoints, those snapshots wait on the local disk (said). A stage waits for all of them before it
+    writes its result (`wait`), when the other processes no longer wait for it; a failed upload fails the stage."""
 
     def __init__(self):
         self._pool = None
-        self._step: int | None = None
-        self._pending: list = []
+        self._pending: list[tuple[int, object]] = []  # (step, future), oldest first
 
     def submit(self, step: int, fn, *args, **kwargs) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        if step != self._step:
-            self.wait()
-            self._step = step
+        for _, future in self._pending:
+            if future.done():
+                future.result()  # a failed upload fails the stage at the next checkpoint
+        self._pending = [(s, f) for s, f in self._pending if not f.done()]
+        behind = {s for s, _ in self._pending} - {step}
+        if len(behind) > 1:
+            print(f"[checkpoints] uploads are behind: steps {sorted(behind)} still to store; their checkpoints wait "
+                  f"on the local disk", flush=True)
         self._pool = self._pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
-        self._pending.append(self._pool.submit(fn, *args, **kwargs))
+        self._pending.append((step, self._pool.submit(fn, *args, **kwargs)))
+
+    def submit_dir(self, step: int, directory: Path, fn, *args, **kwargs) -> None:
+        """`fn(snapshot, *args, **kwargs)` in the background, on a hard-linked snapshot of `directory` (removed
+        once `fn` returns)."""
+        directory = Path(directory)
+        snapshot = directory.with_name(f".upload-{directory.name}-{uuid.uuid4().hex[:8]}")
+        try:
+            shutil.copytree(directory, snapshot, copy_function=os.link)
+        except OSError:  # another filesystem: a copy
+            shutil.rmtree(snapshot, ignore_errors=True)
+            shutil.copytree(directory, snapshot)
+
+        def upload():
+            try:
+                return fn(snapshot, *args, **kwargs)
+            finally:
+                shutil.rmtree(snapshot, ignore_errors=True)
+
+        self.submit(step, upload)
 
     def wait(self) -> None:
         """Until every upload submitted so far is stored; raises the first one's error."""
         pending, self._pending = self._pending, []
-        for future in pending:
+        for _, future in pending:
             future.result()
 
 
@@ -217,25 +243,37 @@ def save(root: Path, step: int, write: Callable[[Path], None], keep: int | None 
         write(tmp)
         (tmp / MARKER).write_text(json.dumps({"step": step}))
 
-    if mirror:
-        UPLOADS.wait()  # the previous checkpoint's upload is done before its local copy may be pruned
     path = atomic_dir(step_dir(root, step), build, is_complete=lambda p: marked_step(p) == step)
     if keep:  # a mirrored attempt's local directory is its own scratch: no one else reads it
         prune(root, keep, "local", fenced=not mirror)
     if mirror:
-        UPLOADS.submit(step, publish, path, mirror, keep)
+        publish_later(path, mirror, keep)
     return path
 
 
-def publish(checkpoint: Path, remote_root: str, keep: int | None = None) -> str:
+def publish_later(checkpoint: Path, remote_root: str, keep: int | None = None) -> None:
+    """`publish` in the background (`UPLOADS`), from a snapshot of the checkpoint taken now."""
+    checkpoint = Path(checkpoint)
+    _mark(checkpoint)
+    UPLOADS.submit_dir(step_of(checkpoint.name), checkpoint, publish, remote_root, keep, name=checkpoint.name)
+
+
+def _mark(checkpoint: Path) -> None:
+    """An HF checkpoint's marker (ours have theirs): it is complete once HF has saved it."""
+    step = step_of(checkpoint.name)
+    if marked_step(checkpoint) != step:
+        (checkpoint / MARKER).write_text(json.dumps({"step": step}))
+
+
+def publish(checkpoint: Path, remote_root: str, keep: int | None = None, name: str | None = None) -> str:
     """Upload a finished local checkpoint (`step-N` or `checkpoint-N`) to `remote_root/<name>/`, HF's state and the
     marker last; then delete remote checkpoints older than the newest `keep` (their marker first) while this
     attempt holds the lease (no later attempt started, no one reading them)."""
-    checkpoint = Path(checkpoint)
-    step = step_of(checkpoint.name)
+    checkpoint, name = Path(checkpoint), name or Path(checkpoint).name
+    step = step_of(name)
     if marked_step(checkpoint) != step:  # HF checkpoints have no marker of their own: complete once saved
         (checkpoint / MARKER).write_text(json.dumps({"step": step}))
-    target = storage.join(remote_root, checkpoint.name)
+    target = storage.join(remote_root, name)
     storage.upload_dir(checkpoint, target, last=(HF_STATE, MARKER))
     print(f"[checkpoints] step {step} stored at {target}", flush=True)
     if keep:
@@ -448,8 +486,8 @@ def save_snapshot(adapter_model, output: Path, step: int, checkpoint_uri: str | 
                       is_complete=lambda p: marked_step(p) == step)
     mirror = storage.mirror_of(checkpoint_uri)
     if mirror:
-        UPLOADS.submit(step, storage.upload_dir, path, storage.join(snapshots_beside(mirror), path.name),
-                       last=(MARKER,))
+        UPLOADS.submit_dir(step, path, storage.upload_dir, storage.join(snapshots_beside(mirror), path.name),
+                           last=(MARKER,))
     return path
 
 

@@ -5,20 +5,49 @@ another process holds one of those cores, every parallel region waits for the st
 slows down ten-fold or more (measured on 2 cores). So a stage sets torch's intra-op threads to the cores that
 are actually free when it starts — the cores this process may use, less those other processes are keeping busy
 right now — unless `run.cpu_threads` fixes the number.
+
+In a pod the cores it may use are its CPU quota (the cgroup's `cpu.max`, or `cpu.cfs_quota_us` under cgroup v1),
+not the node's: a 4-CPU pod on a 96-core node sees 96 cores in its affinity mask and /proc/stat, and 96 threads
+on a 4-CPU quota are throttled most of the time. The node's other pods' load is not this pod's to avoid.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
+from pathlib import Path
+
+CGROUP = Path("/sys/fs/cgroup")
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+def cgroup_cpu_limit(root: Path = CGROUP) -> float | None:
+    """The CPUs this process's cgroup may use (quota / period), None when it has no quota: cgroup v2 `cpu.max`
+    (`max 100000` or `400000 100000`), else v1 `cpu/cpu.cfs_quota_us` (-1: none) over `cpu.cfs_period_us`."""
     try:
-        return len(os.sched_getaffinity(0))
+        quota, _, period = (Path(root) / "cpu.max").read_text().strip().partition(" ")
+        return None if quota == "max" else int(quota) / int(period or 100000)
+    except (OSError, ValueError):
+        pass
+    for v1 in (Path(root) / "cpu", Path(root) / "cpu,cpuacct"):
+        try:
+            quota = int((v1 / "cpu.cfs_quota_us").read_text())
+            period = int((v1 / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if quota <= 0 else quota / period
+    return None
+
+
+def usable_cores(cgroup_root: Path = CGROUP) -> int:
+    """Cores this process may run on: its CPU affinity (which containers and taskset narrow), and no more than
+    its cgroup's CPU quota (a pod's CPU limit), rounded up."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
+        affinity = os.cpu_count() or 1
+    limit = cgroup_cpu_limit(cgroup_root)
+    return max(1, min(affinity, math.ceil(limit))) if limit else affinity
 
 
 def _cpu_times() -> tuple[int, int] | None:
@@ -49,9 +78,11 @@ def free_threads(interval: float = 0.3) -> int:
 
 
 def set_threads(configured: int) -> int:
-    """Set torch's intra-op threads (`configured` > 0 fixes it, 0 measures the free cores); return the count."""
+    """Set torch's intra-op threads (`configured` > 0 fixes it; 0: the CPU quota in a pod that has one, else the
+    free cores); return the count."""
     import torch
 
-    n = configured if configured > 0 else free_threads()
+    limit = cgroup_cpu_limit()
+    n = configured if configured > 0 else (usable_cores() if limit else free_threads())
     torch.set_num_threads(n)
     return n

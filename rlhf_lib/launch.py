@@ -66,10 +66,12 @@ class Nodes:
     port: int = 29500
 
     @classmethod
-    def of(cls, parallel, key: str = "") -> "Nodes":
-        """From `current.parallel`; the port is derived from `key` (the run id) so that two gangs on one
-        machine (local runs, tests) do not collide, and every node derives the same one."""
-        port = 20000 + int(hashlib.sha1(key.encode()).hexdigest(), 16) % 20000
+    def of(cls, parallel, key: str = "", environ=None) -> "Nodes":
+        """From `current.parallel`. The port is the one Metaflow opened for the gang (`MF_MASTER_PORT`: a JobSet's,
+        from @kubernetes(port=...)) where it gives one; else derived from `key` (the run id), so that two gangs on
+        one machine (local runs, tests) do not collide and every node derives the same one."""
+        environ = os.environ if environ is None else environ
+        port = int(environ.get("MF_MASTER_PORT") or 20000 + int(hashlib.sha1(key.encode()).hexdigest(), 16) % 20000)
         return cls(parallel.num_nodes, parallel.node_index, parallel.main_ip, port)
 
 

@@ -98,17 +98,28 @@ def check_machine(cfg: RunConfig, stage: str, work: Path) -> int:
                 f"[{stage}] run.gpus = {cfg.run.gpus} asks {gpus} GPU(s) for this stage, but this machine has "
                 f"{visible} (CUDA_VISIBLE_DEVICES={launch.cuda_visible_devices()!r}): set run.gpus = 0 to run on the "
                 f"CPU, or run where the GPUs are")
+    check_disk(cfg, stage, kind, work)
+    return gpus
+
+
+def check_disk(cfg: RunConfig, stage: str, kind: str, work: Path) -> None:
+    """run.min_free_disk_gb must be free where the stage writes. In a pod, what it may write is what its step asked
+    for (resources.<kind>.disk_mb: Kubernetes evicts a pod past its ephemeral storage), whatever the node's
+    filesystem shows free."""
     need_gb = cfg.run.min_free_disk_gb
-    if workspace.in_pod():  # a pod: it asked the cluster for resources.<kind>.disk_mb of disk
-        need_gb = max(need_gb, getattr(cfg.resources, kind).disk_mb / 1024 * 0.9)
     existing = next((p for p in [Path(work), *Path(work).parents] if p.exists()), Path("/"))
     free_gb = shutil.disk_usage(existing).free / 1e9
+    asked_gb = getattr(cfg.resources, kind).disk_mb * 2**20 / 1e9
+    if workspace.in_pod() and asked_gb < min(free_gb, need_gb):
+        raise launch.MachineUnfit(
+            f"[{stage}] this pod asked for {asked_gb:.1f} GB of disk (resources.{kind}.disk_mb = "
+            f"{getattr(cfg.resources, kind).disk_mb}) and the stage needs {need_gb:.1f} GB (run.min_free_disk_gb): "
+            f"raise resources.{kind}.disk_mb, which Kubernetes gets as @resources(disk=...)")
     if free_gb < need_gb:
         raise launch.MachineUnfit(
             f"[{stage}] only {free_gb:.1f} GB free under {existing} where this stage writes, it needs {need_gb:.1f} "
-            f"(run.min_free_disk_gb; resources.{kind}.disk_mb on a cluster): free space, or raise the disk the step "
-            f"asks for (resources.{kind}.disk_mb, which Kubernetes gets as @resources(disk=...))")
-    return gpus
+            f"(run.min_free_disk_gb): free space, or on a cluster raise the disk the step asks for "
+            f"(resources.{kind}.disk_mb, which Kubernetes gets as @resources(disk=...))")
 
 
 def run_stage(cfg: RunConfig, stage: str, run_id: str, inputs: dict[str, str], origin_run_id: str | None = None,

@@ -7,6 +7,7 @@ adds its own (its registry row's `check`). Each problem is one line naming the c
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -192,9 +193,25 @@ def storage_root(cfg: RunConfig) -> list[str]:
     return []
 
 
+def wandb_key(cfg: RunConfig) -> list[str]:
+    """Online W&B needs a key where the stages run: without one `sft` would fail minutes in."""
+    if cfg.run.wandb_mode != "online" or os.environ.get("WANDB_API_KEY"):
+        return []
+    import netrc
+
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):  # `wandb login` writes it there
+            return []
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return ["run.wandb_mode = \"online\" but there is no W&B key: export WANDB_API_KEY (on a cluster, give the pods "
+            "it as a secret, e.g. @kubernetes(secrets=...) or METAFLOW_KUBERNETES_SECRETS), run `wandb login`, or "
+            "set run.wandb_mode = \"offline\" (sync later with `wandb sync`)"]
+
+
 # In order; a check whose key already has a problem is skipped (reachable_models first: the others read models).
 CHECKS = (data_sources, reachable_models, constitution, reward_functions, reward_model_shape, four_bit_on_cpu,
-          gpus_here, storage_root)
+          gpus_here, wandb_key, storage_root)
 DEPENDS_ON = {reward_model_shape: "reward_model.model", four_bit_on_cpu: "policy.model"}
 
 

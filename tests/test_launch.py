@@ -70,7 +70,10 @@ def test_multi_node_commands():
     from types import SimpleNamespace
 
     node = SimpleNamespace(num_nodes=2, node_index=0, main_ip="127.0.0.1")
-    assert launch.Nodes.of(node, "123").port == launch.Nodes.of(node, "123").port != launch.Nodes.of(node, "124").port
+    assert launch.Nodes.of(node, "123", {}).port == launch.Nodes.of(node, "123", {}).port != \
+        launch.Nodes.of(node, "124", {}).port
+    # Where Metaflow opened a port for the gang (a Kubernetes JobSet: @kubernetes(port=...)), that one.
+    assert launch.Nodes.of(node, "123", {"MF_MASTER_PORT": "3339"}).port == 3339
 
 
 def test_run_gpus_0_hides_every_gpu_from_the_stage(tmp_path):
@@ -103,3 +106,18 @@ def test_a_stage_whose_machine_lacks_its_gpus_or_disk_fails_in_seconds(tmp_path)
     with pytest.raises(launch.MachineUnfit, match="resources.infer.disk_mb"):
         pipeline.check_machine(disk, "evaluate", tmp_path)
     assert time.time() - started < 5
+
+
+def test_in_a_pod_the_disk_is_what_the_pod_asked_for(tmp_path, monkeypatch):
+    """The node's filesystem may show far more free than the pod may write (its ephemeral storage request): in a
+    pod the check compares with resources.<kind>.disk_mb."""
+    from rlhf_lib import pipeline
+
+    base = config.load(TEST_CONFIG).model_dump()
+    small = config.validate({**base, "run": {**base["run"], "min_free_disk_gb": 2.0},
+                             "resources": {**base["resources"], "train": {**base["resources"]["train"],
+                                                                           "disk_mb": 1024}}})
+    pipeline.check_disk(small, "sft", "train", tmp_path)  # not in a pod: the filesystem has room
+    monkeypatch.setenv("METAFLOW_KUBERNETES_WORKLOAD", "1")
+    with pytest.raises(launch.MachineUnfit, match=r"this pod asked for 1.1 GB of disk \(resources.train.disk_mb"):
+        pipeline.check_disk(small, "sft", "train", tmp_path)

@@ -45,3 +45,18 @@ def test_causal_lm_is_not_a_reward_model(tiny_policy):
 
 def test_default_config_passes():
     assert preflight.check(config.load(TEST_CONFIG)) == []
+
+
+def test_online_wandb_without_a_key_fails_in_start(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from `wandb login`
+    online = _cfg(run={"wandb_mode": "online"})
+    problems = preflight.wandb_key(online)
+    assert len(problems) == 1 and "WANDB_API_KEY" in problems[0] and "run.wandb_mode" in problems[0]
+    assert problems[0] in preflight.check(online)
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password k" + "0" * 39 + "\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert preflight.wandb_key(online) == []
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    (tmp_path / ".netrc").unlink()
+    assert preflight.wandb_key(online) == [] and preflight.wandb_key(_cfg()) == []

@@ -163,31 +163,28 @@ def test_a_finished_run_keeps_only_what_its_artifacts_reference(s3_env, tmp_path
     assert not s3.list_multipart_uploads(Bucket=s3_env["BUCKET"]).get("Uploads")
 
 
-def _ppo_gang(cfg: Path, inputs: dict, out: Path, checkpoint_uri: str, resume_from: str | None = None) -> list:
-    """The PPO stage as four processes on two "nodes" (two torch.distributed.run launchers of two processes each,
-    gloo), each node writing to its own directory, rank 0 storing checkpoints at `checkpoint_uri`."""
+def _ppo_gang(cfg: Path, inputs: dict, out: Path, checkpoint_uri: str, resume_from: str | None = None,
+              nodes: int = 2, env: dict | None = None) -> list:
+    """The PPO stage as two processes on each of `nodes` "nodes" (a torch.distributed.run launcher each, gloo),
+    each node writing to its own directory, rank 0 storing checkpoints at `checkpoint_uri`."""
     port = _free_port()
     procs = []
-    for node in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+    for node in range(nodes):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--node_rank", str(node),
                "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
                "-m", "rlhf_lib.stages.ppo", "--config", str(cfg), "--output", str(out / f"node-{node}"),
                "--checkpoint-uri", checkpoint_uri, *[a for k, v in inputs.items() for a in ("--input", f"{k}={v}")]]
         cmd += ["--resume-from", resume_from] if resume_from else []
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                      env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}))
+                                      env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+                                           **(env or {})}))
     logs = [p.communicate(timeout=900)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert [p.returncode for p in procs] == [0] * nodes, "\n".join(log[-3000:] for log in logs)
     return logs
 
 
-@pytest.mark.slow
-def test_four_ppo_processes_resumed_from_s3_end_as_an_uninterrupted_run(s3_env, tiny_policy, tmp_path):
-    """PPO on 4 processes (2 nodes x 2), its checkpoints in S3; its newest checkpoint lost (died before it was
-    stored); a new attempt of 4 processes resumes: every rank continues from the same step, each node downloads the
-    checkpoint once, and the stats equal the uninterrupted run's."""
-    import math
-
+def _ppo_inputs(tiny_policy: str, tmp_path: Path, steps: int = 6, **run) -> tuple[Path, dict]:
+    """A small PPO stage's config (run.json) and inputs: the tiny policy, a tiny reward model, sample prompts."""
     from conftest import write_config
     from rlhf_lib import config, models
     from rlhf_lib.config import DatasetSource, TinyModelSpec
@@ -196,19 +193,37 @@ def test_four_ppo_processes_resumed_from_s3_end_as_an_uninterrupted_run(s3_env, 
     reward = models.prepare("tiny", TinyModelSpec(hidden_size=32, num_layers=1, num_heads=2, ffn_dim=64,
                                                   vocab_size=400, max_positions=128), "reward", tmp_path, seed=0)
     prompts = lake.materialise("prompts", DatasetSource(), "train", tmp_path, seed=0, sample_rows=80)["uri"]
-    inputs = {"sft_model": tiny_policy, "reward_model": reward, "prompts": prompts}
     toml = write_config(tmp_path / "cfg.toml", {
-        "run": {"cpu_threads": 1, "wandb_mode": "disabled", "process_group_timeout_s": 120},
-        "ppo": {"steps": 6, "save_freq": 2, "keep_checkpoints": 3, "batch_size": 8, "mini_batch_size": 2,
+        "run": {"cpu_threads": 1, "wandb_mode": "disabled", "process_group_timeout_s": 120, **run},
+        "ppo": {"steps": steps, "save_freq": 2, "keep_checkpoints": 3, "batch_size": 8, "mini_batch_size": 2,
                 "ppo_epochs": 1, "min_response_length": 4, "max_response_length": 8, "stop_at_eos": False,
                 "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}})
     (tmp_path / "run.json").write_text(config.load(toml).to_json())
+    return tmp_path / "run.json", {"sft_model": tiny_policy, "reward_model": reward, "prompts": prompts}
+
+
+def _assert_same_stats(got: list[dict], expected: list[dict]) -> None:
+    import math
+
+    assert len(got) == len(expected) > 0
+    for a, b in zip(got, expected):
+        for key, value in b.items():
+            if isinstance(value, float):
+                assert math.isclose(a[key], value, rel_tol=1e-4, abs_tol=1e-4), (a["step"], key, a[key], value)
+
+
+@pytest.mark.slow
+def test_four_ppo_processes_resumed_from_s3_end_as_an_uninterrupted_run(s3_env, tiny_policy, tmp_path):
+    """PPO on 4 processes (2 nodes x 2), its checkpoints in S3; its newest checkpoint lost (died before it was
+    stored); a new attempt of 4 processes resumes: every rank continues from the same step, each node downloads the
+    checkpoint once, and the stats equal the uninterrupted run's."""
+    cfg, inputs = _ppo_inputs(tiny_policy, tmp_path)
     task = f"s3://{s3_env['BUCKET']}/rlhf/RLHFFlow/31/ppo"
-    _ppo_gang(tmp_path / "run.json", inputs, tmp_path / "whole", f"{task}/attempt-0/checkpoints")
+    _ppo_gang(cfg, inputs, tmp_path / "whole", f"{task}/attempt-0/checkpoints")
     whole = json.loads((tmp_path / "whole" / "node-0" / "result.json").read_text())
     storage.delete_tree(f"{task}/attempt-0/checkpoints/step-000006")  # lost: the attempt died before storing it
 
-    logs = _ppo_gang(tmp_path / "run.json", inputs, tmp_path / "again", f"{task}/attempt-1/checkpoints",
+    logs = _ppo_gang(cfg, inputs, tmp_path / "again", f"{task}/attempt-1/checkpoints",
                      resume_from=f"{task}/attempt-0/checkpoints")
     resumed = json.loads((tmp_path / "again" / "node-0" / "result.json").read_text())
     for node, log in enumerate(logs):
@@ -216,8 +231,28 @@ def test_four_ppo_processes_resumed_from_s3_end_as_an_uninterrupted_run(s3_env, 
         for rank in ((0, 1) if node == 0 else (2, 3)):
             assert f"[ppo] rank {rank}/4: continuing from step 4" in log, log[-3000:]
     assert resumed["resumed_from_step"] == 4 and resumed["metrics"]["ranks"] == 4
-    assert len(resumed["stats"]) == len(whole["stats"]) == 6
-    for a, b in zip(resumed["stats"], whole["stats"]):
-        for key, value in b.items():
-            if isinstance(value, float):
-                assert math.isclose(a[key], value, rel_tol=1e-4, abs_tol=1e-4), (a["step"], key, a[key], value)
+    assert len(resumed["stats"]) == 6
+    _assert_same_stats(resumed["stats"], whole["stats"])
+
+
+@pytest.mark.slow
+def test_a_gang_survives_an_upload_slower_than_its_process_group_timeout(s3_env, tiny_policy, tmp_path):
+    """Two PPO processes with an 8 s process-group timeout; every checkpoint's upload held 10 s by a proxy. Rank 0
+    stores checkpoints in the background, so no rank waits at a collective for an upload: the stage ends, with the
+    stats of the same stage whose uploads were not held, and every checkpoint in S3."""
+    cfg, inputs = _ppo_inputs(tiny_policy, tmp_path, steps=4, process_group_timeout_s=8)
+    task = f"s3://{s3_env['BUCKET']}/rlhf/RLHFFlow/41/ppo"
+    quick = _ppo_gang(cfg, inputs, tmp_path / "quick", f"{task}/attempt-0/checkpoints", nodes=1)
+    upstream = s3_env["METAFLOW_S3_ENDPOINT_URL"].removeprefix("http://").split(":")
+    slow = FaultyProxy(upstream[0], int(upstream[1]), delay=10.0,
+                       match=lambda line: line.startswith(b"PUT") and line.split(b" ")[1].endswith(b"/COMPLETE")
+                       and b"/checkpoints/step-" in line)
+    try:
+        _ppo_gang(cfg, inputs, tmp_path / "slow", f"{task}/attempt-1/checkpoints", nodes=1,
+                  env={"METAFLOW_S3_ENDPOINT_URL": slow.url})
+    finally:
+        slow.close()
+    assert slow.matched == 2  # steps 2 and 4, each held past the timeout
+    got = json.loads((tmp_path / "slow" / "node-0" / "result.json").read_text())
+    _assert_same_stats(got["stats"], json.loads((tmp_path / "quick" / "node-0" / "result.json").read_text())["stats"])
+    assert [s for s, _ in checkpoints.list_checkpoints(f"{task}/attempt-1/checkpoints")] == [2, 4]

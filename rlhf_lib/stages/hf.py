@@ -81,10 +81,9 @@ def mirror_checkpoints_callback(checkpoint_uri: str, keep: int | None):
 
     class MirrorCheckpoints(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:  # stored in the background; the next checkpoint waits for it
-                checkpoints.UPLOADS.submit(state.global_step, checkpoints.publish,
-                                           Path(args.output_dir) / f"checkpoint-{state.global_step}", checkpoint_uri,
-                                           keep)
+            if state.is_world_process_zero:  # stored in the background, from a snapshot of it taken now
+                checkpoints.publish_later(Path(args.output_dir) / f"checkpoint-{state.global_step}", checkpoint_uri,
+                                          keep)
 
     return MirrorCheckpoints()
 
