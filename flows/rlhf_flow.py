@@ -73,7 +73,7 @@ class RLHFFlow(FlowSpec):
         from rlhf_lib import pipeline
 
         cfg = pipeline.config_from_flow(self.config, self.storage_root)
-        prepared = pipeline.prepare_data(cfg, current.run_id, current.retry_count)
+        prepared = pipeline.prepare_data(cfg, current.run_id, current.retry_count, self.model_revisions)
         self.datasets, self.policy_base = prepared["datasets"], prepared["policy_base"]
         self.reward_base = prepared["reward_base"]
         print(f"[data] policy base: {self.policy_base}; reward base: {self.reward_base}")
@@ -115,8 +115,8 @@ class RLHFFlow(FlowSpec):
         self.rlaif_metrics = {}
         if pipeline.uses_ai_feedback(cfg):
             result = pipeline.run_stage(cfg, "rlaif", current.run_id, {
-                "sft_model": self.sft_merged_path, "judge_model": pipeline.judge_ref(cfg.rlaif.judge_model,
-                                                                                       self.policy_base),
+                "sft_model": self.sft_merged_path,
+                "judge_model": pipeline.judge_ref(cfg.rlaif.judge_model, self.policy_base, self.model_revisions),
                 "prompts": self.datasets["prompts_train"]["uri"]}, attempt=current.retry_count)
             self.datasets = {**self.datasets, "preference_train": {**result["train"], "source": "ai_feedback"},
                              "preference_eval": {**result["eval"], "source": "ai_feedback"}}

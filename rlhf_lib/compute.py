@@ -73,6 +73,15 @@ def step_resources(cfg: RunConfig, kind: str) -> dict:
             "shared_memory": res.shared_memory_mb, "disk": res.disk_mb}
 
 
+def step_placement(cfg: RunConfig, kind: str) -> dict:
+    """`@kubernetes(...)` placement of a step of this kind: its node selector and tolerations, when configured."""
+    if kind == IDLE:
+        return {}
+    res = getattr(cfg.resources, kind)
+    return {k: v for k, v in (("node_selector", dict(res.node_selector)), ("tolerations", list(res.tolerations)))
+            if v}
+
+
 def runs_remote(argv: list[str] | None = None, environ: dict | None = None) -> bool:
     """Whether this command puts steps on remote compute: `--with kubernetes`/`--with batch` (on the command line
     or in METAFLOW_DECOSPECS), or a command that compiles for an orchestrator or runs inside a pod."""

@@ -179,7 +179,9 @@ class StageResources(Section):
     cpu: int = Field(4, ge=1, description="CPU cores the step requests (`@resources(cpu=...)`).")
     memory_mb: int = Field(16384, ge=512, description="Memory (MB) the step requests.")
     shared_memory_mb: int = Field(2048, ge=1, description="Shared memory (MB) the step requests (/dev/shm: data loaders, NCCL).")
-    disk_mb: int = Field(20480, ge=1024, description="Local disk (MB) the step requests (`@resources(disk=...)`, Kubernetes ephemeral storage); the stage checks it has this much free before it writes.")
+    disk_mb: int = Field(20480, ge=1024, description="Local disk (MB) the step requests (`@resources(disk=...)`, Kubernetes ephemeral storage); in a pod the stage checks it is at least run.min_free_disk_gb.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Kubernetes node labels the step's pods must match (its `@kubernetes(node_selector=...)`), e.g. a GPU node pool's `{\"cloud.google.com/gke-accelerator\" = \"nvidia-tesla-a100\"}`; one given on the command line (`--with kubernetes:node_selector=...`) wins.")
+    tolerations: list[dict[str, str]] = Field(default_factory=list, description="Kubernetes tolerations of the step's pods (its `@kubernetes(tolerations=...)`), e.g. `[{key = \"nvidia.com/gpu\", operator = \"Exists\", effect = \"NoSchedule\"}]` for a GPU pool's taint; one given on the command line wins.")
 
 
 class ResourcesSection(Section):
@@ -304,8 +306,13 @@ def _toml_value(value) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(type(value))
+
+
+def _toml_key(key: str) -> str:
+    """A bare key where TOML allows one, else a quoted key (`"cloud.google.com/gke-accelerator"`)."""
+    return key if key and all(c.isalnum() or c in "_-" for c in key) else json.dumps(key)
 
 
 def dump_toml(data: dict) -> str:

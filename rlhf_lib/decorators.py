@@ -41,6 +41,24 @@ class StepCompute(FlowMutator):
                 step.add_decorator(retry, deco_kwargs=dict(times=times,
                                                            minutes_between_retries=cfg.run.retry_wait_minutes))
 
+    def mutate(self, mutable_flow) -> None:
+        """On Kubernetes (`--with kubernetes`, Argo), each step's pods go where its kind's `[resources]` says:
+        its node selector and tolerations (a GPU node pool's), unless the command line gave them."""
+        configs = dict(mutable_flow.configs)
+        if configs.get("config") is None:
+            return
+        cfg = config_from_flow(configs["config"])
+        for name, step in mutable_flow.steps:
+            kind = compute.step_kind(cfg, name)
+            placement = compute.step_placement(cfg, kind) if kind else {}
+            specs = step.get_decorator_specs("kubernetes")
+            if not placement or not specs:
+                continue
+            attributes = dict(specs[0][3])
+            given = {k: v for k, v in placement.items() if not attributes.get(k)}
+            if given:
+                step.add_decorator("kubernetes", deco_kwargs={**attributes, **given}, duplicates=step.OVERRIDE)
+
 
 def shipped_files() -> list[tuple[str, str]]:
     """(local path, path in the package's code directory) of every project file a pod needs besides code."""

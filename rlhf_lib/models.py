@@ -15,14 +15,12 @@ from pathlib import Path
 
 import torch
 
+from rlhf_lib import hub
 from rlhf_lib.config import LoraSection, TinyModelSpec
 from rlhf_lib.storage import atomic_dir
 
-TINY = "tiny"
-
-
-class ModelError(ValueError):
-    """A model reference that cannot be loaded; the message names the fix."""
+TINY = hub.TINY
+ModelError = hub.ModelError
 
 
 def _done(path: Path) -> bool:
@@ -190,41 +188,11 @@ def prepare(ref: str, spec: TinyModelSpec, role: str, storage_root: Path, seed: 
     return str(out)
 
 
-def check_reachable(ref: str, what: str, timeout: float = 10.0) -> None:
-    """Fail at once, with the fix, when a model can't be loaded: a missing directory or an unreachable hub id."""
-    if ref == TINY:
-        return
-    path = Path(ref).expanduser()
-    if ref.startswith((".", "/", "~")) or path.exists():
-        if not (path / "config.json").exists():
-            raise ModelError(f"{what}: {ref!r} is not a model directory (no config.json); fix the path")
-        return
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(ref, "config.json"), str):  # cached: loads offline
-        return
-    # The hub library reads HF_HUB_OFFLINE once, at import; honour a value set after that too.
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    if offline:
-        raise ModelError(
-            f"{what}: hub model {ref!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1. "
-            f"Download it first (`hf download {ref}`), unset HF_HUB_OFFLINE, or use a local path or `tiny`"
-        )
-    from huggingface_hub import HfApi
-
-    try:
-        HfApi().model_info(ref, timeout=timeout)
-    except Exception as err:
-        raise ModelError(
-            f"{what}: cannot reach hub model {ref!r} ({type(err).__name__}: {str(err)[:200]}). "
-            "Check the id and your network/HF_TOKEN, or use a local path or `tiny`"
-        ) from None
-
-
 def load_tokenizer(ref: str, trust_remote_code: bool = False, padding_side: str = "left"):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    name, pinned = hub.source(ref)
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **pinned)
     if tok.pad_token is None:  # OPT has one; Llama-style tokenizers don't
         tok.pad_token = tok.eos_token or tok.unk_token
     if tok.eos_token is None and tok.sep_token is not None:
@@ -297,23 +265,44 @@ def reward_model_on_device(ref: str, trust_remote_code: bool = False, device=Non
     return model, load_tokenizer(ref, trust_remote_code, padding_side="right")
 
 
+def _from_pretrained(model_class, ref: str, **kwargs):
+    """`model_class.from_pretrained` on a reference (a path, or a hub id at its pinned commit): safetensors where
+    there are any, else `.bin` through torch's weights-only unpickler — a pickle holding more than tensors is
+    refused with a ModelError saying so."""
+    import pickle
+
+    name, pinned = hub.source(ref)
+    try:
+        return model_class.from_pretrained(name, use_safetensors=None, weights_only=True, **pinned, **kwargs)
+    except pickle.UnpicklingError as err:
+        raise ModelError(f"{ref}: its weights are a pickle that holds more than tensors: refused, it would run code "
+                         f"when loaded ({str(err).splitlines()[0][:200]}). Convert the model to safetensors, or get it "
+                         f"from a source you trust") from None
+
+
 def load_causal_lm(ref: str, quantize_4bit: bool = False, trust_remote_code: bool = False, device_map=None):
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(dtype=compute_dtype(), trust_remote_code=trust_remote_code, use_safetensors=True)
+    kwargs = dict(dtype=compute_dtype(), trust_remote_code=trust_remote_code)
     if quantize_4bit:
         kwargs["quantization_config"] = bnb_4bit_config()
     if device_map is not None:
         kwargs["device_map"] = device_map
-    return AutoModelForCausalLM.from_pretrained(ref, **kwargs)
+    return _from_pretrained(AutoModelForCausalLM, ref, **kwargs)
 
 
 def load_reward_model(ref: str, trust_remote_code: bool = False, num_labels: int = 1):
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(
-        ref, num_labels=num_labels, dtype=compute_dtype(), trust_remote_code=trust_remote_code, use_safetensors=True
-    )
+    return _from_pretrained(AutoModelForSequenceClassification, ref, num_labels=num_labels, dtype=compute_dtype(),
+                            trust_remote_code=trust_remote_code)
+
+
+def load_config(ref: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    name, pinned = hub.source(ref)
+    return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **pinned)
 
 
 def merge_adapter(base_ref: str, adapter_dir: str, out_dir: Path, trust_remote_code: bool = False) -> Path:

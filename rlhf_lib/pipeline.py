@@ -78,11 +78,21 @@ def start(config_value, datastore_type: str | None) -> dict:
         raise CannotStart("\n".join(getattr(err, "problems", [str(err)]))) from None
     gpus = launch.visible_gpus()
     print(f"[start] profile {cfg.run.name}; methods {cfg.run.methods}; GPUs visible: {gpus}, run.gpus = {cfg.run.gpus}")
+    revisions = model_revisions(cfg)
     plans = [m.plan(cfg) for m in map(methods.get, cfg.run.methods) if m.plan]
-    for line in judge_costs(cfg) + plans:
+    for line in judge_costs(cfg) + plans + [f"{ref} is pinned at commit {sha}" for ref, sha in revisions.items()]:
         print(f"[start] {line}")
     return {"datastore_type": datastore_type, "storage_root": storage_root, "metaflow_config": source,
-            "run_config": cfg.model_dump(), "gpus_visible": gpus, "judges": judge_costs(cfg)}
+            "run_config": cfg.model_dump(), "gpus_visible": gpus, "judges": judge_costs(cfg),
+            "model_revisions": revisions}
+
+
+def model_revisions(cfg: RunConfig) -> dict[str, str]:
+    """The commit each hub model of the run stands for now (offline: the cached snapshot): every stage loads that
+    one, wherever and whenever it runs (rlhf_lib/hub.py)."""
+    from rlhf_lib import hub, preflight
+
+    return {ref: sha for _, ref in preflight.model_refs(cfg) if (sha := hub.resolve(ref))}
 
 
 def check_machine(cfg: RunConfig, stage: str, work: Path) -> int:
@@ -142,10 +152,11 @@ def run_stage(cfg: RunConfig, stage: str, run_id: str, inputs: dict[str, str], o
         ws.begin()
         roots = ws.checkpoint_roots(origin_run_id)
         local_inputs = ws.localize(inputs)
+        env = {**tracking.wandb_env(cfg, name, str(run_id)), **ws.models_here(local_inputs)}
         lock = contextlib.nullcontext() if nodes.count > 1 else launch.machine_lock(ws.lock_root, name)
         with lock:
             result = launch.launch(stage, cfg.to_json(), ws.work, local_inputs, run_id=str(run_id), resume_from=roots,
-                                   env=tracking.wandb_env(cfg, name, str(run_id)), extra_args=extra_args,
+                                   env=env, extra_args=extra_args,
                                    checkpoint_uri=ws.checkpoint_uri, nodes=nodes if nodes.count > 1 else None,
                                    module=module, gpus=gpus)
         if result is None:  # a node other than 0: nothing of its own to keep
@@ -155,20 +166,22 @@ def run_stage(cfg: RunConfig, stage: str, run_id: str, inputs: dict[str, str], o
         ws.close()
 
 
-def prepare_data(cfg: RunConfig, run_id: str, attempt: int = 0) -> dict:
-    """The `data` step: every dataset split as a Deep Lake dataset and the base models (tiny ones built here),
-    where the workspace keeps data: the local storage root (shared by the runs that use the same sources, seed
-    and tiny specs), or this attempt's scratch, published to `<root>/RLHFFlow/<run>/data/attempt-<k>/`."""
-    from rlhf_lib import models
+def prepare_data(cfg: RunConfig, run_id: str, attempt: int = 0, revisions: dict | None = None) -> dict:
+    """The `data` step: every dataset split as a Deep Lake dataset and the base models (tiny ones built here; hub
+    ids pinned to the commits `start` recorded, `revisions`), where the workspace keeps data: the local storage
+    root (shared by the runs that use the same sources, seed and tiny specs), or this attempt's scratch, published
+    to `<root>/RLHFFlow/<run>/data/attempt-<k>/`."""
+    from rlhf_lib import hub, models
     from rlhf_lib.data.ingest import prepare_datasets
 
     ws = Workspace.of(cfg, run_id, "data", attempt)
     root = ws.data_root
     try:
         out = {"datasets": prepare_datasets(cfg, root),
-               "policy_base": models.prepare(cfg.policy.model, cfg.policy.tiny, "policy", root, cfg.run.seed),
-               "reward_base": models.prepare(cfg.reward_model.model, cfg.reward_model.tiny, "reward", root,
-                                             cfg.run.seed)}
+               "policy_base": hub.pin(models.prepare(cfg.policy.model, cfg.policy.tiny, "policy", root,
+                                                     cfg.run.seed), revisions),
+               "reward_base": hub.pin(models.prepare(cfg.reward_model.model, cfg.reward_model.tiny, "reward", root,
+                                                     cfg.run.seed), revisions)}
         return ws.publish(out, {})
     finally:
         ws.close()
@@ -178,9 +191,11 @@ def uses_ai_feedback(cfg: RunConfig) -> bool:
     return cfg.data.preference.source == AI_FEEDBACK
 
 
-def judge_ref(ref: str, policy_base: str) -> str:
-    """A judge model reference: `tiny` means the tiny policy base the data step built."""
-    return policy_base if ref == "tiny" else ref
+def judge_ref(ref: str, policy_base: str, revisions: dict | None = None) -> str:
+    """A judge model reference: `tiny` means the tiny policy base the data step built; a hub id, its pinned commit."""
+    from rlhf_lib import hub
+
+    return policy_base if ref == "tiny" else hub.pin(ref, revisions)
 
 
 def reward_models(cfg: RunConfig, run_id: str, origin_run_id: str | None, inputs: dict[str, str], attempt: int = 0
@@ -318,6 +333,9 @@ def evaluation_inputs(artifacts, cfg: RunConfig, policies: dict[str, str], snaps
               **{f"snapshots_{m}": directory for m, directory in snapshots.items()}}
     if artifacts.gold_reward_model_path:
         inputs["gold_reward_model"] = artifacts.gold_reward_model_path
+    if cfg.gold_judge == "judge_model":
+        inputs["gold_judge_model"] = judge_ref(cfg.eval.gold_judge_model, artifacts.policy_base,
+                                               getattr(artifacts, "model_revisions", None))
     return inputs
 
 

@@ -78,15 +78,16 @@ def model_refs(cfg: RunConfig) -> list[tuple[str, str]]:
     return refs
 
 
-def reachable_models(cfg: RunConfig) -> list[str]:
-    """Every model the run loads can be loaded from here (a local directory, the HF cache, or the hub)."""
-    from rlhf_lib import models
+def loadable_models(cfg: RunConfig) -> list[str]:
+    """Every model the run loads has its config, weights (safetensors, or `.bin` that unpickles as weights only)
+    and tokenizer where it will be read: a local directory, the HF cache, or the hub."""
+    from rlhf_lib import hub
 
     problems = []
     for key, ref in model_refs(cfg):
         try:
-            models.check_reachable(ref, key)
-        except models.ModelError as err:
+            hub.check_loadable(ref, key, cfg.run.trust_remote_code)
+        except hub.ModelError as err:
             problems.append(str(err))
     return problems
 
@@ -119,10 +120,10 @@ def reward_model_shape(cfg: RunConfig) -> list[str]:
     ref = cfg.reward_model.model
     if not needs_reward_model(cfg) or ref == "tiny":
         return []
-    from transformers import AutoConfig
+    from rlhf_lib import models
 
     try:
-        config = AutoConfig.from_pretrained(ref, trust_remote_code=cfg.run.trust_remote_code)
+        config = models.load_config(ref, cfg.run.trust_remote_code)
     except Exception as err:
         return [f"reward_model.model: cannot read config of {ref!r}: {err}"]
     archs = config.architectures or []
@@ -147,9 +148,7 @@ def four_bit_on_cpu(cfg: RunConfig) -> list[str]:
     if ref == models.TINY:
         config = models.tiny_policy_config(cfg.policy.tiny)
     else:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(ref, trust_remote_code=cfg.run.trust_remote_code)
+        config = models.load_config(ref, cfg.run.trust_remote_code)
     bad = models.layers_4bit_cpu_cannot_run(config)
     if not bad:
         return []
@@ -209,8 +208,8 @@ def wandb_key(cfg: RunConfig) -> list[str]:
             "set run.wandb_mode = \"offline\" (sync later with `wandb sync`)"]
 
 
-# In order; a check whose key already has a problem is skipped (reachable_models first: the others read models).
-CHECKS = (data_sources, reachable_models, constitution, reward_functions, reward_model_shape, four_bit_on_cpu,
+# In order; a check whose key already has a problem is skipped (loadable_models first: the others read models).
+CHECKS = (data_sources, loadable_models, constitution, reward_functions, reward_model_shape, four_bit_on_cpu,
           gpus_here, wandb_key, storage_root)
 DEPENDS_ON = {reward_model_shape: "reward_model.model", four_bit_on_cpu: "policy.model"}
 

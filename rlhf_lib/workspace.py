@@ -155,6 +155,20 @@ class Workspace:
     def publish(self, result: dict, downloaded: dict[str, str]) -> dict:
         return result
 
+    def models_here(self, inputs: dict[str, str]) -> dict[str, str]:
+        """The hub models among a stage's inputs (pinned `id@commit`), downloaded once on this machine before its
+        processes start; returns the environment that has them load those copies without touching the network —
+        in a pod from a cache on its own disk (`<scratch>/huggingface`), unless HF_HOME or HF_HUB_CACHE names one
+        of yours (a shared cache)."""
+        from rlhf_lib import hub
+
+        env = {"HF_HUB_OFFLINE": "1"}
+        if in_pod() and not (os.environ.get("HF_HOME") or os.environ.get("HF_HUB_CACHE")):
+            os.environ["HF_HOME"] = env["HF_HOME"] = str(storage.scratch_root() / "huggingface")
+        for value in inputs.values():
+            hub.download(value)
+        return env
+
     def close(self) -> None:
         """Free what only this attempt needed (called whether the stage succeeded or not)."""
 

@@ -13,12 +13,15 @@ from conftest import ROOT, write_config
 FLOW = str(ROOT / "flows" / "rlhf_flow.py")
 
 
-def _classifier(path, num_labels):
+def _classifier(path, num_labels, tokenizer_from):
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    from rlhf_lib import models
 
     DebertaV2ForSequenceClassification(DebertaV2Config(vocab_size=100, hidden_size=16, num_hidden_layers=1,
                                                        num_attention_heads=2, intermediate_size=32,
                                                        num_labels=num_labels)).save_pretrained(path)
+    models.load_tokenizer(tokenizer_from).save_pretrained(path)
     return str(path)
 
 
@@ -40,7 +43,7 @@ def _cases(tmp, tiny_policy):
         "hub id unreachable offline": ({"policy": {"model": "facebook/opt-1.3b"}},
                                        "not in the local Hugging Face cache and HF_HUB_OFFLINE=1"),
         "reward model is a causal LM": ({"reward_model": {"model": tiny_policy}}, "is a causal LM"),
-        "reward model has 2 labels": ({"reward_model": {"model": _classifier(tmp / "cls2", 2)}},
+        "reward model has 2 labels": ({"reward_model": {"model": _classifier(tmp / "cls2", 2, tiny_policy)}},
                                       "needs num_labels=1"),
         "too little disk": ({"run": {"min_free_disk_gb": 1e9}}, "free space or point run.storage_root elsewhere"),
         "GPUs this machine lacks": ({"run": {"gpus": 1}}, "run.gpus = 1 but this machine has 0 GPU(s)"),

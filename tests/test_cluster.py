@@ -182,6 +182,26 @@ def test_argo_gang_spans_run_nodes_and_ai_feedback_puts_rlaif_on_a_gpu(s3_env, t
     assert "kind: JobSet" in manifest and "nvidia.com/gpu: '2'" in manifest and "workerCount" in manifest
 
 
+GPU_POOL = {"node_selector": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
+
+
+def test_gpu_steps_go_to_the_gpu_node_pool(s3_env, tmp_path):
+    """[resources] node selectors and tolerations reach the GPU steps' pods (a GPU pool's label and taint), and only
+    those: data and the steps with nothing to do stay off the GPU pool."""
+    base = tomllib.loads((ROOT / "configs" / "opt-1.3b.toml").read_text())["resources"]
+    cfg = write_config(tmp_path / "cfg.toml", {"run": {"gpus": 8, "methods": ["ppo"]}, "resources": {
+        "train": {**base["train"], **GPU_POOL}, "infer": {**base["infer"], **GPU_POOL}, "light": base["light"]}})
+    templates = _argo_templates(cfg, s3_env, tmp_path)
+    for step in ("sft", "merge", "reward", "ppo-train", "evaluate"):
+        spec = templates[step]
+        assert spec.get("nodeSelector") == GPU_POOL["node_selector"], step
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"], step
+    for step in ("data", "dpo", "rlaif", "start", "end"):
+        assert "nvidia.com/gpu" not in json.dumps(templates[step].get("tolerations", [])), step
+        assert not templates[step].get("nodeSelector"), step
+
+
 def test_users_metaflow_config_wins(tmp_path):
     probe = ("import os; from rlhf_lib import env; env.configure(); "
              "print(os.environ.get('METAFLOW_HOME', '-')); print(env.metaflow_config_source())")

@@ -16,10 +16,13 @@ def _cfg(**sections):
     return config.validate(raw)
 
 
-def test_offline_hub_id_fails_at_once():
+def test_offline_hub_id_fails_at_once(tmp_path, monkeypatch):
+    from rlhf_lib import hub
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache
     started = time.time()
     with pytest.raises(models.ModelError, match="HF_HUB_OFFLINE=1") as info:
-        models.check_reachable("facebook/opt-1.3b", "policy.model")
+        hub.check_loadable("facebook/opt-1.3b", "policy.model")
     assert time.time() - started < 5
     assert "hf download facebook/opt-1.3b" in str(info.value)
 
