@@ -11,7 +11,6 @@ the Client API, and prints a Markdown table for BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -42,8 +41,9 @@ def main() -> None:
     if result.status != "successful":
         sys.exit(f"run {run.id} failed:\n{result.stderr[-3000:]}")
     print(f"## `{Path(args.config).name}` — run {run.id}\n")
-    print(f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"GPUs: {torch.cuda.device_count()}; torch {torch.__version__}\n")
+    from rlhf_lib import cpu
+
+    print(f"Machine: {cpu.describe()}; torch {torch.__version__}\n")
     print("| step | seconds |\n|---|---|")
     for step in reversed(list(run)):
         task = step.task

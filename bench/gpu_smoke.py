@@ -7,6 +7,8 @@ Prints seconds per step and the peak memory of every stage.
     bash bench/gpu_smoke.sh                 # on a GPU machine (no internet needed); target: under 10 minutes
     bash bench/gpu_smoke.sh --tiny          # the same path at tiny sizes, on a CPU
     bash bench/gpu_smoke.sh --tiny --methods ppo   # what the test runs (every method runs in the flow tests)
+    bash bench/gpu_smoke.sh --recipe        # the recipe rehearsal (bench/recipe_rehearsal.py) on this machine's
+                                            # GPUs: the stand-ins as the hub ships them, bf16, one process per GPU
 """
 
 from __future__ import annotations
@@ -106,7 +108,14 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "artifacts" / "gpu-smoke"))
     parser.add_argument("--response-length", type=int, default=400)
     parser.add_argument("--methods", default=None, help="comma-separated methods to run (default: every one)")
+    parser.add_argument("--recipe", action="store_true",
+                        help="run the recipe rehearsal (configs/opt-1.3b-rehearsal.toml) on every GPU here instead")
     args = parser.parse_args()
+    if args.recipe:
+        import subprocess
+
+        sys.exit(subprocess.call([sys.executable, str(ROOT / "bench" / "recipe_rehearsal.py"), "--gpus",
+                                  str(torch.cuda.device_count())]))
     from metaflow import Runner
 
     from rlhf_lib.config import dump_toml

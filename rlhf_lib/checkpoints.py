@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -243,12 +244,18 @@ def save(root: Path, step: int, write: Callable[[Path], None], keep: int | None 
         write(tmp)
         (tmp / MARKER).write_text(json.dumps({"step": step}))
 
+    started = time.time()
     path = atomic_dir(step_dir(root, step), build, is_complete=lambda p: marked_step(p) == step)
+    print(f"[checkpoints] step {step} written in {time.time() - started:.1f} s ({_megabytes(path):.0f} MB)", flush=True)
     if keep:  # a mirrored attempt's local directory is its own scratch: no one else reads it
         prune(root, keep, "local", fenced=not mirror)
     if mirror:
         publish_later(path, mirror, keep)
     return path
+
+
+def _megabytes(path: Path) -> float:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 1e6
 
 
 def publish_later(checkpoint: Path, remote_root: str, keep: int | None = None) -> None:
@@ -371,7 +378,10 @@ def choose(stage: str, roots: list[str], output: Path, load, reader: str | None)
             if reader and not str(location).startswith(str(own_root)):
                 mark_reading(location, reader)
             local = fetch(location, Path(output) / FETCHED)
-            return step, location, local, load(local)
+            started = time.time()
+            state = load(local)
+            print(f"[{stage}] checkpoint {location} read in {time.time() - started:.1f} s", flush=True)
+            return step, location, local, state
         except Exception as err:
             if not unusable(err):
                 _fault(stage, f"checkpoint {location}", err)

@@ -86,3 +86,25 @@ def set_threads(configured: int) -> int:
     n = configured if configured > 0 else (usable_cores() if limit else free_threads())
     torch.set_num_threads(n)
     return n
+
+
+def describe() -> str:
+    """This machine in one line, for benchmark records: architecture, CPU model, usable cores, the vector
+    instruction set torch's kernels use (AVX2, AVX512, ...: it decides the order floats are summed in, so figures
+    match to the digit only between machines that report the same), and memory."""
+    import platform
+
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        memory = f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
+    except (ValueError, OSError, AttributeError):
+        memory = "memory unknown"
+    return (f"{platform.machine()}, {model}, {usable_cores()} cores, torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}, {memory}, GPUs: {torch.cuda.device_count()}")

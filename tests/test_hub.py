@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TEST_CONFIG
+from conftest import TEST_CONFIG
 from rlhf_lib import config, hub, launch, models, pipeline, preflight
 
 

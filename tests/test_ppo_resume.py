@@ -7,7 +7,7 @@ import math
 import pytest
 
 from conftest import TEST_CONFIG
-from rlhf_lib import config, models
+from rlhf_lib import checkpoints, config, models
 from rlhf_lib.config import DatasetSource, TinyModelSpec
 from rlhf_lib.data import lake
 from rlhf_lib.stages.ppo import trainer
@@ -76,3 +76,25 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(uninterrupted, ppo_inp
     _assert_same_trace(resumed["stats"], uninterrupted["stats"])
     # The adopted checkpoint now lives in the resumed run's own directory too.
     assert (tmp_path / "out" / "resumed" / "checkpoints" / "step-000002" / "COMPLETE").exists()
+
+
+def test_a_kill_right_after_a_checkpoint_keeps_that_steps_snapshot(ppo_inputs, tmp_path, monkeypatch):
+    """Found by the full-size rehearsal: the snapshot (a point of the over-optimisation curve) was written after the
+    checkpoint, so a SIGKILL between the two resumed past a step whose snapshot never existed. Every checkpoint's
+    snapshot must be complete before the checkpoint is."""
+
+    class Killed(BaseException):  # not an Exception: nothing in the stage may catch it, as nothing catches SIGKILL
+        pass
+
+    real_save = trainer.save_checkpoint
+
+    def save_then_die(directory, step, *args, **kwargs):
+        real_save(directory, step, *args, **kwargs)
+        raise Killed(step)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        _run(tmp_path, "killed", ppo_inputs, steps=STEPS)
+    out = tmp_path / "out" / "killed"
+    assert (out / "checkpoints" / "step-000002" / "COMPLETE").exists()
+    assert [step for step, _ in checkpoints.complete_snapshots(out / "snapshots")] == [2]

@@ -242,7 +242,7 @@ def test_a_gang_survives_an_upload_slower_than_its_process_group_timeout(s3_env,
     stats of the same stage whose uploads were not held, and every checkpoint in S3."""
     cfg, inputs = _ppo_inputs(tiny_policy, tmp_path, steps=4, process_group_timeout_s=8)
     task = f"s3://{s3_env['BUCKET']}/rlhf/RLHFFlow/41/ppo"
-    quick = _ppo_gang(cfg, inputs, tmp_path / "quick", f"{task}/attempt-0/checkpoints", nodes=1)
+    _ppo_gang(cfg, inputs, tmp_path / "quick", f"{task}/attempt-0/checkpoints", nodes=1)
     upstream = s3_env["METAFLOW_S3_ENDPOINT_URL"].removeprefix("http://").split(":")
     slow = FaultyProxy(upstream[0], int(upstream[1]), delay=10.0,
                        match=lambda line: line.startswith(b"PUT") and line.split(b" ")[1].endswith(b"/COMPLETE")

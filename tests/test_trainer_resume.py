@@ -62,3 +62,36 @@ def test_no_in_training_evaluation_when_eval_steps_exceed_max_steps(tmp_path):
     never = cfg.reward.model_copy(update={"eval_steps": cfg.reward.max_steps + 1})
     assert hf.training_kwargs(cfg, never, "reward", tmp_path)["eval_strategy"] == "no"
     assert hf.training_kwargs(cfg, cfg.reward, "reward", tmp_path)["eval_strategy"] == "steps"
+
+
+def test_an_hf_checkpoint_implies_its_snapshot(tiny_policy, tmp_path, monkeypatch):
+    """GRPO and RLOO keep the adapter of every HF checkpoint as a snapshot (a point of the over-optimisation
+    curve). It was written after the checkpoint (on_save), so a kill between the two resumed past a step with no
+    snapshot. A real Trainer, killed the moment its first checkpoint is complete."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from rlhf_lib import checkpoints
+    from rlhf_lib.stages import hf
+
+    class Killed(BaseException):  # as uncatchable for the stage as a SIGKILL
+        pass
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_policy), LoraConfig(r=2, target_modules=["q_proj"]))
+    rows = [{"input_ids": torch.arange(8), "labels": torch.arange(8)} for _ in range(8)]
+    args = TrainingArguments(output_dir=str(tmp_path / "checkpoints"), max_steps=4, save_steps=2,
+                             per_device_train_batch_size=2, report_to=[], use_cpu=True, logging_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    trainer.add_callback(hf.snapshot_callback(tmp_path))
+    real_save = trainer._save_checkpoint
+
+    def save_then_die(*a, **kw):
+        real_save(*a, **kw)
+        raise Killed
+
+    monkeypatch.setattr(trainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        trainer.train()
+    assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir()
+    assert [step for step, _ in checkpoints.complete_snapshots(tmp_path / "snapshots")] == [2]

@@ -64,15 +64,38 @@ def log_history_stats(log_history: list[dict]) -> list[dict]:
 
 
 def snapshot_callback(output: Path, checkpoint_uri: str | None = None):
-    """An HF TrainerCallback that keeps the adapter of every checkpoint the Trainer saves as a snapshot."""
+    """An HF TrainerCallback that keeps the adapter of every checkpoint the Trainer saves as a snapshot — written
+    before the checkpoint (at the end of the step the Trainer is about to save), so that a checkpoint implies its
+    point of the curve: a kill between the two replays the step from the previous checkpoint."""
     from transformers import TrainerCallback
 
     class KeepSnapshots(TrainerCallback):
-        def on_save(self, args, state, control, model=None, **kwargs):
-            if state.is_world_process_zero and model is not None:
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if control.should_save and state.is_world_process_zero and model is not None:
                 checkpoints.save_snapshot(model, output, state.global_step, checkpoint_uri)
 
     return KeepSnapshots()
+
+
+def timing_callback(stage: str):
+    """An HF TrainerCallback that says how long each checkpoint took to write (from the end of its optimizer step,
+    which the save follows, to the Trainer's on_save)."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class SaveTimes(TrainerCallback):
+        step_ended = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_ended = time.time()
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero and self.step_ended:
+                print(f"[{stage}] checkpoint-{state.global_step} written in {time.time() - self.step_ended:.1f} s",
+                      flush=True)
+
+    return SaveTimes()
 
 
 def mirror_checkpoints_callback(checkpoint_uri: str, keep: int | None):
@@ -109,6 +132,7 @@ def train_resumable(trainer, stage: str, roots: list[str], output: Path, checkpo
     """trainer.train() continued from the newest checkpoint that loads (`checkpoints.resume_point`), each new
     checkpoint also stored at `checkpoint_uri` when that is another place than the trainer's own directory.
     Returns (train output, the checkpoint resumed from)."""
+    trainer.add_callback(timing_callback(stage))
     mirror = storage.mirror_of(checkpoint_uri)
     if mirror:
         trainer.add_callback(mirror_checkpoints_callback(mirror, trainer.args.save_total_limit))

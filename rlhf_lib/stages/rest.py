@@ -180,8 +180,9 @@ def train(run: contract.StageRun, policy, tokenizer, reward, prompts, state: dic
             wandb_run.log({f"rest/{k}": v for k, v in record.items() if isinstance(v, (int, float))},
                           step=index + 1)
         if contract.is_main_process():
-            _save(run.out / "checkpoints", index + 1, policy, state, mirror=storage.mirror_of(run.args.checkpoint_uri))
+            # The snapshot first: a checkpoint implies its point of the curve (trainer.py in stages/ppo says why).
             checkpoints.save_snapshot(policy, run.out, index + 1, run.args.checkpoint_uri)
+            _save(run.out / "checkpoints", index + 1, policy, state, mirror=storage.mirror_of(run.args.checkpoint_uri))
     checkpoints.UPLOADS.wait()
 
 

@@ -511,10 +511,12 @@ def train(run: Run, wandb_run) -> None:
         if (step + 1) % p.save_freq == 0 or step + 1 == p.steps:
             rng_by_rank = run.layout.gather_objects(_rng_state())  # every process's: each samples its own rollouts
             if run.accelerator.is_main_process:
+                # The snapshot first: a checkpoint implies its step's point of the curve (a kill between the two
+                # then replays the step from the previous checkpoint, and rewrites the same snapshot).
+                checkpoints.save_snapshot(run.policy.lm, out, step + 1, run.stage.args.checkpoint_uri)
                 save_checkpoint(out / "checkpoints", step + 1, run.policy, run.optimizer, run.kl_ctl, run.sampler,
                                 run.length_gen, run.stats, p.keep_checkpoints,
                                 mirror=storage.mirror_of(run.stage.args.checkpoint_uri), rng_by_rank=rng_by_rank)
-                checkpoints.save_snapshot(run.policy.lm, out, step + 1, run.stage.args.checkpoint_uri)
     run.accelerator.wait_for_everyone()
 
 

@@ -1,0 +1,194 @@
+"""The memory model behind `[resources]` in configs/opt-1.3b.toml: what each GPU stage of the seed's recipe needs
+per process (GPU memory) and per node (host memory, /dev/shm, disk), from the models' exact parameter counts and the
+config's batch sizes and lengths.
+
+    python bench/memory_model.py [--config configs/opt-1.3b.toml] [--check-rehearsal]
+
+Parameter counts come from the published architectures (bench/standins.py), instantiated on torch's meta device (no
+memory, no download). The byte costs per parameter and per token are the standard ones, written out below; the
+host-memory terms are calibrated on the CPU rehearsal (bench/recipe_rehearsal.py), and `--check-rehearsal` prints
+the model's prediction for that run beside what it measured, so the calibration can be checked rather than trusted.
+BENCHMARKS.md ("Memory model for the GPU recipe") holds the output and how `[resources]` follows from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+GB = 1e9
+BF16, FP32 = 2, 4
+ADAM_STATE = 4 + 4 + 4 + 4   # fp32 weight, fp32 gradient, Adam's two moments: a trained parameter
+NF4 = 0.5 + 0.127 / 8        # 4 bits + double-quantized absmax (8-bit per 64 weights, fp32 per 256 blocks)
+ACTIVATION_PER_TOKEN_LAYER = 34  # bytes x hidden size: one transformer layer's saved activations in 16-bit, with
+# a fused (SDPA) attention that keeps no seq x seq scores (Korthikanti et al. 2022, table 2 without the 5as/h term)
+LOGIT_BYTES_TRAINING = 2 + 4 + 4  # bf16 logits, their fp32 upcast for the loss, its gradient
+LOGIT_BYTES_SCORING = 2 + 4
+CUDA_RUNTIME = 1.5 * GB      # CUDA context, cuBLAS/NCCL workspaces, on every GPU process
+FRAGMENTATION = 1.2          # the caching allocator's slack over the live tensors
+HOST_RUNTIME_CPU = 0.7 * GB  # python + torch + transformers imported, measured on this CPU (no CUDA)
+HOST_RUNTIME_GPU = 3.0 * GB  # the same with CUDA's libraries mapped and a context created
+NODE_HEADROOM = 1.25         # on top of the sum of a node's processes: page cache, the stage wrapper, monitoring
+
+
+def parameter_counts() -> dict[str, int]:
+    """Exact parameter counts of the recipe's models and of the parts the recipe treats differently."""
+    import torch
+    from transformers import (DebertaV2Config, DebertaV2ForSequenceClassification, OPTConfig,
+                              OPTForCausalLM)
+
+    import standins
+
+    with torch.device("meta"):
+        opt = OPTForCausalLM(OPTConfig(**{k: v for k, v in standins.OPT_1_3B.items() if not k.startswith("_")}))
+        deberta = DebertaV2ForSequenceClassification(
+            DebertaV2Config(**{k: v for k, v in standins.DEBERTA_V3_BASE.items() if k != "model_type"}, num_labels=1))
+    linear = sum(m.weight.numel() for n, m in opt.model.decoder.layers.named_modules()
+                 if isinstance(m, torch.nn.Linear))
+    return {"policy": sum(p.numel() for p in opt.parameters()), "policy_linear": linear,
+            "reward": sum(p.numel() for p in deberta.parameters()), "hidden": opt.config.hidden_size,
+            "layers": opt.config.num_hidden_layers, "vocab": opt.config.vocab_size,
+            "reward_hidden": deberta.config.hidden_size, "reward_layers": deberta.config.num_hidden_layers}
+
+
+def lora_parameters(counts: dict, lora) -> int:
+    """A LoRA adapter of rank r on square hidden x hidden projections (q_proj, v_proj...): r x 2 x hidden each."""
+    return counts["layers"] * len(lora.target_modules) * lora.r * 2 * counts["hidden"]
+
+
+def activations(counts: dict, tokens: int, checkpointing: bool, hidden="hidden", layers="layers") -> float:
+    """Saved activations of a forward that will be back-propagated, for `tokens` tokens in the micro-batch."""
+    per_layer = ACTIVATION_PER_TOKEN_LAYER * tokens * counts[hidden]
+    if checkpointing:  # each layer's input kept (bf16), one layer recomputed at a time
+        return counts[layers] * BF16 * tokens * counts[hidden] + per_layer
+    return counts[layers] * per_layer
+
+
+def gpu_needs(cfg, counts: dict) -> dict[str, dict[str, float]]:
+    """GB of GPU memory per process, by stage and by term."""
+    s, r, p = cfg.sft, cfg.reward, cfg.ppo
+    world = max(cfg.run.processes, 1)
+    policy, reward = counts["policy"], counts["reward"]
+    frozen_bf16 = policy - counts["policy_linear"]  # embeddings, layer norms, biases: not quantized
+    sft_tokens = s.batch_size * s.max_length
+    ppo_rows = min(p.mini_batch_size, p.batch_size // world)  # rollouts of one rank's micro-batch, at most
+    ppo_tokens = ppo_rows * (p.max_prompt_length + p.max_response_length)
+    needs = {
+        "sft": {"weights (NF4 linears + bf16 rest)": counts["policy_linear"] * NF4 + frozen_bf16 * BF16,
+                "LoRA + Adam": lora_parameters(counts, s.lora) * ADAM_STATE,
+                "activations (checkpointed)": activations(counts, sft_tokens, True),
+                "logits": sft_tokens * counts["vocab"] * LOGIT_BYTES_TRAINING},
+        # Full fine-tuning in mixed precision; a preference pair is two sequences.
+        "reward": {"weights + Adam (fp32)": reward * ADAM_STATE,
+                   "activations (checkpointed)": activations(counts, 2 * r.batch_size * r.max_length, True,
+                                                             "reward_hidden", "reward_layers")},
+        # Policy and reference share one bf16 copy (the reference is the adapter switched off); no checkpointing.
+        "ppo": {"policy (bf16) + reward model (bf16)": (policy + reward) * BF16,
+                "LoRA + Adam + value head": (lora_parameters(counts, p.lora) + counts["hidden"] + 1) * ADAM_STATE,
+                "KV cache while generating": (p.batch_size // world) * (p.max_prompt_length + p.max_response_length)
+                * 2 * counts["layers"] * counts["hidden"] * BF16,
+                "activations": activations(counts, ppo_tokens, False),
+                "logits": ppo_tokens * counts["vocab"] * LOGIT_BYTES_TRAINING},
+        # peft's merge_and_unload folds the adapter into the base's weights in place: one copy.
+        "merge": {"base, merged in place (bf16)": policy * BF16},
+        # SFT's model stays (the KL reference) beside each method's in turn; the proxy and the gold reward model.
+        "evaluate": {"SFT + one method's policy (bf16)": 2 * policy * BF16, "two reward models (bf16)": 2 * reward * BF16,
+                     "KV cache": cfg.eval.num_prompts * cfg.eval.max_new_tokens * 2 * counts["layers"]
+                     * counts["hidden"] * BF16 / 8},  # generated in chunks of an eighth of the prompts, at most
+    }
+    for terms in needs.values():
+        terms["CUDA runtime"] = CUDA_RUNTIME
+    return {stage: {k: v / GB for k, v in terms.items()} for stage, terms in needs.items()}
+
+
+def host_per_process(counts: dict, gpu: bool, checkpoint_bytes: int, compute_bytes: int) -> float:
+    """GB of host memory one stage process peaks at while loading the policy: its runtime, the checkpoint's pages as
+    read (memory-mapped; the hub's .bin is fp16, a merged model is in the compute dtype) and the model built from
+    it in the compute dtype before it moves to the GPU (on a CPU it stays: that copy is the model). The reward
+    model's share (under a seventh of the policy's) is in NODE_HEADROOM."""
+    runtime = HOST_RUNTIME_GPU if gpu else HOST_RUNTIME_CPU
+    return (runtime + counts["policy"] * (checkpoint_bytes + compute_bytes)) / GB
+
+
+def disk_needs(cfg, counts: dict) -> dict[str, float]:
+    """GB a stage's pod holds on its disk: the hub's files in its HF cache, what it downloads from storage, what it
+    writes (hard-linked snapshots are uploaded without copies). Datasets: DATASETS_GB for the materialised splits
+    (OpenOrca's million rows are most of it)."""
+    from rlhf_lib import methods
+
+    hub_policy, hub_reward = counts["policy"] * 2 / GB, counts["reward"] * 2 / GB  # fp16 .bin on the hub
+    policy_bf16, reward_fp32 = counts["policy"] * BF16 / GB, counts["reward"] * FP32 / GB
+    lora = lora_parameters(counts, cfg.ppo.lora) * FP32 / GB
+    return {
+        "sft": hub_policy + DATASETS_GB + 2 * 3 * lora,  # two checkpoints of adapter + Adam's moments
+        "merge": hub_policy + policy_bf16,
+        # two HF checkpoints (fp32 weights + Adam's moments) and the final model
+        "reward": hub_reward + DATASETS_GB + 2 * 3 * reward_fp32 + reward_fp32,
+        "ppo": policy_bf16 + reward_fp32 + 2 * 3 * lora + cfg.ppo.steps // cfg.ppo.save_freq * lora + policy_bf16,
+        # the SFT model and every method's merged model, the proxy and the gold reward model
+        "evaluate": (1 + len(methods.names())) * policy_bf16 + 2 * reward_fp32,
+    }
+
+
+DATASETS_GB = 5.0  # the materialised splits: OpenOrca's 1 M rows (~1.2 KB each) and hh-rlhf's 160 K pairs, rounded up
+
+
+def node_needs(cfg, counts: dict, gpu: dict) -> dict[str, dict[str, float]]:
+    """What one node needs, by step kind (GB): host memory (its processes x host_per_process x NODE_HEADROOM),
+    the GPU memory of its largest stage per process, the disk of its largest stage."""
+    processes = max(cfg.run.gpus, 1)
+    per_process = host_per_process(counts, True, BF16, BF16)
+    disk = disk_needs(cfg, counts)
+    kinds = {"train": (processes, ("sft", "reward", "ppo")), "infer": (1, ("merge", "evaluate"))}
+    return {kind: {"processes": n, "host memory per process": per_process,
+                   "host memory": n * per_process * NODE_HEADROOM,
+                   "GPU memory per process": max(sum(gpu[s].values()) for s in stages) * FRAGMENTATION,
+                   "disk": max(disk[s] for s in stages)}
+            for kind, (n, stages) in kinds.items()}
+
+
+def rehearsal_prediction(counts: dict) -> dict[str, float]:
+    """The model's host-memory peak for the CPU rehearsal's stages (one process, fp32 compute), to set beside the
+    measured peaks: the same terms as on a GPU node, with the model kept in host memory."""
+    runtime, policy, reward = HOST_RUNTIME_CPU / GB, counts["policy"] / GB, counts["reward"] / GB
+    nf4_model = (counts["policy_linear"] * NF4 + (counts["policy"] - counts["policy_linear"]) * FP32) / GB
+    merged = host_per_process(counts, False, FP32, FP32)  # the later stages read the fp32 merged SFT model
+    return {"sft": runtime + 2 * policy + nf4_model, "merge": host_per_process(counts, False, 2, FP32),
+            "reward": runtime + reward * (2 + ADAM_STATE), "ppo": merged + 2 * FP32 * reward,
+            "dpo": merged, "grpo": merged}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "opt-1.3b.toml"))
+    parser.add_argument("--check-rehearsal", action="store_true",
+                        help="also print the model's host peaks for the CPU rehearsal's stages")
+    args = parser.parse_args()
+    from rlhf_lib import config
+
+    cfg = config.load(args.config)
+    counts = parameter_counts()
+    print(f"parameters: OPT-1.3B {counts['policy']:,} ({counts['policy_linear']:,} in decoder linears), "
+          f"DeBERTa-v3-base + score head {counts['reward']:,}; LoRA (sft) {lora_parameters(counts, cfg.sft.lora):,}")
+    gpu = gpu_needs(cfg, counts)
+    print(f"\nGPU memory per process, {cfg.run.processes} process(es) ({args.config}):")
+    for stage, terms in gpu.items():
+        detail = ", ".join(f"{k} {v:.2f}" for k, v in terms.items())
+        print(f"- {stage}: {sum(terms.values()):.1f} GB ({FRAGMENTATION:.1f}x with allocator slack: "
+              f"{sum(terms.values()) * FRAGMENTATION:.1f} GB) = {detail}")
+    print("\nPer node:")
+    for kind, needs in node_needs(cfg, counts, gpu).items():
+        print(f"- {kind}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in needs.items()))
+    if args.check_rehearsal:
+        print("\nCPU rehearsal, predicted host peak per stage (GB): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in rehearsal_prediction(counts).items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The CPU rehearsal of the seed's recipe (configs/opt-1.3b-rehearsal.toml, bench/recipe_rehearsal.py) is the recipe
+at its real size: it differs from configs/opt-1.3b.toml only in step counts, batch sizes, sequence lengths, row
+counts, run.gpus and the data sources — and, so that every stage runs, in run.methods, the preference source (AI
+feedback) and its judge model. The stand-in models (bench/standins.py) have the published architectures."""
+
+import sys
+
+from conftest import ROOT
+from rlhf_lib import config
+
+STEP_COUNTS = {"max_steps", "steps", "save_steps", "save_freq", "eval_steps", "logging_steps", "warmup_steps",
+               "grow_steps"}
+BATCH_SIZES = {"batch_size", "mini_batch_size", "gradient_accumulation_steps", "stream_batch_size"}
+LENGTHS = {"max_length", "max_response_length", "min_response_length", "max_prompt_length", "reward_max_length",
+           "max_new_tokens", "max_completion_length"}
+ROW_COUNTS = {"max_rows", "eval_rows", "sample_rows", "num_prompts", "curve_prompts", "prompts_per_grow",
+              "samples_per_prompt", "num_generations"}
+SOURCES = {"data.sft.source", "data.sft.eval_source", "data.preference.source", "data.preference.eval_source",
+           "data.prompts.source", "data.prompts.eval_source"}
+EVERY_STAGE = {"run.methods", "rlaif.judge_model"}  # with data.preference.source = ai_feedback (a source)
+
+
+def _leaves(value, prefix=""):
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _leaves(inner, f"{prefix}.{key}" if prefix else key)
+    else:
+        yield prefix, value
+
+
+def test_the_rehearsal_differs_from_the_recipe_only_where_it_may():
+    recipe = dict(_leaves(config.load(ROOT / "configs" / "opt-1.3b.toml").model_dump()))
+    rehearsal = dict(_leaves(config.load(ROOT / "configs" / "opt-1.3b-rehearsal.toml").model_dump()))
+    assert set(recipe) == set(rehearsal)
+    changed = {key for key in recipe if recipe[key] != rehearsal[key]}
+    allowed = {key for key in changed if key.rsplit(".", 1)[-1] in STEP_COUNTS | BATCH_SIZES | LENGTHS | ROW_COUNTS}
+    allowed |= changed & (SOURCES | EVERY_STAGE | {"run.gpus"})
+    assert changed - allowed == set()
+    assert rehearsal["run.gpus"] == 0 and rehearsal["policy.model"] == "facebook/opt-1.3b"
+    assert rehearsal["reward_model.model"] == "microsoft/deberta-v3-base" and rehearsal["sft.quantize_4bit"]
+    assert {"sft.max_steps", "ppo.steps", "data.sft.source"} <= changed  # the comparison really sees differences
+
+
+def test_the_stand_ins_have_the_published_architectures():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import standins
+
+    opt, deberta = standins.OPT_1_3B, standins.DEBERTA_V3_BASE
+    assert (opt["hidden_size"], opt["num_hidden_layers"], opt["num_attention_heads"], opt["ffn_dim"],
+            opt["vocab_size"], opt["max_position_embeddings"]) == (2048, 24, 32, 8192, 50272, 2048)
+    assert (deberta["hidden_size"], deberta["num_hidden_layers"], deberta["num_attention_heads"],
+            deberta["intermediate_size"], deberta["vocab_size"], deberta["position_buckets"],
+            deberta["relative_attention"], deberta["position_biased_input"]) == (768, 12, 12, 3072, 128100, 256,
+                                                                                  True, False)
+    assert standins.OPT_VOCAB == 50265 and standins.SPM_PIECES == 128000
+    assert len(standins.commit_of("facebook/opt-1.3b")) == 40
+
+
+def test_the_recipes_resources_cover_the_memory_model():
+    """`[resources]` in configs/opt-1.3b.toml is set from bench/memory_model.py: what a node's processes need in
+    host memory (plus the /dev/shm a pod counts in its memory) and the largest stage's disk must fit what the
+    steps ask for, and the disk check must ask for at least that disk."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import memory_model
+
+    cfg = config.load(ROOT / "configs" / "opt-1.3b.toml")
+    counts = memory_model.parameter_counts()
+    needs = memory_model.node_needs(cfg, counts, memory_model.gpu_needs(cfg, counts))
+    for kind in ("train", "infer"):
+        asked = getattr(cfg.resources, kind)
+        assert asked.memory_mb / 1024 >= needs[kind]["host memory"] + asked.shared_memory_mb / 1024, kind
+        assert asked.disk_mb / 1024 >= max(needs[kind]["disk"], cfg.run.min_free_disk_gb), kind
+        assert cfg.run.min_free_disk_gb >= needs[kind]["disk"], kind
+    assert needs["train"]["processes"] == cfg.run.gpus == 8
