@@ -66,6 +66,12 @@ def main() -> None:
         print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
         for row in rows:
             print("| " + " | ".join(str(c) for c in row) + " |")
+        headers, rows = reporting.guard_table(data.eval_report)
+        print("\nThe guard (rlhf_lib/guard.py): each online method at its last and its recommended checkpoint:\n")
+        print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
+        for row in rows:
+            print("| " + " | ".join(str(c) for c in row) + " |")
+        print("\n" + "\n".join(f"- {line}" for line in reporting.guard_lines(data.eval_report)))
         if args.plot:
             reporting.plot_over_optimisation(data.eval_report).savefig(args.plot, dpi=110)
             print(f"\n(plot: {args.plot})")

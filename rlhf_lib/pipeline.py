@@ -319,7 +319,28 @@ def evaluate(flow, current) -> dict:
     result = run_stage(cfg, "evaluate", current.run_id, inputs, attempt=current.retry_count)
     report = add_stage_seconds(result["eval_report"], {m: getattr(flow, f"{m}_seconds") for m in done})
     return {"methods": done, "gold_judge": result["gold_judge"], "eval_report": report,
-            "eval_samples": result["eval_samples"], "eval_report_path": result["report_path"]}
+            "eval_samples": result["eval_samples"], "eval_report_path": result["report_path"],
+            **recommendations(flow, report)}
+
+
+def recommendations(artifacts, report: dict) -> dict:
+    """`<method>_recommended_step` and `<method>_recommended_path` for every method of the registry: the guard's
+    checkpoint (rlhf_lib/guard.py) and where it is — the merged model at the last step, the adapter snapshot of an
+    earlier one, the SFT model at step 0; None for a method without a curve."""
+    out = {}
+    for name in methods.names():
+        verdict = (report.get(name) or {}).get("guard")
+        step = verdict["recommended_step"] if verdict else None
+        if step is None:
+            path = None
+        elif step == 0:
+            path = artifacts.sft_merged_path
+        elif step == verdict["last_step"]:
+            path = getattr(artifacts, f"{name}_model_path")
+        else:
+            path = storage.join(getattr(artifacts, f"{name}_snapshots_dir"), f"step-{step:06d}")
+        out.update({f"{name}_recommended_step": step, f"{name}_recommended_path": path})
+    return out
 
 
 def evaluation_inputs(artifacts, cfg: RunConfig, policies: dict[str, str], snapshots: dict[str, str]) -> dict:

@@ -120,10 +120,17 @@ def eval_table(eval_report: dict) -> tuple[list[str], list[list]]:
 
 def over_optimisation_note(eval_report: dict) -> str:
     flagged = [m for m, row in eval_report.items() if row.get("over_optimised")]
+    turned = [f"{m} after step {row['guard']['over_optimised_after']}" for m, row in eval_report.items()
+              if (row.get("guard") or {}).get("over_optimised_after") is not None]
+    notes = []
     if flagged:
-        return ("**Over-optimisation:** " + ", ".join(flagged) + " beat SFT by the reward they optimised "
-                "but not by the gold judge: they learned to please the proxy, not the preference behind it.")
-    return "No method is flagged for over-optimisation (proxy win-rate up while the gold win-rate is not)."
+        notes.append("**Over-optimisation:** " + ", ".join(flagged) + " beat SFT by the reward they optimised but "
+                     "not by the gold judge: they learned to please the proxy, not the preference behind it.")
+    if turned:
+        notes.append("**Over-optimised along the way:** " + ", ".join(turned) + " — the gold judge fell while the "
+                     "proxy kept rising; ship the recommended checkpoint, not the last.")
+    return " ".join(notes) or ("No method is flagged for over-optimisation (proxy up while the gold judge is not, "
+                               "at the end or along the way).")
 
 
 def samples_table(eval_samples: list[dict]) -> tuple[list[str], list[list]]:
@@ -168,32 +175,84 @@ def plot_method(name: str, run_data):
 
 
 def plot_over_optimisation(eval_report: dict):
-    """Gao et al. (2022) for every online method: win-rate over SFT by the proxy (solid) and the gold judge (dashed)
-    of each saved checkpoint, against its KL from SFT. Where the proxy keeps rising and the gold judge turns down,
-    the method has started to please the reward instead of the preference behind it."""
-    curves = [(n, r["curve"]) for n, r in eval_report.items() if r.get("curve")]
-    has_gold = any(all(p.get("gold_win_rate") is not None for p in c) for _, c in curves)
-    judges = [("proxy_win_rate", "proxy (the reward optimised)")] + \
-        ([("gold_win_rate", "gold (never trained against)")] if has_gold else [])
-    fig, axes = plt.subplots(1, len(judges), figsize=(4.2 * len(judges), 3.8), sharey=True, squeeze=False)
+    """Gao et al. (2022) for every online method: each saved checkpoint's gain over SFT by the gold judge (left) and
+    by the proxy it optimised (right) against √KL(checkpoint ‖ SFT), points joined in order of KL; on the gold
+    panel the fitted d(α − β ln d), its peak (dotted), and the guard's recommended checkpoint (a star, labelled
+    with its step). A proxy that keeps climbing while the gold turns down is over-optimisation."""
+    import math
+
+    from rlhf_lib import guard
+
+    curves = [(n, r["curve"], r.get("guard")) for n, r in eval_report.items() if r.get("curve")]
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.0), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (key, title) in zip(axes[0], judges):
-        for i, (name, curve) in enumerate(curves):
-            points = [p for p in curve if p.get(key) is not None]
-            kl = [p["kl_per_sequence"] for p in points]
-            win = [p[key] for p in points]
-            # Points joined in training order (KL need not grow: an adaptive leash pulls it back); steps labelled.
-            ax.plot(kl, win, marker="o", markersize=4, color=colours[i % len(colours)], label=name)
-            for p, x, y in zip(points[1:], kl[1:], win[1:]):
-                ax.annotate(str(p["step"]), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
-        ax.axhline(0.5, color="grey", linestyle=":")
-        ax.set(title=f"win-rate over SFT: {title}", xlabel="KL(checkpoint ‖ SFT) per sequence (nats)", ylim=(0, 1.02))
+    panels = ((axes[0][0], guard.gold_value, "gold judge (never trained against)"),
+              (axes[0][1], guard.proxy_value, "proxy (the reward optimised)"))
+    for i, (name, curve, verdict) in enumerate(curves):
+        colour = colours[i % len(colours)]
+        points = sorted(curve, key=lambda p: p["kl_per_sequence"])
+        for ax, value, _ in panels:
+            xy = [(math.sqrt(p["kl_per_sequence"]), value(p, curve[0])) for p in points]
+            xy = [(x, y) for x, y in xy if y is not None]
+            if xy:
+                ax.plot(*zip(*xy), marker="o", markersize=4, color=colour, label=name)
+        if verdict:
+            _mark_guard(panels[0][0], curve, verdict, colour)
+    for ax, _, title in panels:
+        ax.axhline(0.0, color="grey", linestyle=":", linewidth=0.8)
+        ax.set(title=f"gain over SFT: {title}", xlabel="√KL(checkpoint ‖ SFT)  (√nats per sequence)")
         ax.title.set_fontsize(9)
-    axes[0][0].set_ylabel("win-rate over SFT (0.5 = SFT)")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("Over-optimisation: each saved checkpoint vs SFT (labels: step)", fontsize=10)
+    axes[0][0].set_ylabel("mean score − SFT's (win-rate − 0.5 for a pairwise judge)")
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.suptitle("Over-optimisation: every saved checkpoint vs SFT; ★ = recommended, dotted = fitted gold peak",
+                 fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def _mark_guard(ax, curve: list[dict], verdict: dict, colour: str) -> None:
+    """The fitted gold curve, its peak and the recommended checkpoint, on the gold panel."""
+    import math
+
+    from rlhf_lib import guard
+
+    fitted = verdict.get("fit")
+    far = max(p["kl_per_sequence"] for p in curve)
+    if fitted:
+        reach = max(far, fitted["peak_kl"] or 0.0) * 1.1
+        kls = [reach * k / 60 for k in range(61)]
+        ax.plot([math.sqrt(k) for k in kls], [guard.predict(fitted, k) for k in kls], color=colour, linewidth=0.8,
+                alpha=0.6, linestyle="--")
+        if fitted["peak_kl"]:
+            ax.axvline(math.sqrt(fitted["peak_kl"]), color=colour, linestyle=":", linewidth=0.9)
+    best = verdict["recommended"]
+    y = guard.gold_value(best, curve[0])
+    if y is not None:
+        x = math.sqrt(best["kl_per_sequence"])
+        ax.plot([x], [y], marker="*", markersize=13, color=colour, markeredgecolor="black", zorder=5)
+        ax.annotate(f"step {best['step']}", (x, y), fontsize=7, xytext=(6, -10), textcoords="offset points")
+
+
+def guard_lines(eval_report: dict) -> list[str]:
+    """The guard's verdict on each online method, one line each (rlhf_lib/guard.py)."""
+    return [f"{name}: {row['guard']['note']}" for name, row in eval_report.items() if row.get("guard")]
+
+
+def guard_table(eval_report: dict) -> tuple[list[str], list[list]]:
+    """(headers, rows): each online method at its last and at its recommended checkpoint, by both judges."""
+    headers = ["method", "last step", "proxy win (last)", "gold win (last)", "recommended step",
+               "proxy win (recommended)", "gold win (recommended)", "KL/sequence (recommended)", "over-optimised after"]
+    rows = []
+    for name, row in eval_report.items():
+        verdict = row.get("guard")
+        if not verdict:
+            continue
+        last, best = row["curve"][-1], verdict["recommended"]
+        after = verdict["over_optimised_after"]
+        rows.append([name, last["step"], _cell(last["proxy_win_rate"]), _cell(last.get("gold_win_rate")),
+                     best["step"], _cell(best["proxy_win_rate"]), _cell(best.get("gold_win_rate")),
+                     _cell(best["kl_per_sequence"]), "—" if after is None else f"step {after}"])
+    return headers, rows
 
 
 def curve_table(eval_report: dict) -> tuple[list[str], list[list]]:
@@ -243,6 +302,10 @@ def build_evaluate_card(card, run_data) -> None:
                              "method, scored on held-out prompts by the proxy and the gold judge, against its KL "
                              "from SFT."))
         card.append(Image.from_matplotlib(plot_over_optimisation(run_data.eval_report)))
+        headers, rows = guard_table(run_data.eval_report)
+        card.append(Markdown("### Which checkpoint to ship\n" + "\n".join(f"- {line}"
+                                                                           for line in guard_lines(run_data.eval_report))))
+        card.append(Table(rows, headers=headers))
         headers, rows = curve_table(run_data.eval_report)
         card.append(Table(rows, headers=headers))
     card.append(Markdown("## Training curves"))
@@ -296,5 +359,8 @@ def summary(run_data) -> str:
                      f"mean score {report['sft']['mean_score']:.2f} -> {row['mean_score']:.2f}; "
                      f"KL {row['kl_vs_sft_per_sequence']:.2f} nats/sequence"
                      + ("; OVER-OPTIMISED" if row.get("over_optimised") else ""))
+        if row.get("guard"):
+            lines.append(f"  {'':<18} {row['guard']['note']}")
+            lines.append(f"  {'':<18} recommended checkpoint: {getattr(run_data, f'{method}_recommended_path', None)}")
     lines.append("  evaluation card    python flows/rlhf_flow.py card view evaluate")
     return "\n".join(lines)

@@ -62,9 +62,23 @@ def load_function(spec: str):
     return fn
 
 
-def call_function(fn, prompts: list[str], completions: list[str], spec: str = "") -> list[float]:
-    """fn(prompts=..., completions=...) checked: one finite float per completion."""
-    out = fn(prompts=prompts, completions=completions)
+def _accepted(fn, context: dict) -> dict:
+    """The keyword arguments of `context` that `fn` takes (all of them when it takes **kwargs)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(context)
+    return {k: v for k, v in context.items() if k in params}
+
+
+def call_function(fn, prompts: list[str], completions: list[str], spec: str = "", **context) -> list[float]:
+    """fn(prompts=..., completions=..., and what it takes of `context`) checked: one finite float per
+    completion."""
+    out = fn(prompts=prompts, completions=completions, **_accepted(fn, context))
     try:
         values = [float(v) for v in out]
     except TypeError:
@@ -145,16 +159,19 @@ class ModelReward(Reward):
 
 
 class FunctionReward(Reward):
-    """A Python function `module:function` (texts in, floats out)."""
+    """A Python function `module:function` (texts in, floats out). `context`: keyword arguments it gets when it
+    takes them — as a gold judge, `reference_model`, the frozen starting model (the SFT model) every method
+    began from."""
 
     kind = "reward function"
 
-    def __init__(self, spec: str, device=None):
+    def __init__(self, spec: str, device=None, context: dict | None = None):
         super().__init__(spec, device or "cpu")
         self.fn = load_function(spec)
+        self.context = context or {}
 
     def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
-        values = call_function(self.fn, prompts, completions, self.ref)
+        values = call_function(self.fn, prompts, completions, self.ref, **self.context)
         return torch.tensor(values, dtype=torch.float32, device=self.device)
 
 

@@ -1,4 +1,9 @@
-"""Text formats shared by every stage, so SFT, PPO and evaluation see prompts the same way."""
+"""Text formats shared by every stage, so SFT, PPO and evaluation see prompts the same way.
+
+Two prompt formats (`data.prompt_format`): `qa`, the seed's `Question: …\n\nAnswer: …`, and `plain`, where a
+prompt is its text as it is and the response continues it (a story opening and its continuation): for a pretrained
+model that was never taught the seed's template.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,19 @@ import re
 ANSWER_MARKER = "\n\nAnswer:"
 
 
-def prompt(question: str) -> str:
-    """The seed's prompt, `Question: …\\n\\nAnswer:`; the response (with its leading space) follows."""
-    return f"Question: {question.strip()}{ANSWER_MARKER}"
+QA, PLAIN = "qa", "plain"
 
 
-def sft_text(row: dict) -> str:
-    """An OpenOrca row as the seed's `Question: …\\n\\nAnswer: …`. The seed ignored system_prompt; so do we."""
-    return prompt(row["question"]) + " " + row["response"].strip()
+def prompt(question: str, fmt: str = QA) -> str:
+    """The seed's prompt, `Question: …\\n\\nAnswer:` (or, `plain`, the text itself); the response (with its
+    leading space) follows."""
+    return question.strip() if fmt == PLAIN else f"Question: {question.strip()}{ANSWER_MARKER}"
+
+
+def sft_text(row: dict, fmt: str = QA) -> str:
+    """An OpenOrca row as the seed's `Question: …\\n\\nAnswer: …` (or, `plain`, the question continued by the
+    response). The seed ignored system_prompt; so do we."""
+    return (prompt(row["question"], fmt) + " " + row["response"].strip()).strip()
 
 
 def rl_question(row: dict) -> str:
@@ -27,9 +37,9 @@ def rl_question(row: dict) -> str:
     return question
 
 
-def rl_prompt(row: dict) -> str:
+def rl_prompt(row: dict, fmt: str = QA) -> str:
     """An Alpaca-OrcaChat row as a policy prompt."""
-    return prompt(rl_question(row))
+    return prompt(rl_question(row), fmt)
 
 
 def split_prompt_completion(text: str) -> tuple[str, str] | None:

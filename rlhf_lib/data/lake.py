@@ -306,11 +306,12 @@ def stream(uri: str, columns: list[str], batch_size: int = 256) -> Iterator[dict
     yield from _read_lake(uri, columns, batch_size)
 
 
-def rl_prompts(uri: str, batch_size: int = 256) -> list[str]:
-    """A prompts dataset as policy prompts (`Question: …\\n\\nAnswer:`), in dataset order."""
+def rl_prompts(uri: str, batch_size: int = 256, fmt: str = "qa") -> list[str]:
+    """A prompts dataset as policy prompts (`Question: …\\n\\nAnswer:`, or `plain`: as they are), in dataset
+    order."""
     from rlhf_lib.data.formatting import rl_prompt
 
-    return [rl_prompt(row) for row in stream(uri, ["instruction", "input"], batch_size)]
+    return [rl_prompt(row, fmt) for row in stream(uri, ["instruction", "input"], batch_size)]
 
 
 def to_hf_dataset(uri: str, columns: list[str], batch_size: int = 256, transform=None):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_lib import rl
+from rlhf_lib import guard, rl
 from rlhf_lib.stages import contract
 
 BASELINE = "sft"
@@ -74,7 +74,8 @@ class GoldJudge:
                 raise SystemExit("eval gold judge `reward_model` needs --input gold_reward_model=DIR")
             self.reward = scoring.ModelReward(ref, cfg.eval.reward_max_length, trust)
         elif self.kind == "function":
-            self.reward = scoring.FunctionReward(cfg.eval.gold_function)
+            self.reward = scoring.FunctionReward(cfg.eval.gold_function,
+                                                 context={"reference_model": inputs.get("policy_sft")})
         elif self.kind == "judge_model":
             ref = inputs.get("gold_judge_model") or cfg.eval.gold_judge_model
             self.judge = judges.PairwiseJudge.load(ref, cfg.rlaif.constitution_path, cfg.rlaif.max_length, trust)
@@ -167,7 +168,8 @@ def held_out_prompts(cfg, prompts_uri: str) -> tuple[list[str], list[str]]:
     from rlhf_lib.data import formatting, lake
 
     rows = list(lake.stream(prompts_uri, ["instruction", "input"], cfg.data.stream_batch_size))[: cfg.eval.num_prompts]
-    return [formatting.rl_prompt(r) for r in rows], [formatting.rl_question(r) for r in rows]
+    fmt = cfg.data.prompt_format
+    return [formatting.rl_prompt(r, fmt) for r in rows], [formatting.rl_question(r) for r in rows]
 
 
 def judge_policies(run: contract.StageRun, policies: dict[str, str], prompts, questions, proxy, gold
@@ -189,7 +191,8 @@ def judge_policies(run: contract.StageRun, policies: dict[str, str], prompts, qu
         if name != BASELINE:
             vs = j.versus(judged[BASELINE], gold)
             row.update(vs, over_optimised=over_optimised(vs["win_rate_vs_sft"], vs["gold_win_rate_vs_sft"]))
-        row["perplexity"] = perplexity(model, tokenizer, [formatting.prompt(r["question"]) for r in held_out],
+        row["perplexity"] = perplexity(model, tokenizer, [formatting.prompt(r["question"], cfg.data.prompt_format)
+                                                          for r in held_out],
                                        [r["response"] for r in held_out])
         if name != BASELINE:
             j.model = None  # keep SFT's model only: the KL reference
@@ -240,6 +243,8 @@ def main(argv: list[str] | None = None) -> Path:
         snaps = snapshots(run.inputs.get(f"snapshots_{name}"))
         if e.curve and snaps:
             report[name]["curve"] = curve(name, snaps, policies[BASELINE], judged[BASELINE], proxy, gold, cfg)
+            report[name]["guard"] = verdict = guard.guard(report[name]["curve"], e.kl_budget)
+            run.say(f"{name}: {verdict['note']}")
     samples = sample_rows(judged, prompts, e.num_samples_shown)
     log_to_wandb(cfg, report, samples)
     atomic_write_json(run.out / "eval_report.json", report)

@@ -114,7 +114,7 @@ def setup(run: contract.StageRun):
     base, tokenizer = models.policy_on_device(sft_model, cfg.run.trust_remote_code, padding_side="left")
     policy = models.attach_lora(base, cfg.rest.lora)
     reward = scoring.load_reward(run.inputs, cfg.rest.reward_max_length, cfg.run.trust_remote_code)
-    return policy, tokenizer, reward, lake.rl_prompts(prompts_uri, cfg.data.stream_batch_size)
+    return policy, tokenizer, reward, lake.rl_prompts(prompts_uri, cfg.data.stream_batch_size, cfg.data.prompt_format)
 
 
 def resume(run: contract.StageRun, policy) -> dict:

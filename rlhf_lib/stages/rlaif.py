@@ -22,12 +22,12 @@ from pathlib import Path
 from rlhf_lib.stages import contract
 
 
-def sample_pairs(model, tokenizer, rows: list[dict], max_new_tokens: int, seed: int) -> list[dict]:
+def sample_pairs(model, tokenizer, rows: list[dict], max_new_tokens: int, seed: int, fmt: str = "qa") -> list[dict]:
     """Two sampled completions per prompt row; pairs whose two answers are the same text are left out."""
     from rlhf_lib import rl
     from rlhf_lib.data import formatting
 
-    prompts = [formatting.rl_prompt(r) for r in rows for _ in range(2)]
+    prompts = [formatting.rl_prompt(r, fmt) for r in rows for _ in range(2)]
     answers, _ = rl.sample_answers(model, tokenizer, prompts, max_new_tokens, seed=seed)
     pairs = []
     for i, row in enumerate(rows):
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> Path:
     rows = list(lake.stream(prompts_uri, ["instruction", "input"], cfg.data.stream_batch_size))
     rows = random.Random(f"rlaif-{cfg.run.seed}").sample(rows, min(a.num_prompts, len(rows)))
     policy, tokenizer = models.policy_on_device(sft_model, cfg.run.trust_remote_code, padding_side="left")
-    pairs = sample_pairs(policy, tokenizer, rows, a.max_new_tokens, cfg.run.seed)
+    pairs = sample_pairs(policy, tokenizer, rows, a.max_new_tokens, cfg.run.seed, cfg.data.prompt_format)
     del policy
     run.say(f"sampled {len(pairs)} distinct pairs from {len(rows)} prompts; judging with {judge_ref}")
     labels, bias, raw_agree = judge_pairs(run, judge_ref, pairs)

@@ -20,7 +20,7 @@ def setup_datasets(cfg, train_uri: str, eval_uri: str):
     from rlhf_lib.data import formatting, lake
 
     def to_text(row):
-        return {"text": formatting.sft_text(row)}
+        return {"text": formatting.sft_text(row, cfg.data.prompt_format)}
 
     cols = ["question", "response"]  # system_prompt is not used by the seed's format: don't decode it
     bs = cfg.data.stream_batch_size

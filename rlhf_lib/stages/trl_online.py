@@ -16,13 +16,13 @@ from rlhf_lib import checkpoints
 from rlhf_lib.stages import contract, hf
 
 
-def prompts_dataset(prompts_uri: str, batch_size: int):
+def prompts_dataset(prompts_uri: str, batch_size: int, fmt: str = "qa"):
     """The RL training prompts as TRL's standard (non-conversational) `prompt` column."""
     import datasets
 
     from rlhf_lib.data import lake
 
-    return datasets.Dataset.from_list([{"prompt": p} for p in lake.rl_prompts(prompts_uri, batch_size)])
+    return datasets.Dataset.from_list([{"prompt": p} for p in lake.rl_prompts(prompts_uri, batch_size, fmt)])
 
 
 def trl_reward_function(reward):
@@ -67,7 +67,7 @@ def run(name: str, argv: list[str] | None, trainer_class, config_class, section_
     section, trust = getattr(cfg, name), cfg.run.trust_remote_code
     model, tokenizer = models.policy_on_device(sft_model, trust, padding_side="left")
     reward = scoring.load_reward(stage.inputs, section.reward_max_length, trust)
-    train_ds = prompts_dataset(prompts_uri, cfg.data.stream_batch_size)
+    train_ds = prompts_dataset(prompts_uri, cfg.data.stream_batch_size, cfg.data.prompt_format)
     stage.say(f"{len(train_ds)} prompts, {section.num_generations} completions each per group, beta={section.beta}; "
               f"reward: {reward.describe()}")
     trainer = make_trainer(trainer_class, config_class, section_args(section), cfg, name, model, tokenizer,

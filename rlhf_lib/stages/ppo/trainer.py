@@ -452,7 +452,8 @@ class Run:
                                           self.accelerator.device)
         self.shared_tokenizer = isinstance(self.reward, scoring.ModelReward) and \
             self.reward.shares_tokenizer(self.tokenizer)
-        self.sampler = PromptSampler(lake.rl_prompts(prompts_uri, self.cfg.data.stream_batch_size), self.cfg.run.seed,
+        prompts = lake.rl_prompts(prompts_uri, self.cfg.data.stream_batch_size, self.cfg.data.prompt_format)
+        self.sampler = PromptSampler(prompts, self.cfg.run.seed,
                                      self.layout.rank, self.layout.world)
         self.optimizer = torch.optim.Adam(_trainable_parameters(self.policy), lr=self.p.learning_rate)
         self.kl_ctl = (losses.AdaptiveKLController(self.p.init_kl_coef, self.p.kl_target, self.p.kl_horizon)
