@@ -107,7 +107,10 @@ def _pretrain(model, tokenizer, corpus: list[str], steps: int, seed: int, batch_
 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    # A 10% warm-up; below 11 steps OneCycleLR's warm-up phase would end at step 0 and divide by zero (steps == 10),
+    # so a warm-up shorter than one step is asked for instead.
+    pct_start = 0.1 if steps > 10 else 0.5 / steps
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=pct_start)
     model.train()
     for _ in tqdm(range(steps), desc="pretraining tiny policy", mininterval=5):
         idx = torch.randint(len(corpus), (batch_size,), generator=gen).tolist()

@@ -93,3 +93,22 @@ def test_pretrained_llama_on_real_alpaca_end_to_end(tmp_path):
     assert data.datasets["sft_train"]["rows"] == 400  # max_rows after the 16 held out
     assert data.sft_metrics["steps"] == 10 and len(data.ppo_stats) == 4
     assert set(data.eval_report) == {"sft", "ppo"} and data.gold_judge == "reward_model"
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10, 11])
+def test_a_tiny_policy_pretrains_for_any_number_of_steps(steps):
+    """OneCycleLR's 10% warm-up ends at step 0 when there are exactly 10 steps and divides by zero there; a
+    config with `pretrain_steps = 10` failed in `data` (found by the registry test in CI)."""
+    import torch
+    from transformers import OPTForCausalLM
+
+    from rlhf_lib import models
+    from rlhf_lib.config import TinyModelSpec
+
+    spec = TinyModelSpec(hidden_size=16, num_layers=1, num_heads=2, ffn_dim=32, vocab_size=300, max_positions=32)
+    tokenizer = models._train_bpe_tokenizer(["a small corpus of words", "more words here"] * 8, spec.vocab_size)
+    model = OPTForCausalLM(models.tiny_policy_config(spec, len(tokenizer), tokenizer.pad_token_id,
+                                                     tokenizer.bos_token_id, tokenizer.eos_token_id))
+    before = [p.detach().clone() for p in model.parameters()]
+    models._pretrain(model, tokenizer, ["a small corpus of words", "more words here"], steps, seed=0, batch_size=2)
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
