@@ -19,8 +19,11 @@ from rlhf_lib.stages import contract, hf
 def setup_datasets(cfg, train_uri: str, eval_uri: str):
     from rlhf_lib.data import formatting, lake
 
+    fmt = cfg.data.prompt_format  # a string in the closure: `datasets` pickles it to fingerprint the map, and the
+    # run config's class is built at run time (it does not pickle by name)
+
     def to_text(row):
-        return {"text": formatting.sft_text(row, cfg.data.prompt_format)}
+        return {"text": formatting.sft_text(row, fmt)}
 
     cols = ["question", "response"]  # system_prompt is not used by the seed's format: don't decode it
     bs = cfg.data.stream_batch_size
