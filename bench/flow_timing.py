@@ -3,6 +3,7 @@
     python bench/flow_timing.py                         # the default profile (configs/tiny.toml)
     python bench/flow_timing.py --config configs/compare.toml --plot docs/over_optimisation.png   # all five
     python bench/flow_timing.py --config configs/opt-1.3b.toml
+    python bench/flow_timing.py --from-run RUN_ID --plot out.png   # the same report of a run made before
 
 Runs the flow through metaflow.Runner, then reads each task's start/finish times and the run's metrics through
 the Client API, and prints a Markdown table for BENCHMARKS.md.
@@ -29,18 +30,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.toml"))
     parser.add_argument("--plot", default=None, help="write the over-optimisation curve (PNG) here")
+    parser.add_argument("--from-run", default=None, help="report on this finished run instead of starting one")
     args = parser.parse_args()
-    from metaflow import Runner
+    from metaflow import Run, Runner, namespace
 
-    started = time.time()
-    with Runner(str(ROOT / "flows" / "rlhf_flow.py"), show_output=False,
-                config=[("config", str(Path(args.config).resolve()))]) as runner:
-        result = runner.run()
-    wall = time.time() - started
-    run = result.run
-    if result.status != "successful":
-        sys.exit(f"run {run.id} failed:\n{result.stderr[-3000:]}")
-    print(f"## `{Path(args.config).name}` — run {run.id}\n")
+    if args.from_run:
+        namespace(None)
+        run, wall = Run(f"RLHFFlow/{args.from_run}"), None
+    else:
+        started = time.time()
+        with Runner(str(ROOT / "flows" / "rlhf_flow.py"), show_output=False,
+                    config=[("config", str(Path(args.config).resolve()))]) as runner:
+            result = runner.run()
+            if result.status != "successful":  # the runner's log files are gone once its context ends
+                sys.exit(f"run {result.run.id} failed:\n{result.stderr[-3000:]}")
+        wall = time.time() - started
+        run = result.run
+    print(f"## `{run.data.run_config['run']['name']}` — run {run.id}\n")
     from rlhf_lib import cpu
 
     print(f"Machine: {cpu.describe()}; torch {torch.__version__}\n")
@@ -48,7 +54,8 @@ def main() -> None:
     for step in reversed(list(run)):
         task = step.task
         print(f"| {step.id} | {(task.finished_at - task.created_at).total_seconds():.1f} |")
-    print(f"| **whole run (wall)** | **{wall:.1f}** |\n")
+    if wall is not None:
+        print(f"| **whole run (wall)** | **{wall:.1f}** |\n")
     from rlhf_lib import report as reporting
 
     data = run.data

@@ -18,6 +18,7 @@ import math
 
 MIN_FIT_POINTS = 3  # checkpoints past SFT needed to fit two parameters with a residual left
 FALL_FRACTION = 0.1  # gold below its best by more than this share of its range: it has turned down
+PEAK_REACH = 4.0  # a fitted peak past this many times the largest measured KL is an extrapolation, not a finding
 
 
 def gold_value(point: dict, sft: dict) -> float | None:
@@ -76,6 +77,12 @@ def over_optimised_after(curve: list[dict]) -> int | None:
     return curve[best]["step"] if 0 < best < len(curve) - 1 and fell and proxy_rose else None
 
 
+def peak_in_reach(fitted: dict | None, curve: list[dict]) -> bool:
+    """The fit has a peak, at most PEAK_REACH times the largest KL measured."""
+    far = max(p["kl_per_sequence"] for p in curve)
+    return bool(fitted and fitted["peak_kl"] is not None and fitted["peak_kl"] <= PEAK_REACH * far)
+
+
 def recommend(curve: list[dict], kl_budget: float = 0.0) -> dict:
     """The checkpoint to ship: the best gold within `kl_budget` nats per sequence (0: no budget); the least KL
     among equals. Returns its curve point (step 0 is SFT)."""
@@ -99,10 +106,11 @@ def guard(curve: list[dict], kl_budget: float = 0.0) -> dict:
                                                                  else "")]
     if after is not None:
         words.append(f"over-optimised after step {after}: gold fell since while the proxy kept rising")
-    if fitted and fitted["peak_kl"] is not None:
+    if fitted and peak_in_reach(fitted, curve):
         words.append(f"fitted gold peaks at KL {fitted['peak_kl']:.2f} nats/seq")
     elif fitted:
-        words.append("fitted gold still rising (no peak in the form's reach)")
+        words.append("fitted gold still rising over the measured KL (no peak within "
+                     f"{PEAK_REACH:g}x the largest)")
     else:
         words.append(f"too few checkpoints to fit ({len(curve) - 1}; {MIN_FIT_POINTS} needed)")
     return {"recommended_step": best["step"], "recommended": best, "last_step": last["step"],

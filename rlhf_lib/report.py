@@ -114,8 +114,17 @@ def eval_table(eval_report: dict) -> tuple[list[str], list[list]]:
     """(headers, rows) of the evaluation report: one row per model, SFT first, methods side by side."""
     keys = [k for k, _ in EVAL_COLUMNS if any(k in row for row in eval_report.values())]
     labels = dict(EVAL_COLUMNS)
-    rows = [[name] + [_cell(vals.get(k)) for k in keys] for name, vals in eval_report.items()]
+    rows = [[name] + [_over_optimised_cell(vals) if k == "over_optimised" else
+                      f"{vals[k]:.1f}" if k == "stage_seconds" and vals.get(k) is not None else _cell(vals.get(k))
+                      for k in keys] for name, vals in eval_report.items()]
     return ["model"] + [labels[k] for k in keys], rows
+
+
+def _over_optimised_cell(row: dict) -> str:
+    """One answer from both flags: at the end (proxy beats SFT, gold does not) and along the way (the guard's)."""
+    after = (row.get("guard") or {}).get("over_optimised_after")
+    words = (["YES"] if row.get("over_optimised") else []) + ([f"after step {after}"] if after is not None else [])
+    return ", ".join(words) or _cell(row.get("over_optimised"))
 
 
 def over_optimisation_note(eval_report: dict) -> str:
@@ -178,7 +187,7 @@ def plot_over_optimisation(eval_report: dict):
     """Gao et al. (2022) for every online method: each saved checkpoint's gain over SFT by the gold judge (left) and
     by the proxy it optimised (right) against √KL(checkpoint ‖ SFT), points joined in order of KL; on the gold
     panel the fitted d(α − β ln d), its peak (dotted), and the guard's recommended checkpoint (a star, labelled
-    with its step). A proxy that keeps climbing while the gold turns down is over-optimisation."""
+    with its step in the legend). A proxy that keeps climbing while the gold turns down is over-optimisation."""
     import math
 
     from rlhf_lib import guard
@@ -194,8 +203,9 @@ def plot_over_optimisation(eval_report: dict):
         for ax, value, _ in panels:
             xy = [(math.sqrt(p["kl_per_sequence"]), value(p, curve[0])) for p in points]
             xy = [(x, y) for x, y in xy if y is not None]
-            if xy:
-                ax.plot(*zip(*xy), marker="o", markersize=4, color=colour, label=name)
+            if xy:  # the recommended step goes in the legend: labels inside the axes would overlap
+                label = f"{name} (★ step {verdict['recommended_step']})" if verdict else name
+                ax.plot(*zip(*xy), marker="o", markersize=4, color=colour, label=label)
         if verdict:
             _mark_guard(panels[0][0], curve, verdict, colour)
     for ax, _, title in panels:
@@ -219,18 +229,18 @@ def _mark_guard(ax, curve: list[dict], verdict: dict, colour: str) -> None:
     fitted = verdict.get("fit")
     far = max(p["kl_per_sequence"] for p in curve)
     if fitted:
-        reach = max(far, fitted["peak_kl"] or 0.0) * 1.1
+        peak = guard.peak_in_reach(fitted, curve)
+        reach = max(far, fitted["peak_kl"] if peak else 0.0) * 1.1
         kls = [reach * k / 60 for k in range(61)]
         ax.plot([math.sqrt(k) for k in kls], [guard.predict(fitted, k) for k in kls], color=colour, linewidth=0.8,
                 alpha=0.6, linestyle="--")
-        if fitted["peak_kl"]:
+        if peak:
             ax.axvline(math.sqrt(fitted["peak_kl"]), color=colour, linestyle=":", linewidth=0.9)
     best = verdict["recommended"]
     y = guard.gold_value(best, curve[0])
     if y is not None:
         x = math.sqrt(best["kl_per_sequence"])
         ax.plot([x], [y], marker="*", markersize=13, color=colour, markeredgecolor="black", zorder=5)
-        ax.annotate(f"step {best['step']}", (x, y), fontsize=7, xytext=(6, -10), textcoords="offset points")
 
 
 def guard_lines(eval_report: dict) -> list[str]:

@@ -85,3 +85,33 @@ def test_a_pairwise_gold_judge_is_read_by_its_win_rate():
              {"step": 5, "kl_per_sequence": 2.0, "gold_score": None, "proxy_score": 2.0, "proxy_win_rate": 0.7,
               "gold_win_rate": 0.65}]
     assert guard.gold_value(curve[1], curve[0]) == pytest.approx(0.15) and guard.recommend(curve)["step"] == 5
+
+
+def test_a_peak_far_past_the_measured_kl_is_not_reported():
+    """A nearly straight gold line fits a tiny β, whose "peak" lies thousands of nats out (a real run's GRPO curve
+    gave 133 482): an extrapolation, not a finding."""
+    curve = _curve([(10, 1.9, 0.19, 0.3), (20, 5.0, 0.35, 0.6), (30, 7.4, 0.37, 0.7), (40, 10.1, 0.35, 0.75)])
+    verdict = guard.guard(curve)
+    assert verdict["fit"]["peak_kl"] > guard.PEAK_REACH * 10.1 or verdict["fit"]["peak_kl"] is None
+    assert not guard.peak_in_reach(verdict["fit"], curve)
+    assert "no peak within" in verdict["note"] and "peaks at" not in verdict["note"]
+    peaking = _curve([(10, 1.0, 0.3, 0.2), (20, 3.0, 0.6, 0.5), (30, 6.0, 0.2, 0.8), (40, 9.0, -0.1, 0.9)])
+    assert guard.peak_in_reach(guard.guard(peaking)["fit"], peaking)
+
+
+def test_the_report_table_says_over_optimised_when_either_flag_does():
+    """The card's table said "no" beside a method the guard had flagged along the way (compare run 1796549604089201):
+    its column now answers for both the end-of-run flag and the guard's."""
+    from rlhf_lib import report
+
+    eval_report = {
+        "sft": {"mean_score": 1.0},
+        "ppo": {"mean_score": 5.0, "over_optimised": False, "stage_seconds": 76.6,
+                "guard": {"over_optimised_after": 60}},
+        "dpo": {"mean_score": 3.0, "over_optimised": True},
+        "grpo": {"mean_score": 5.5, "over_optimised": False, "guard": {"over_optimised_after": None}},
+    }
+    headers, rows = report.eval_table(eval_report)
+    column = {row[0]: row[headers.index("over-optimised?")] for row in rows}
+    assert column == {"sft": "—", "ppo": "after step 60", "dpo": "YES", "grpo": "no"}
+    assert rows[1][headers.index("stage s")] == "76.6"
