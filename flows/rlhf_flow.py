@@ -25,7 +25,7 @@ Run:     python flows/rlhf_flow.py run
 Compare: python flows/rlhf_flow.py --config config configs/compare.toml run
 Recipe:  python flows/rlhf_flow.py --config config configs/opt-1.3b.toml run
 Resume:  python flows/rlhf_flow.py resume ppo
-Cluster: python flows/rlhf_flow.py --with kubernetes run   (README: "Run on Kubernetes / AWS Batch / Argo")
+Cluster: python flows/rlhf_flow.py --with kubernetes run   (docs/cluster.md)
 """
 
 import sys

@@ -334,3 +334,52 @@ def config_from_flow(config_value, storage_root: str | None = None) -> RunConfig
     if storage_root is not None:
         raw = {**raw, "run": {**raw["run"], "storage_root": storage_root}}
     return validate(raw)
+
+
+# ------------------------------------------------------------------ the reference (docs/configuration.md)
+
+REFERENCE_BEGIN = "<!-- reference: written by `python -m rlhf_lib.config --reference`; do not edit by hand -->"
+REFERENCE_END = "<!-- end of reference -->"
+
+
+def reference_rows(model: type[Section] | None = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default as TOML, description) for every key of the run config, sections expanded in order."""
+    rows = []
+    for name, field in (model or schema()).model_fields.items():
+        key = f"{prefix}{name}"
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, Section):
+            rows.append((key, "(section)", field.description or ""))
+            rows += reference_rows(type(default), key + ".")
+        else:
+            shown = "" if default is None else _toml_value(default.model_dump() if isinstance(default, Section)
+                                                          else default)
+            rows.append((key, shown, field.description or ""))
+    return rows
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def reference_markdown() -> str:
+    """The config reference as markdown: one table per top-level section."""
+    out = [REFERENCE_BEGIN]
+    for key, default, doc in reference_rows():
+        if "." not in key:  # a top-level section: its own table
+            out += ["", f"### `[{key}]`", "", doc, "", "| key | default | what |", "|---|---|---|"]
+            continue
+        shown = "—" if default == "(section)" else f"`{_cell(default)}`" if default else "(none)"
+        out.append(f"| `{key}` | {shown} | {_cell(doc)} |")
+    out += ["", REFERENCE_END]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--reference"]:
+        sys.stdout.write(reference_markdown())
+    else:
+        sys.exit("usage: python -m rlhf_lib.config --reference   (the config reference, as in docs/configuration.md)")
+

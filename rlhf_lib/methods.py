@@ -112,7 +112,7 @@ class PPOSection(Section):
     steps: int = Field(200, ge=1, description="PPO steps (one rollout batch each).")
     learning_rate: float = Field(1.41e-5, gt=0, description="Adam learning rate of the adapter and value head.")
     batch_size: int = Field(32, ge=1, description="Prompts per rollout step: the global batch, split evenly over the run.gpus x run.nodes processes.")
-    mini_batch_size: int = Field(4, ge=1, description="Rollouts per PPO optimizer step; must divide batch_size.")
+    mini_batch_size: int = Field(4, ge=1, description="Rollouts per PPO optimizer step, global like batch_size (each process works on its share); must divide batch_size.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Mini-batches accumulated per optimizer step.")
     ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
     init_kl_coef: float = Field(0.2, ge=0, description="Initial KL penalty coefficient beta.")

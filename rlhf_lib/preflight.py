@@ -138,12 +138,12 @@ def reward_model_shape(cfg: RunConfig) -> list[str]:
 
 def four_bit_on_cpu(cfg: RunConfig) -> list[str]:
     """QLoRA's NF4 runs on a CPU only for layer widths bitsandbytes' CPU kernel packs; say so now, not mid-SFT."""
-    import torch
-
     from rlhf_lib import models
 
-    if not cfg.sft.quantize_4bit or cfg.run.gpus > 0 or torch.cuda.is_available():
-        return []  # on a GPU, NF4 takes any width
+    # On a GPU NF4 takes any width. run.gpus = 0 runs every stage on the CPU even where GPUs are visible
+    # (launch.py hides them), so what decides is the config, not this machine.
+    if not cfg.sft.quantize_4bit or cfg.run.gpus > 0:
+        return []
     ref = cfg.policy.model
     if ref == models.TINY:
         config = models.tiny_policy_config(cfg.policy.tiny)

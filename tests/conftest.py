@@ -75,16 +75,35 @@ def tiny_policy(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def flow_run(tmp_path_factory):
-    """One whole run of the flow (test profile, offline) through metaflow.Runner, shared by the tests."""
-    from metaflow import Runner
+    """One whole run of the flow (test profile, offline), shared by the tests: the README's quick-start command
+    itself (`python flows/rlhf_flow.py run`, read from the README), with the test profile given the way Metaflow
+    takes a config from the environment (METAFLOW_FLOW_CONFIG) so the command's text is what runs."""
+    import re
+    import shlex
+    import subprocess
+
+    from metaflow import Run
 
     store = tmp_path_factory.mktemp("store")
     cfg = write_config(store / "test.toml", {"run": {"storage_root": str(store)}})
-    with Runner(str(ROOT / "flows" / "rlhf_flow.py"), show_output=False, config=[("config", str(cfg))],
-                env={"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}) as runner:
-        result = runner.run()
-        assert result.status == "successful", result.stderr[-4000:]
-        yield result.run
+    command = readme_run_command()
+    argv = shlex.split(command)
+    assert argv[0] == "python", command
+    env_vars = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+                "METAFLOW_FLOW_CONFIG": json.dumps({"config": str(cfg)})}
+    proc = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, env=env_vars, capture_output=True, text=True,
+                          timeout=1800)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    run_id = re.search(r"Workflow starting \(run-id (\w+)\)", output).group(1)
+    yield Run(f"RLHFFlow/{run_id}")
+
+
+def readme_run_command() -> str:
+    """The last command of the README's quick-start install-and-run line: how a user runs the default job."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return block.strip().splitlines()[0].split(" && ")[-1].strip()
 
 
 # ------------------------------------------------------------------ a real S3 server (moto's) on 127.0.0.1

@@ -1,4 +1,4 @@
-"""Every bad input in the README's table fails before any training: non-zero exit within seconds, a message
+"""Every bad input in docs/reliability.md's table fails before any training: non-zero exit within seconds, a message
 that names the problem and the fix, and no stage output written."""
 
 import json
@@ -126,3 +126,21 @@ def test_bad_input_fails_the_flow_fast_and_writes_nothing(case, tmp_path, tiny_p
     assert "Traceback" not in output and "Internal error" not in output, output[-3000:]
     assert time.time() - started < 120
     assert not store.exists(), "a failed start must not write stage output"
+
+
+def test_four_bit_on_a_cpu_is_checked_where_gpus_are_visible_but_run_gpus_is_0(tmp_path, tiny_policy, monkeypatch):
+    """run.gpus = 0 puts every stage on the CPU even on a GPU machine; the 4-bit width check was skipped whenever
+    the launching machine saw a GPU, and SFT then failed mid-stage."""
+    import tomllib
+
+    import torch
+
+    from rlhf_lib import config, preflight
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg, message, _ = _bad_config("4-bit on CPU, width 172", tmp_path, tiny_policy)
+    run_config = config.schema().model_validate(tomllib.loads(cfg.read_text()))
+    assert run_config.run.gpus == 0
+    assert any(message in problem for problem in preflight.four_bit_on_cpu(run_config))
+    on_gpus = run_config.model_copy(update={"run": run_config.run.model_copy(update={"gpus": 1})})
+    assert preflight.four_bit_on_cpu(on_gpus) == []

@@ -534,15 +534,15 @@ def test_no_secret_reaches_s3_metadata_or_logs(s3_run):
                           s3_run["log"] + s3_run["resume_log"])
 
 
-def test_dockerfile_builds_the_image_the_readme_documents():
-    """No Docker daemon here: check the Dockerfile's parts and that the README's commands use it."""
+def test_dockerfile_builds_the_image_the_cluster_guide_documents():
+    """No Docker daemon here: check the Dockerfile's parts and that docs/cluster.md's commands use it."""
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert dockerfile.startswith("#") and "\nFROM nvidia/cuda:" in dockerfile and "runtime" in dockerfile
     assert 'pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"' in dockerfile
     assert "ARG TORCH_VERSION=2.13.0" in dockerfile and "download.pytorch.org/whl/cu" in dockerfile
     assert "pip install -r /opt/rlhf/requirements.txt" in dockerfile and "COPY rlhf_lib" in dockerfile
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Run on Kubernetes / AWS Batch / Argo"):]
+    guide = (ROOT / "docs" / "cluster.md").read_text()
+    section = guide[guide.index("## Run on Kubernetes / AWS Batch / Argo"):]
     assert "docker build -t REGISTRY/rlhf-flow" in section and "METAFLOW_KUBERNETES_CONTAINER_IMAGE" in section
     assert "--with kubernetes argo-workflows create" in section and "--with batch" in section
 

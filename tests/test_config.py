@@ -11,10 +11,21 @@ from rlhf_lib import config
 from rlhf_lib.config import ConfigError
 
 
-@pytest.mark.parametrize("name", ["tiny", "compare", "opt-1.3b", "test", "real-cpu", "rlaif", "rule-reward"])
+PROFILES = sorted(p.stem for p in (ROOT / "configs").glob("*.toml"))
+
+
+def test_every_profile_is_tested():
+    assert {"tiny", "compare", "opt-1.3b", "opt-1.3b-rehearsal", "test", "real-cpu", "rlaif", "rule-reward",
+            "sentiment", "sentiment-overoptimise"} <= set(PROFILES)
+
+
+@pytest.mark.parametrize("name", PROFILES)
 def test_shipped_profiles_validate(name):
     cfg = config.load(ROOT / "configs" / f"{name}.toml")
-    assert cfg.run.name == name
+    assert cfg.run.name == name.removesuffix("-rehearsal")
+    for section in (cfg.data.sft, cfg.data.preference, cfg.data.prompts):  # sources in the repository exist
+        if section.source.startswith("configs/"):
+            assert (ROOT / section.source).is_file(), section.source
 
 
 def test_seed_recipe_hyperparameters():

@@ -2,7 +2,7 @@
 (`tests/fixtures/ppo_golden_trl112.json`, made by `python bench/ppo_golden_trace.py` in trl 1.12's own environment;
 nothing here needs trl) — the same tensors fed to `stages/ppo/losses.py` and to the trainer's step, in float64.
 
-Where we differ from TRL on purpose, both sides get the same inputs at that boundary (README, "PPO"):
+Where we differ from TRL on purpose, both sides get the same inputs at that boundary (docs/methods.md, "PPO"):
 - TRL ends an episode one token *after* the last response token: the score sits on the first padding position
   and the value is trained there (`padding_mask_p1`), while the policy loss and the whitening use the response
   tokens only (`padding_mask`). We end the episode at the last response token (EOS when it stops there). Fed

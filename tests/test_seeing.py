@@ -68,14 +68,15 @@ def test_wandb_offline_files_for_every_stage(flow_run):
     for stage in ["sft", "merge", "reward", *methods.names(), "evaluate"]:
         name = f"{stage}-{flow_run.id}".encode()
         assert any(name in r.read_bytes() for r in runs), f"no offline W&B run named {stage}-{flow_run.id}"
-    # W&B's own debug logs and staging go beside its runs, not into the user's ~/.cache/wandb (README: files a run
+    # W&B's own debug logs and staging go beside its runs, not into the user's ~/.cache/wandb (docs/reliability.md: files a run
     # leaves). The fixture's HOME is the runner's, so look where they must be.
     assert list((wandb_dir.parent / "cache").rglob("core-debug-*.log")), "W&B debug logs not under the storage root"
 
 
-def test_readme_client_api_snippet_runs_outside_the_checkout(flow_run, tmp_path):
-    """The README's Client API snippet, as a user pastes it, from another directory with no rlhf_lib around."""
-    readme = (ROOT / "README.md").read_text()
+def test_the_client_api_snippet_runs_outside_the_checkout(flow_run, tmp_path):
+    """docs/inspecting.md's Client API snippet, as a user pastes it, from another directory with no rlhf_lib
+    around."""
+    readme = (ROOT / "docs" / "inspecting.md").read_text()
     block = readme.split("- **Client API** from any Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     code = "\n".join(line.removeprefix("  ") for line in block.strip("\n").splitlines())
     code = code.replace("/path/to/this/checkout", str(ROOT))
