@@ -36,13 +36,19 @@ def proxy_value(point: dict, sft: dict) -> float:
     return point["proxy_win_rate"] - 0.5
 
 
+def distance(kl: float) -> float:
+    """d = √KL, the curve's x axis. KL is estimated from samples (mean log-ratio of sampled sequences), which can
+    come out a little below 0 for a checkpoint still next to SFT: its distance is then 0."""
+    return math.sqrt(max(kl, 0.0))
+
+
 def fit(points: list[tuple[float, float]]) -> dict | None:
     """Least squares of gold(d) = d(α − β ln d) on (KL per sequence, gold gain) points: linear in (α, β) once
     divided by d (gold/d = α − β ln d). None with fewer than MIN_FIT_POINTS points past KL 0 (or all at one KL)."""
     xs, ys = [], []
     for kl, gain in points:
         if kl > 0 and gain is not None:
-            d = math.sqrt(kl)
+            d = distance(kl)
             xs.append(math.log(d))
             ys.append(gain / d)
     if len(xs) < MIN_FIT_POINTS or max(xs) - min(xs) < 1e-9:
@@ -59,7 +65,7 @@ def predict(fitted: dict, kl: float) -> float:
     """The fitted gold gain at a KL (0 at KL 0)."""
     if kl <= 0:
         return 0.0
-    d = math.sqrt(kl)
+    d = distance(kl)
     return d * (fitted["alpha"] - fitted["beta"] * math.log(d))
 
 

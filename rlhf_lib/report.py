@@ -188,8 +188,6 @@ def plot_over_optimisation(eval_report: dict):
     by the proxy it optimised (right) against √KL(checkpoint ‖ SFT), points joined in order of KL; on the gold
     panel the fitted d(α − β ln d), its peak (dotted), and the guard's recommended checkpoint (a star, labelled
     with its step in the legend). A proxy that keeps climbing while the gold turns down is over-optimisation."""
-    import math
-
     from rlhf_lib import guard
 
     curves = [(n, r["curve"], r.get("guard")) for n, r in eval_report.items() if r.get("curve")]
@@ -201,7 +199,7 @@ def plot_over_optimisation(eval_report: dict):
         colour = colours[i % len(colours)]
         points = sorted(curve, key=lambda p: p["kl_per_sequence"])
         for ax, value, _ in panels:
-            xy = [(math.sqrt(p["kl_per_sequence"]), value(p, curve[0])) for p in points]
+            xy = [(guard.distance(p["kl_per_sequence"]), value(p, curve[0])) for p in points]
             xy = [(x, y) for x, y in xy if y is not None]
             if xy:  # the recommended step goes in the legend: labels inside the axes would overlap
                 label = f"{name} (★ step {verdict['recommended_step']})" if verdict else name
@@ -222,8 +220,6 @@ def plot_over_optimisation(eval_report: dict):
 
 def _mark_guard(ax, curve: list[dict], verdict: dict, colour: str) -> None:
     """The fitted gold curve, its peak and the recommended checkpoint, on the gold panel."""
-    import math
-
     from rlhf_lib import guard
 
     fitted = verdict.get("fit")
@@ -232,14 +228,14 @@ def _mark_guard(ax, curve: list[dict], verdict: dict, colour: str) -> None:
         peak = guard.peak_in_reach(fitted, curve)
         reach = max(far, fitted["peak_kl"] if peak else 0.0) * 1.1
         kls = [reach * k / 60 for k in range(61)]
-        ax.plot([math.sqrt(k) for k in kls], [guard.predict(fitted, k) for k in kls], color=colour, linewidth=0.8,
+        ax.plot([guard.distance(k) for k in kls], [guard.predict(fitted, k) for k in kls], color=colour, linewidth=0.8,
                 alpha=0.6, linestyle="--")
         if peak:
-            ax.axvline(math.sqrt(fitted["peak_kl"]), color=colour, linestyle=":", linewidth=0.9)
+            ax.axvline(guard.distance(fitted["peak_kl"]), color=colour, linestyle=":", linewidth=0.9)
     best = verdict["recommended"]
     y = guard.gold_value(best, curve[0])
     if y is not None:
-        x = math.sqrt(best["kl_per_sequence"])
+        x = guard.distance(best["kl_per_sequence"])
         ax.plot([x], [y], marker="*", markersize=13, color=colour, markeredgecolor="black", zorder=5)
 
 

@@ -115,3 +115,16 @@ def test_the_report_table_says_over_optimised_when_either_flag_does():
     column = {row[0]: row[headers.index("over-optimised?")] for row in rows}
     assert column == {"sft": "—", "ppo": "after step 60", "dpo": "YES", "grpo": "no"}
     assert rows[1][headers.index("stage s")] == "76.6"
+
+
+def test_a_checkpoint_estimated_below_zero_kl_is_drawn_at_zero():
+    """KL is a sample estimate: a checkpoint next to SFT can come out at -0.02 nats. evaluate died on it with a math
+    domain error while drawing the curve (the S3 and GPU-smoke test runs, few steps)."""
+    from rlhf_lib import report
+
+    curve = _curve([(1, -0.02, 0.1, 0.1), (2, 0.5, 0.4, 0.5), (3, 1.5, 0.8, 0.9), (4, 3.0, 0.6, 1.2)])
+    verdict = guard.guard(curve)
+    assert guard.distance(-0.02) == 0.0 and verdict["recommended_step"] == 3
+    figure = report.plot_over_optimisation({"sft": {}, "ppo": {"curve": curve, "guard": verdict}})
+    xs = [x for line in figure.axes[0].lines for x in line.get_xdata()]
+    assert min(xs) == 0.0
