@@ -12,7 +12,7 @@ import nbformat
 import pytest
 
 from conftest import ROOT
-from rlhf_lib import methods
+from rlhf_lib import methods, report
 
 pytestmark = pytest.mark.slow  # whole flow runs
 
@@ -58,8 +58,21 @@ def test_evaluate_card_has_plots_and_table(flow_run, tmp_path):
     assert content.count("data:image/png;base64") >= 3 + len(methods.names())
     assert "proxy win-rate vs SFT" in content and "gold win-rate vs SFT" in content
     assert all(f'"{m}"' in content for m in ["sft"] + methods.names())  # side by side
-    assert "Over-optimisation curve" in content
-    assert "over-optimisation" in content and "Sample generations" in content
+    assert "Over-optimisation curve" in content and "Sample generations" in content
+    # the verdicts in words: the end-of-run note and the guard's line for each online method
+    texts = " ".join(_strings(json.loads(content)))
+    assert report.over_optimisation_note(flow_run.data.eval_report) in texts
+    assert report.guard_lines(flow_run.data.eval_report) and all(
+        line in texts for line in report.guard_lines(flow_run.data.eval_report))
+
+
+def _strings(node) -> list[str]:
+    """Every string inside a card's JSON."""
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        node = list(node.values())
+    return [s for child in node for s in _strings(child)] if isinstance(node, list) else []
 
 
 def test_wandb_offline_files_for_every_stage(flow_run):
