@@ -81,7 +81,7 @@ def test_pretrained_llama_on_real_alpaca_end_to_end(tmp_path):
                  "prompts": {"source": alpaca, "format": "alpaca", "eval_rows": 16, "max_rows": 200}},
         "sft": {"quantize_4bit": False, "max_steps": 10, "lora": {"r": 8, "alpha": 16, "dropout": 0.0,
                                                                   "target_modules": llama_modules}},
-        "reward": {"max_steps": 20},
+        "reward": {"max_steps": 8},
         "ppo": {"steps": 4, "save_freq": 2, "lora": {"r": 8, "alpha": 16, "dropout": 0.0,
                                                       "target_modules": llama_modules}},
         "eval": {"num_prompts": 8, "curve": False}})

@@ -231,7 +231,7 @@ def test_a_sixth_method_is_its_module_its_row_and_one_flow_step(tmp_path):
     cfg = write_config(tmp_path / "toy.toml", {
         "run": {"storage_root": str(store), "methods": ["toy"], "cpu_threads": 1},
         "policy": {"tiny": {"pretrain_steps": 10}}, "sft": {"max_steps": 4, "save_steps": 4, "eval_steps": 4},
-        "reward": {"max_steps": 10, "save_steps": 10, "eval_steps": 10}, "eval": {"num_prompts": 4}})
+        "reward": {"max_steps": 4, "save_steps": 4, "eval_steps": 4}, "eval": {"num_prompts": 4}})
     # The copy's own Metaflow datastore: none of the settings rlhf_lib.env gave this process.
     env = {k: v for k, v in os.environ.items() if k not in ("RLHF_METAFLOW_CONFIG", "METAFLOW_HOME",
                                                             "METAFLOW_DATASTORE_SYSROOT_LOCAL", "PYTHONPATH")}

@@ -32,7 +32,7 @@ def crashed_and_resumed(tmp_path_factory):
     # No retries: this test is about `resume` after the run failed (tests/test_cluster.py covers @retry).
     cfg = write_config(store / "cfg.toml", {"run": {"storage_root": str(store), "cpu_threads": 2, "local_retries": 0,
                                                     "methods": ["ppo", "dpo"]},
-                                            "sft": {"max_steps": 20}, "reward": {"max_steps": 60},
+                                            "sft": {"max_steps": 10}, "reward": {"max_steps": 20},
                                             "ppo": {"steps": 12}, "eval": {"num_prompts": 16, "curve": False}})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_API_KEY": SECRET,
            "HF_TOKEN": SECRET}
