@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from rlhf_lib.launch import stage_process  # noqa: E402
+
 CONFIG = ROOT / "configs" / "opt-1.3b-rehearsal.toml"
 WORK = ROOT / "artifacts" / "rehearsal"
 FLOW = ROOT / "flows" / "rlhf_flow.py"
@@ -63,19 +65,6 @@ class PeakRSS(threading.Thread):
             except psutil.Error:
                 pass
             time.sleep(0.5)
-
-
-def stage_process(pid: int, stage: str):
-    import psutil
-
-    for child in psutil.Process(pid).children(recursive=True):
-        try:
-            cmd = " ".join(child.cmdline())
-        except psutil.Error:
-            continue
-        if f"rlhf_lib.stages.{stage}" in cmd and "accelerate.commands.launch" not in cmd:
-            return child
-    return None
 
 
 def run_flow(args: list[str], env: dict, log: Path, kill_after: Path | None = None) -> tuple[int, str, float, int]:

@@ -25,6 +25,10 @@ from rlhf_lib.compute import stage_gpus
 from rlhf_lib.stages.contract import RESULT_FILE
 
 
+ACCELERATE = "accelerate.commands.launch"  # the launchers a stage may run under (accelerate_command)
+TORCHRUN = "torch.distributed.run"
+
+
 class StageFailed(RuntimeError):
     """A stage subprocess exited non-zero or left no result.json."""
 
@@ -84,17 +88,32 @@ def accelerate_command(stage: str, stage_args: list[str], num_gpus: int, nodes: 
     module = ["-m", module or f"rlhf_lib.stages.{stage}", *stage_args]
     if nodes is not None and nodes.count > 1:
         if gpus == 0:
-            return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes.count), "--node_rank",
+            return [sys.executable, "-m", TORCHRUN, "--nnodes", str(nodes.count), "--node_rank",
                     str(nodes.index), "--nproc_per_node", "1", "--master_addr", nodes.main_ip, "--master_port",
                     str(nodes.port), *module]
-        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines",
+        return [sys.executable, "-m", ACCELERATE, "--multi_gpu", "--num_machines",
                 str(nodes.count), "--machine_rank", str(nodes.index), "--main_process_ip", nodes.main_ip,
                 "--main_process_port", str(nodes.port), "--num_processes", str(nodes.count * gpus),
                 "--mixed_precision", "bf16", "--dynamo_backend", "no", *module]
     if gpus <= 1:  # one process: nothing for a launcher to do (single_process_env gives its settings)
         return [sys.executable, *module]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no",
+    return [sys.executable, "-m", ACCELERATE, "--num_machines", "1", "--dynamo_backend", "no",
             "--num_processes", str(gpus), "--mixed_precision", "bf16", "--multi_gpu", *module]
+
+
+def stage_process(pid: int, stage: str):
+    """The innermost `rlhf_lib.stages.<stage>` process under `pid` (not a launcher that wraps it), or None: what a
+    test or a benchmark kills to stand for a crashed stage."""
+    import psutil
+
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.Error:
+            continue  # it ended while we looked
+        if f"rlhf_lib.stages.{stage}" in cmd and ACCELERATE not in cmd and TORCHRUN not in cmd:
+            return child
+    return None
 
 
 def single_process_env(gpus: int) -> dict[str, str]:

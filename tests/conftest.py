@@ -164,16 +164,3 @@ def s3_env(s3_endpoint, monkeypatch):
     return {**values, "BUCKET": bucket}
 
 
-def stage_process(pid: int, stage: str):
-    """The innermost `rlhf_lib.stages.<stage>` process under `pid` (not the accelerate launcher that wraps it)."""
-    import psutil
-
-    for child in psutil.Process(pid).children(recursive=True):
-        try:
-            cmd = " ".join(child.cmdline())
-        except psutil.Error:
-            continue
-        if f"rlhf_lib.stages.{stage}" in cmd and "accelerate.commands.launch" not in cmd \
-                and "torch.distributed.run" not in cmd:
-            return child
-    return None

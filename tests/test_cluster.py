@@ -26,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, S3_CREDENTIALS, one_node_steps, stage_process, write_config
+from conftest import ROOT, S3_CREDENTIALS, one_node_steps, write_config
 from rlhf_lib import methods
+from rlhf_lib.launch import stage_process
 
 FLOW = str(ROOT / "flows" / "rlhf_flow.py")
 PODSIM = str(ROOT / "tests" / "podsim")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, stage_process, write_config
+from conftest import ROOT, write_config
 from rlhf_lib import launch
 
 pytestmark = pytest.mark.slow  # whole flow runs
@@ -41,7 +41,7 @@ def crashed_and_resumed(tmp_path_factory):
     killed_at, deadline = None, time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         done = sorted(store.glob("RLHFFlow/*/ppo/attempt-0/checkpoints/step-*/COMPLETE"))
-        stage = stage_process(proc.pid, "ppo")
+        stage = launch.stage_process(proc.pid, "ppo")
         if done and stage is not None:
             stage.send_signal(signal.SIGKILL)
             killed_at = done
