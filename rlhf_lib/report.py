@@ -16,7 +16,7 @@ if "ipykernel" not in sys.modules:  # cards render in a headless task; a noteboo
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from rlhf_lib import methods  # noqa: E402
+from rlhf_lib import guard, methods  # noqa: E402
 
 
 def _curve(curves: dict, *keys: str) -> tuple[list, list]:
@@ -114,23 +114,29 @@ def eval_table(eval_report: dict) -> tuple[list[str], list[list]]:
     """(headers, rows) of the evaluation report: one row per model, SFT first, methods side by side."""
     keys = [k for k, _ in EVAL_COLUMNS if any(k in row for row in eval_report.values())]
     labels = dict(EVAL_COLUMNS)
-    rows = [[name] + [_over_optimised_cell(vals) if k == "over_optimised" else
-                      f"{vals[k]:.1f}" if k == "stage_seconds" and vals.get(k) is not None else _cell(vals.get(k))
-                      for k in keys] for name, vals in eval_report.items()]
+    rows = [[name] + [_eval_cell(vals, k) for k in keys] for name, vals in eval_report.items()]
     return ["model"] + [labels[k] for k in keys], rows
 
 
-def _over_optimised_cell(row: dict) -> str:
-    """One answer from both flags: at the end (proxy beats SFT, gold does not) and along the way (the guard's)."""
-    after = (row.get("guard") or {}).get("over_optimised_after")
-    words = (["YES"] if row.get("over_optimised") else []) + ([f"after step {after}"] if after is not None else [])
-    return ", ".join(words) or _cell(row.get("over_optimised"))
+def _eval_cell(row: dict, key: str) -> str:
+    if key == "over_optimised":  # one answer from both flags: at the end, and along the way (the guard's)
+        after = _over_optimised_after(row)
+        words = (["YES"] if row.get("over_optimised") else []) + ([f"after step {after}"] if after is not None else [])
+        return ", ".join(words) or _cell(row.get(key))
+    if key == "stage_seconds" and row.get(key) is not None:
+        return f"{row[key]:.1f}"
+    return _cell(row.get(key))
+
+
+def _over_optimised_after(row: dict) -> int | None:
+    """The step after which the guard saw the gold fall while the proxy rose (None: not flagged, or no curve)."""
+    return (row.get("guard") or {}).get("over_optimised_after")
 
 
 def over_optimisation_note(eval_report: dict) -> str:
     flagged = [m for m, row in eval_report.items() if row.get("over_optimised")]
-    turned = [f"{m} after step {row['guard']['over_optimised_after']}" for m, row in eval_report.items()
-              if (row.get("guard") or {}).get("over_optimised_after") is not None]
+    turned = [f"{m} after step {_over_optimised_after(row)}" for m, row in eval_report.items()
+              if _over_optimised_after(row) is not None]
     notes = []
     if flagged:
         notes.append("**Over-optimisation:** " + ", ".join(flagged) + " beat SFT by the reward they optimised but "
@@ -188,8 +194,6 @@ def plot_over_optimisation(eval_report: dict):
     by the proxy it optimised (right) against √KL(checkpoint ‖ SFT), points joined in order of KL; on the gold
     panel the fitted d(α − β ln d), its peak (dotted), and the guard's recommended checkpoint (a star, labelled
     with its step in the legend). A proxy that keeps climbing while the gold turns down is over-optimisation."""
-    from rlhf_lib import guard
-
     curves = [(n, r["curve"], r.get("guard")) for n, r in eval_report.items() if r.get("curve")]
     fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.0), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -220,8 +224,6 @@ def plot_over_optimisation(eval_report: dict):
 
 def _mark_guard(ax, curve: list[dict], verdict: dict, colour: str) -> None:
     """The fitted gold curve, its peak and the recommended checkpoint, on the gold panel."""
-    from rlhf_lib import guard
-
     fitted = verdict.get("fit")
     far = max(p["kl_per_sequence"] for p in curve)
     if fitted:
@@ -309,8 +311,8 @@ def build_evaluate_card(card, run_data) -> None:
                              "from SFT."))
         card.append(Image.from_matplotlib(plot_over_optimisation(run_data.eval_report)))
         headers, rows = guard_table(run_data.eval_report)
-        card.append(Markdown("### Which checkpoint to ship\n" + "\n".join(f"- {line}"
-                                                                           for line in guard_lines(run_data.eval_report))))
+        verdicts = "\n".join(f"- {line}" for line in guard_lines(run_data.eval_report))
+        card.append(Markdown("### Which checkpoint to ship\n" + verdicts))
         card.append(Table(rows, headers=headers))
         headers, rows = curve_table(run_data.eval_report)
         card.append(Table(rows, headers=headers))
