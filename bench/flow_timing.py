@@ -26,6 +26,11 @@ env.configure()
 import torch  # noqa: E402  (before metaflow's client, see tests/conftest.py)
 
 
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    return "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+                      *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.toml"))
@@ -55,7 +60,8 @@ def main() -> None:
         task = step.task
         print(f"| {step.id} | {(task.finished_at - task.created_at).total_seconds():.1f} |")
     if wall is not None:
-        print(f"| **whole run (wall)** | **{wall:.1f}** |\n")
+        print(f"| **whole run (wall)** | **{wall:.1f}** |")
+    print()
     from rlhf_lib import report as reporting
 
     data = run.data
@@ -63,21 +69,15 @@ def main() -> None:
     print(f"Reward model held-out accuracy {accuracy}; SFT held-out loss {data.sft_metrics['eval_loss']:.3f}; "
           f"gold judge `{data.gold_judge}`. " + "; ".join(data.judges) + "\n")
     headers, rows = reporting.eval_table(data.eval_report)
-    print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
-    for row in rows:
-        print("| " + " | ".join(str(c) for c in row) + " |")
+    print(markdown_table(headers, rows))
     print("\n" + reporting.over_optimisation_note(data.eval_report))
     headers, rows = reporting.curve_table(data.eval_report)
     if rows:
         print("\nOver-optimisation curve (every saved checkpoint of each online method vs SFT):\n")
-        print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
-        for row in rows:
-            print("| " + " | ".join(str(c) for c in row) + " |")
+        print(markdown_table(headers, rows))
         headers, rows = reporting.guard_table(data.eval_report)
         print("\nThe guard (rlhf_lib/guard.py): each online method at its last and its recommended checkpoint:\n")
-        print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
-        for row in rows:
-            print("| " + " | ".join(str(c) for c in row) + " |")
+        print(markdown_table(headers, rows))
         print("\n" + "\n".join(f"- {line}" for line in reporting.guard_lines(data.eval_report)))
         if args.plot:
             reporting.plot_over_optimisation(data.eval_report).savefig(args.plot, dpi=110)
