@@ -352,9 +352,7 @@ def reference_rows(model: type[Section] | None = None, prefix: str = "") -> list
             rows.append((key, "(section)", field.description or ""))
             rows += reference_rows(type(default), key + ".")
         else:
-            shown = "" if default is None else _toml_value(default.model_dump() if isinstance(default, Section)
-                                                          else default)
-            rows.append((key, shown, field.description or ""))
+            rows.append((key, "" if default is None else _toml_value(default), field.description or ""))
     return rows
 
 

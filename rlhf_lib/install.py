@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[install] warning: {TORCH_INDEX.format(build=build)} could not be used; installing {pin} from "
               "your configured index instead (on Linux that is PyPI's CUDA build unless your index has the CPU "
               "one: several GB, and it runs on the CPU all the same)", flush=True)
-        if _run(torch_cmd[:5]) != 0:
+        if _run(commands("pypi", pin, args.dev)[0]) != 0:
             return 1
     code = _run(requirements_cmd)
     if code == 0:
