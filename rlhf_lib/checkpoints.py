@@ -135,44 +135,59 @@ def later_attempt_started(checkpoint_root: str | Path) -> bool:
     return False
 
 
-def readers(checkpoint_root: str | Path) -> list[str]:
-    """Who marked a checkpoint of this task as being read (`<stage>/READING/<reader>`): a later attempt, or a run
-    resumed from this one."""
+def readers(checkpoint_root: str | Path) -> dict[str, str]:
+    """Who marked a checkpoint of this task as being read (`<stage>/READING/<reader>`: a later attempt, or a run
+    resumed from this one), and which checkpoint each reads."""
     where = attempt_of(checkpoint_root)
-    return storage.list_files(storage.join(where[0], READING)) if where else []
+    if not where:
+        return {}
+    marks = storage.join(where[0], READING)
+    return {reader: _place(storage.read_text(storage.join(marks, reader)).strip())
+            for reader in storage.list_files(marks)}
+
+
+def _place(location: str | Path) -> str:
+    """A checkpoint's location compared as a place: a local path resolved (a storage root behind a symlink names
+    the same directory two ways), a URI without its trailing slash."""
+    location = str(location).rstrip("/")
+    return location if storage.is_remote(location) else os.path.realpath(location)
 
 
 def mark_reading(location: str, reader: str) -> None:
     """Say, beside the task that wrote it, that `reader` is reading the checkpoint at `location`: from then on that
-    task's attempts delete none of its checkpoints (a zombie pod, or the origin of a resumed run still running)."""
+    task's attempts do not delete that checkpoint (a zombie pod, or the origin of a resumed run still running)."""
     where = attempt_of(str(location).rstrip("/").rsplit("/", 1)[0])
     if where:
-        storage.write_text(storage.join(where[0], READING, reader), f"{location}\n")
+        storage.write_text(storage.join(where[0], READING, reader), f"{_place(location)}\n")
 
 
-def _may_prune(root: str | Path, what: str) -> bool:
-    """Whether this attempt still holds the lease on its task's checkpoints: no later attempt has started and no
-    one reads them. Asked right before each delete."""
+def _may_delete(root: str | Path, checkpoint: str, what: str) -> bool | None:
+    """Whether this attempt may delete `checkpoint` now: True; False to keep it (someone reads it); None when it
+    no longer holds the lease on its task's checkpoints at all (a later attempt has started). Asked right before
+    each delete. A reader's mark protects the checkpoint it reads, not the reader's own attempt's checkpoints: a
+    retried attempt that continued from its predecessor keeps pruning its own."""
     if later_attempt_started(root):
         print(f"[checkpoints] a later attempt of this task has started: keeping every checkpoint in {root} "
               f"({what})", flush=True)
-        return False
-    marks = readers(root)
+        return None
+    marks = [reader for reader, read in readers(root).items() if read == _place(checkpoint)]
     if marks:
-        print(f"[checkpoints] {', '.join(marks)} read(s) this task's checkpoints: keeping every checkpoint in {root} "
-              f"({what})", flush=True)
+        print(f"[checkpoints] {', '.join(marks)} read(s) {checkpoint}: keeping it ({what})", flush=True)
         return False
     return True
 
 
 def prune(root: str | Path, keep: int, what: str, fenced: bool = True) -> None:
     """Delete all but the newest `keep` complete checkpoints under `root` (local or S3; an S3 one marker first),
-    each only while this attempt still holds the lease (`fenced`: asked again right before each delete)."""
+    each only while this attempt still holds the lease and no one reads it (`fenced`: asked right before each
+    delete)."""
     for _, old in list_checkpoints(root)[:-keep]:
-        if fenced and not _may_prune(root, what):
+        allowed = _may_delete(root, old, what) if fenced else True
+        if allowed is None:
             return
-        storage.delete(old, [MARKER])  # incomplete to every reader from now on
-        storage.delete_tree(old)
+        if allowed:
+            storage.delete(old, [MARKER])  # incomplete to every reader from now on
+            storage.delete_tree(old)
 
 
 # ------------------------------------------------------------------ writing
@@ -238,7 +253,7 @@ def save(root: Path, step: int, write: Callable[[Path], None], keep: int | None 
     """Write checkpoint `step` under root via write(tmp_dir), mark it complete, then prune to the last `keep`;
     with `mirror` (the attempt's checkpoint prefix in S3), upload it there too — in the background (`UPLOADS`): the
     training goes on, and the next checkpoint waits for it. Without a mirror `root` is the attempt's own checkpoint
-    directory on a shared disk, pruned only while this attempt holds the lease (`_may_prune`)."""
+    directory on a shared disk, pruned only while this attempt holds the lease (`_may_delete`)."""
 
     def build(tmp: Path) -> None:
         write(tmp)

@@ -46,6 +46,7 @@ class RunSection(Section):
     local_retries: int = Field(0, ge=0, le=3, description="`@retry` times when the steps run on this machine: 0 shows a failure at once instead of running the failing stage again.")
     retry_wait_minutes: int = Field(1, ge=0, description="Minutes Metaflow waits before a retry.")
     nodes: int = Field(1, ge=1, description="Machines the PPO stage spans (Metaflow `@parallel`, torch.distributed across them); 1 changes nothing.")
+    master_port: int = Field(29500, ge=1024, le=65535, description="The port rank 0 of a gang (run.nodes >= 2) listens on for the other nodes: on Kubernetes and Argo the gang's JobSet declares it (`@kubernetes(port=...)`, its `MF_MASTER_PORT`); a local gang derives its own from the run id.")
     keep_failed_attempts: bool = Field(False, description="Keep the outputs of failed task attempts (their checkpoints and snapshots) when the run ends; by default `end` removes every attempt no artifact references.")
     process_group_timeout_s: int = Field(1800, ge=1, description="Seconds a process of a multi-process stage waits for the others at a collective before the stage fails (torch.distributed's timeout).")
 

@@ -43,14 +43,18 @@ class StepCompute(FlowMutator):
 
     def mutate(self, mutable_flow) -> None:
         """On Kubernetes (`--with kubernetes`, Argo), each step's pods go where its kind's `[resources]` says:
-        its node selector and tolerations (a GPU node pool's), unless the command line gave them."""
+        its node selector and tolerations (a GPU node pool's), unless the command line gave them; a gang step's
+        JobSet declares the port its rank 0 listens on (`run.master_port`)."""
         configs = dict(mutable_flow.configs)
         if configs.get("config") is None:
             return
         cfg = config_from_flow(configs["config"])
+        gang_steps = {m.gang_step for m in methods.REGISTRY.values() if m.gang}
         for name, step in mutable_flow.steps:
             kind = compute.step_kind(cfg, name)
             placement = compute.step_placement(cfg, kind) if kind else {}
+            if name in gang_steps:  # the JobSet's MF_MASTER_PORT: without a port Metaflow writes the string "None"
+                placement["port"] = cfg.run.master_port
             specs = step.get_decorator_specs("kubernetes")
             if not placement or not specs:
                 continue

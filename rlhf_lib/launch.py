@@ -75,8 +75,15 @@ class Nodes:
         from @kubernetes(port=...)) where it gives one; else derived from `key` (the run id), so that two gangs on
         one machine (local runs, tests) do not collide and every node derives the same one."""
         environ = os.environ if environ is None else environ
-        port = int(environ.get("MF_MASTER_PORT") or 20000 + int(hashlib.sha1(key.encode()).hexdigest(), 16) % 20000)
-        return cls(parallel.num_nodes, parallel.node_index, parallel.main_ip, port)
+        given = environ.get("MF_MASTER_PORT")
+        if not given:
+            return cls(parallel.num_nodes, parallel.node_index, parallel.main_ip,
+                       20000 + int(hashlib.sha1(key.encode()).hexdigest(), 16) % 20000)
+        if not given.isdigit() or not 0 < int(given) < 65536:
+            # Metaflow writes str(None) when the gang step declares no port (decorators.StepCompute gives it one)
+            raise MachineUnfit(f"MF_MASTER_PORT is {given!r}, not a port: the gang step declared none; set "
+                               f"run.master_port (which becomes @kubernetes(port=...)) or METAFLOW_KUBERNETES_PORT")
+        return cls(parallel.num_nodes, parallel.node_index, parallel.main_ip, int(given))
 
 
 def accelerate_command(stage: str, stage_args: list[str], num_gpus: int, nodes: Nodes | None = None,

@@ -74,6 +74,11 @@ class Method:
         return (f"{self.name}_train", f"{self.name}_gang_train") if self.gang else (self.name,)
 
     @property
+    def gang_step(self) -> str | None:
+        """The `@parallel` step of a gang method (its nodes rendezvous at a port, `run.master_port`); None else."""
+        return f"{self.name}_gang_train" if self.gang else None
+
+    @property
     def last_step(self) -> str:
         """The step that holds the method's outcome when its branch ends (and its card, if it has one)."""
         return f"{self.name}_join" if self.gang else self.name

@@ -144,3 +144,17 @@ def test_the_gang_is_a_jobset_of_run_nodes_pods(submissions):
     replicas = sum(job.get("replicas", 1) * job["template"]["spec"].get("parallelism", 1)
                    for job in jobset["spec"]["replicatedJobs"])
     assert replicas == 2
+
+
+def _env(container: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env") or []}
+
+
+def test_the_gangs_pods_are_told_a_port_the_world_size_and_the_control_pod(submissions):
+    """What each node of the gang reads at launch (launch.Nodes.of): a numeric MF_MASTER_PORT, the one the config
+    names (Metaflow writes the string "None" when the step declares none, and every node then dies at launch)."""
+    jobset = submissions[2]["created"]["ppo_gang_train"]["body"]
+    for job in jobset["spec"]["replicatedJobs"]:
+        env = _env(job["template"]["spec"]["template"]["spec"]["containers"][0])
+        assert env["MF_MASTER_PORT"] == str(RECIPE["run"].get("master_port", 29500)), job["name"]
+        assert env["MF_WORLD_SIZE"] == "2" and env["MF_MASTER_ADDR"].startswith(jobset["metadata"]["name"])

@@ -74,6 +74,9 @@ def test_multi_node_commands():
         launch.Nodes.of(node, "124", {}).port
     # Where Metaflow opened a port for the gang (a Kubernetes JobSet: @kubernetes(port=...)), that one.
     assert launch.Nodes.of(node, "123", {"MF_MASTER_PORT": "3339"}).port == 3339
+    # What Metaflow writes into a JobSet whose gang step declared no port: a loud error naming the key, not int().
+    with pytest.raises(launch.MachineUnfit, match="'None', not a port.*run.master_port"):
+        launch.Nodes.of(node, "123", {"MF_MASTER_PORT": "None"})
 
 
 def test_run_gpus_0_hides_every_gpu_from_the_stage(tmp_path):

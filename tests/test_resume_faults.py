@@ -85,8 +85,8 @@ def test_a_snapshot_without_its_marker_is_skipped_by_evaluate(tmp_path, capsys):
 
 
 def test_a_reader_fences_the_pruning_of_the_checkpoints_it_reads(tmp_path, capsys):
-    """A run resumed from another marks the origin's stage as being read; from then on the origin's attempts
-    (a pod of the origin still running) delete none of its checkpoints — checked right before each delete."""
+    """A run resumed from another marks the checkpoint it reads; from then on the origin's attempts (a pod of the
+    origin still running) do not delete that one — checked right before each delete — and prune the rest."""
     origin = tmp_path / "RLHFFlow" / "5" / "ppo" / "attempt-0" / "checkpoints"
     for step in (1, 2, 3):
         checkpoints.save(origin, step, lambda tmp: (tmp / "state.json").write_text("{}"), keep=2)
@@ -97,11 +97,31 @@ def test_a_reader_fences_the_pruning_of_the_checkpoints_it_reads(tmp_path, capsy
     assert found and found[0].name == "step-000003"
     mark = tmp_path / "RLHFFlow" / "5" / "ppo" / checkpoints.READING / "RLHFFlow-6-ppo-attempt-0"
     assert mark.read_text().strip() == str(origin / "step-000003")
-    for step in (4, 5):  # the origin's pod goes on writing
+    for step in (4, 5, 6):  # the origin's pod goes on writing
         checkpoints.save(origin, step, lambda tmp: (tmp / "state.json").write_text("{}"), keep=2)
-    assert [s for s, _ in checkpoints.list_checkpoints(origin)] == [2, 3, 4, 5]
-    assert "RLHFFlow-6-ppo-attempt-0 read(s) this task's checkpoints: keeping every checkpoint" in \
-        capsys.readouterr().out
+    assert [s for s, _ in checkpoints.list_checkpoints(origin)] == [3, 5, 6]
+    assert f"RLHFFlow-6-ppo-attempt-0 read(s) {origin / 'step-000003'}: keeping it" in capsys.readouterr().out
+
+
+def test_retried_attempts_keep_pruning_their_own_checkpoints(tmp_path):
+    """Each retry continues from its predecessor's newest checkpoint (marking it as read) and still holds
+    keep_checkpoints in its own directory: its own mark protects what it read, not what it writes."""
+    stage = tmp_path / "RLHFFlow" / "9" / "ppo"
+    write = lambda tmp: (tmp / "state.json").write_text("{}")  # noqa: E731
+    for step in (1, 2, 3):
+        checkpoints.save(stage / "attempt-0" / "checkpoints", step, write, keep=2)
+    for attempt in (1, 2):
+        out = stage / f"attempt-{attempt}"
+        (out / checkpoints.STARTED).parent.mkdir(parents=True)
+        (out / checkpoints.STARTED).write_text("x")
+        roots = [str(stage / f"attempt-{k}" / "checkpoints") for k in reversed(range(attempt))]
+        found = checkpoints.resume_point("ppo", roots, out, lambda p: p, own_uri=str(out / "checkpoints"))
+        start = checkpoints.step_of(found[0].name)
+        assert start == 3 * attempt
+        for step in range(start + 1, start + 4):
+            checkpoints.save(out / "checkpoints", step, write, keep=2)
+        assert [s for s, _ in checkpoints.list_checkpoints(out / "checkpoints")] == [start + 2, start + 3]
+    assert len(list((stage / checkpoints.READING).iterdir())) == 2
 
 
 def _resume_gang(root: str, tmp_path: Path, fail_rank: int | None = None, timeout: int = 300) -> list:
