@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import time
@@ -330,17 +331,46 @@ def adopt(checkpoint: Path, own_root: Path) -> Path:
     return atomic_dir(target, lambda tmp: shutil.copytree(checkpoint, tmp, dirs_exist_ok=True))
 
 
+class Corrupt(ValueError):
+    """A file of a checkpoint is there but does not parse (torn, truncated, or not what it should be)."""
+
+
+# Why a reader may try an older checkpoint: this one is not (all) there...
+NOT_THERE = (storage.Gone, FileNotFoundError, IsADirectoryError, NotADirectoryError)
+# ...or a file of it is there and does not parse: what json, text, pickle and safetensors raise on bad bytes.
+DOES_NOT_PARSE = (Corrupt, ValueError, EOFError, pickle.UnpicklingError)
+# Errors raised by the storage's own libraries are faults of the storage, whatever their type.
+STORAGE_LIBRARIES = ("botocore", "boto3", "s3transfer", "urllib3", "metaflow")
+
+
+def _does_not_parse() -> tuple[type, ...]:
+    from safetensors import SafetensorError
+
+    return (*DOES_NOT_PARSE, SafetensorError)
+
+
 def unusable(err: BaseException) -> bool:
-    """Whether a failure to fetch or load a checkpoint means *this checkpoint* is incomplete or corrupt (then an
-    older one may be tried), rather than a fault of the storage or the machine (permissions, throttling past the
-    retries, timeouts, a full disk), which must fail the stage: a fault is never "no checkpoint, start at 0"."""
-    if isinstance(err, storage.Gone):
-        return True  # not there, or removed while it was downloaded
-    if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
-        return True  # a file of the checkpoint is missing
-    if isinstance(err, (OSError, storage.StorageError, MemoryError, ConnectionError, TimeoutError)):
+    """Whether a failure to fetch or load a checkpoint means *this checkpoint* is incomplete or corrupt — it is not
+    there (a 404, a key removed while it was read, a missing file or marker) or a file of it does not parse — so
+    that an older one may be tried. Everything else is a fault that must fail the stage: access denied, throttling
+    past the retries, timeouts, a full disk, metaflow.S3's own exceptions (the path of every checkpoint of 32 MB or
+    more), and any exception nobody classified. A fault is never "no checkpoint, start at 0"."""
+    if isinstance(err, NOT_THERE):
+        return True
+    if type(err).__module__.split(".")[0] in STORAGE_LIBRARIES:
         return False
-    return type(err).__module__.split(".")[0] not in ("botocore", "boto3", "s3transfer", "urllib3")
+    return isinstance(err, _does_not_parse())
+
+
+def parse_file(path: Path, read: Callable[[Path], object]) -> object:
+    """`read(path)` for one file of a local checkpoint, with what says its bytes are bad turned into Corrupt:
+    torch's reader raises a bare RuntimeError for a torn archive. The machine's errors (OSError) stay faults."""
+    try:
+        return read(path)
+    except OSError:
+        raise
+    except (RuntimeError, *_does_not_parse()) as err:
+        raise Corrupt(f"{path} does not parse ({type(err).__name__}: {err})") from err
 
 
 class Ranks:
@@ -417,7 +447,8 @@ def reader_of(checkpoint_uri: str | None) -> str | None:
 
 
 def _fault(stage: str, what: str, err: BaseException) -> None:
-    print(f"[{stage}] {what} could not be read ({type(err).__name__}: {err}): failing the stage rather than "
+    said = " ".join(str(err).split())  # metaflow.S3's messages span lines: one line names the place and the error
+    print(f"[{stage}] {what} could not be read ({type(err).__name__}: {said}): failing the stage rather than "
           f"starting over", flush=True)
 
 
@@ -427,14 +458,28 @@ def resume_point(stage: str, roots: list[str], output: Path, load, own_uri: str 
     directory (a rerun of this attempt) and under `roots` (earlier attempts of this task, then a resume's origin
     run; local directories or S3 prefixes). A collective on several processes: rank 0 chooses; the first process
     of each other node downloads that checkpoint once for its node; every process loads it; all of them must agree
-    on the step, or every one fails (none hangs). One from elsewhere is copied into this stage's own directory with
+    on the step, or every one fails (none hangs): a failure of rank 0 while it chooses or fetches is broadcast to
+    the others, which fail naming it. One from elsewhere is copied into this stage's own directory with
     the snapshots it had up to its step. Every outcome is said, "starting at step 0" included. Returns (local
     checkpoint, what `load` gave), or None to start at step 0."""
     ranks, output = Ranks(), Path(output)
-    chosen = choose(stage, roots, output, load, reader_of(own_uri)) if ranks.rank == 0 else None
-    if ranks.rank == 0 and chosen:
-        chosen = _adopt_with_snapshots(stage, chosen, output)
-    location = ranks.broadcast(chosen[1] if chosen else None)
+    chosen, failure = None, None
+    if ranks.rank == 0:
+        try:
+            chosen = choose(stage, roots, output, load, reader_of(own_uri))
+            if chosen:
+                chosen = _adopt_with_snapshots(stage, chosen, output)
+        except Exception as err:  # told to every rank before it is raised: none waits at the broadcast for it
+            failure = err
+    told = ranks.broadcast({"location": chosen[1] if chosen else None,
+                            "failure": f"{type(failure).__name__}: {' '.join(str(failure).split())}"
+                            if failure else None})
+    if failure is not None:
+        raise failure
+    if told["failure"]:
+        raise RuntimeError(f"[{stage}] rank 0 failed choosing or loading the checkpoint to continue from "
+                           f"({told['failure']}); rank {ranks.rank} fails the stage with it")
+    location = told["location"]
     local, state = (chosen[2], chosen[3]) if chosen else (None, None)
     if location is not None and ranks.rank != 0:
         local, state = _load_on_this_rank(ranks, location, output, load)

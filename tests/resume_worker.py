@@ -9,6 +9,7 @@ ROOT with OUTPUT as its node's stage directory. The process FAIL_RANK finds its 
 """
 
 import json
+import os
 import shutil
 import sys
 from datetime import timedelta
@@ -24,7 +25,8 @@ from rlhf_lib import checkpoints  # noqa: E402
 def main() -> None:
     root, output = sys.argv[1], Path(sys.argv[2])
     fail_rank = int(sys.argv[3]) if len(sys.argv) > 3 else -1
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    timeout = int(os.environ.get("RESUME_WORKER_GROUP_TIMEOUT_S", "60"))  # as run.process_group_timeout_s
+    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
     rank = dist.get_rank()
 
     def load(path: Path):

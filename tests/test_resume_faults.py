@@ -2,8 +2,10 @@
 snapshot is refused, an attempt prunes only while it holds the lease, and a run cleans up after itself. Against
 the local S3 server (moto's), through a proxy that answers chosen requests with errors (tests/faulty_proxy.py)."""
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,34 +38,114 @@ def _stored(s3_env, tmp_path, steps=(2, 4), run="17") -> str:
     return remote
 
 
-@pytest.mark.parametrize("status, target, what", [
-    (403, b"/checkpoints/step-000004/weights.bin", "checkpoint {remote}/step-000004"),
-    (503, b"/checkpoints/step-000004/COMPLETE", "the checkpoints in {remote}")])
-def test_a_storage_fault_reading_a_checkpoint_fails_the_stage(status, target, what, s3_env, tmp_path, capsys,
-                                                              monkeypatch):
-    """A persistent AccessDenied (a permissions slip) on the newest checkpoint's weights, or SlowDown (throttling
-    past every retry) on its marker: the stage fails naming the error — it neither falls back to an older
-    checkpoint nor starts at step 0."""
+LARGE = storage.BULK_BYTES + 2**20  # a checkpoint this large moves through metaflow.S3's workers, not boto3's
+
+
+def _checkpoint_of(root: Path, step: int, size: int) -> Path:
+    path = _checkpoint(root, step)
+    with open(path / "weights.bin", "wb") as fh:  # incompressible, as weights are
+        fh.write(os.urandom(size))
+    return path
+
+
+@contextlib.contextmanager
+def _small_disk(where: Path, megabytes: int, full: bool):
+    """A tmpfs of `megabytes` at `where` (filled up when `full`): a disk that runs out. Needs root (mount)."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("a full disk is simulated with a tmpfs mount, which needs root")
+    where.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(where)], check=True)
+    try:
+        if full:
+            with open(where / "filler", "wb") as fh:
+                with contextlib.suppress(OSError):
+                    while True:
+                        fh.write(b"x" * 2**16)
+                        fh.flush()
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.mark.parametrize("size", [100, LARGE], ids=["small-boto3", "32MB-metaflow.S3"])
+@pytest.mark.parametrize("fault", ["403", "503", "disk-full"])
+def test_a_storage_fault_reading_a_checkpoint_fails_the_stage(fault, size, s3_env, tmp_path, capsys, monkeypatch):
+    """A persistent AccessDenied (a permissions slip), SlowDown past every retry (throttling) or a full disk, while
+    the newest checkpoint downloads — on boto3's path (a small checkpoint) and on metaflow.S3's (one of 32 MB or
+    more, as every full-size checkpoint is): the stage fails naming the location and the error; it neither falls
+    back to an older checkpoint nor starts at step 0."""
+    import metaflow.metaflow_config as metaflow_config
+    from metaflow.plugins.datatools.s3 import s3 as metaflow_s3
+
+    remote = f"s3://{s3_env['BUCKET']}/rlhf/RLHFFlow/17/ppo/attempt-0/checkpoints"
+    for step in (2, 4):
+        checkpoints.publish(_checkpoint_of(tmp_path / "written", step, size), remote)
+    proxy = None
+    if fault != "disk-full":
+        upstream = s3_env["METAFLOW_S3_ENDPOINT_URL"].rsplit(":", 1)
+        proxy = FaultyProxy(upstream[0].removeprefix("http://"), int(upstream[1]), status=int(fault),
+                            match=lambda line: line.startswith(b"GET") and b"/step-000004/weights.bin" in line)
+        monkeypatch.setenv("METAFLOW_S3_ENDPOINT_URL", proxy.url)
+    # Retries cut short (a persistent fault outlasts any number): boto3's, and metaflow.S3's in this process and
+    # in its worker processes (which read the environment).
+    monkeypatch.setattr(metaflow_config, "S3_CLIENT_RETRY_CONFIG", {"max_attempts": 2, "mode": "standard"})
+    monkeypatch.setenv("METAFLOW_S3_CLIENT_RETRY_CONFIG", json.dumps({"max_attempts": 2, "mode": "standard"}))
+    for name in ("S3_RETRY_COUNT", "S3_TRANSIENT_RETRY_COUNT"):
+        monkeypatch.setattr(metaflow_s3, name, 1)
+        monkeypatch.setenv(f"METAFLOW_{name}", "1")
+    disk = _small_disk(tmp_path / "disk", 8, full=size < LARGE) if fault == "disk-full" else \
+        contextlib.nullcontext(tmp_path)
+    try:
+        with disk as where, pytest.raises(Exception) as raised:
+            checkpoints.resume_point("ppo", [remote], where / "attempt-1", _load)
+    finally:
+        if proxy:
+            proxy.close()
+    assert not checkpoints.unusable(raised.value), raised.value
+    printed = capsys.readouterr().out
+    said = [line for line in printed.splitlines() if f"checkpoint {remote}/step-000004 could not be read (" in line]
+    assert said and said[0].endswith("failing the stage rather than starting over"), printed
+    assert type(raised.value).__name__ in said[0]
+    assert "starting at step 0" not in printed and "trying" not in printed
+    assert proxy is None or proxy.matched >= 1
+
+
+def test_a_fault_listing_the_checkpoints_fails_the_stage(s3_env, tmp_path, capsys, monkeypatch):
+    """SlowDown past every retry on the newest checkpoint's marker, read while the checkpoints are listed."""
     import metaflow.metaflow_config as metaflow_config
     from botocore.exceptions import ClientError
 
     remote = _stored(s3_env, tmp_path)
     upstream = s3_env["METAFLOW_S3_ENDPOINT_URL"].rsplit(":", 1)
-    proxy = FaultyProxy(upstream[0].removeprefix("http://"), int(upstream[1]), status=status,
-                        match=lambda line: line.startswith(b"GET") and target in line)
+    proxy = FaultyProxy(upstream[0].removeprefix("http://"), int(upstream[1]), status=503,
+                        match=lambda line: line.startswith(b"GET") and b"/step-000004/COMPLETE" in line)
     monkeypatch.setenv("METAFLOW_S3_ENDPOINT_URL", proxy.url)
     monkeypatch.setattr(metaflow_config, "S3_CLIENT_RETRY_CONFIG", {"max_attempts": 2, "mode": "standard"})
     try:
-        with pytest.raises(ClientError, match="AccessDenied" if status == 403 else "SlowDown"):
+        with pytest.raises(ClientError, match="SlowDown"):
             checkpoints.resume_point("ppo", [remote], tmp_path / "attempt-1", _load)
     finally:
         proxy.close()
     printed = capsys.readouterr().out
-    assert proxy.matched >= 1
-    said = [line for line in printed.splitlines() if what.format(remote=remote) + " could not be read (" in line]
-    assert said and ("AccessDenied" if status == 403 else "SlowDown") in said[0]
-    assert said[0].endswith("failing the stage rather than starting over")
-    assert "starting at step 0" not in printed and "step-000002" not in printed.split("could not be read")[1]
+    assert f"the checkpoints in {remote} could not be read (ClientError" in printed
+    assert "starting at step 0" not in printed
+
+
+@pytest.mark.parametrize("error", [RuntimeError("CUDA error: an illegal memory access"), MemoryError(),
+                                   PermissionError(13, "Permission denied"), KeyboardInterrupt()])
+def test_an_error_nobody_classified_is_a_fault_not_a_corrupt_checkpoint(error):
+    assert not checkpoints.unusable(error)
+
+
+def test_what_is_not_there_or_does_not_parse_is_a_corrupt_checkpoint(tmp_path):
+    import torch
+
+    torn = tmp_path / "state.pt"
+    torn.write_bytes(b"PK\x03\x04" + b"\0" * 64)  # a torn torch archive: torch says RuntimeError
+    with pytest.raises(checkpoints.Corrupt) as raised:
+        checkpoints.parse_file(torn, lambda f: torch.load(f, weights_only=True))
+    for err in (raised.value, storage.Gone("x"), FileNotFoundError("x"), json.JSONDecodeError("x", "", 0)):
+        assert checkpoints.unusable(err), err
 
 
 def test_a_checkpoint_without_its_marker_falls_back_to_the_one_before(s3_env, tmp_path, capsys):
@@ -124,7 +206,8 @@ def test_retried_attempts_keep_pruning_their_own_checkpoints(tmp_path):
     assert len(list((stage / checkpoints.READING).iterdir())) == 2
 
 
-def _resume_gang(root: str, tmp_path: Path, fail_rank: int | None = None, timeout: int = 300) -> list:
+def _resume_gang(root: str, tmp_path: Path, fail_rank: int | None = None, timeout: int = 300,
+                 group_timeout: int = 60) -> list:
     """Four processes on two "nodes" (two torch.distributed.run launchers of two processes each, gloo), each node
     with its own stage directory, resuming from `root`. Returns (exit code, output) of each node's launcher."""
     port = _free_port()
@@ -135,7 +218,8 @@ def _resume_gang(root: str, tmp_path: Path, fail_rank: int | None = None, timeou
                str(ROOT / "tests" / "resume_worker.py"), root, str(tmp_path / f"node-{node}")]
         cmd += [str(fail_rank)] if fail_rank is not None else []
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
+                                      env={**os.environ, "OMP_NUM_THREADS": "1",
+                                           "RESUME_WORKER_GROUP_TIMEOUT_S": str(group_timeout)}))
     return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
 
 
@@ -153,6 +237,31 @@ def test_four_processes_resume_as_one_or_fail_together(s3_env, tmp_path):
     failed = _resume_gang(remote, tmp_path / "failed", fail_rank=3, timeout=180)
     assert all(code != 0 for code, _ in failed), failed
     assert all("do not agree on the checkpoint to continue from" in log for _, log in failed), failed
+
+
+def test_a_fault_on_rank_zero_ends_every_process_of_the_gang_naming_it(s3_env, tmp_path, monkeypatch):
+    """Rank 0 chooses and downloads before it tells the others; when its download is refused (a persistent 403),
+    every rank of a four-process gang exits within a minute naming that error — none waits out the process
+    group's timeout at the broadcast."""
+    import time
+
+    remote = _stored(s3_env, tmp_path, steps=(2, 4))
+    upstream = s3_env["METAFLOW_S3_ENDPOINT_URL"].rsplit(":", 1)
+    proxy = FaultyProxy(upstream[0].removeprefix("http://"), int(upstream[1]), status=403,
+                        match=lambda line: line.startswith(b"GET") and b"/step-000004/weights.bin" in line)
+    monkeypatch.setenv("METAFLOW_S3_ENDPOINT_URL", proxy.url)
+    started = time.monotonic()
+    try:
+        failed = _resume_gang(remote, tmp_path / "failed", timeout=120, group_timeout=600)
+    finally:
+        proxy.close()
+    assert time.monotonic() - started < 60, failed
+    assert all(code != 0 for code, _ in failed), failed
+    assert "AccessDenied" in failed[0][1] and "failing the stage rather than starting over" in failed[0][1]
+    for rank in (1, 2, 3):
+        node_log = failed[0 if rank < 2 else 1][1]
+        assert f"rank {rank} fails the stage with it" in node_log and "rank 0 failed choosing" in node_log
+    assert proxy.matched >= 1
 
 
 def test_a_finished_run_keeps_only_what_its_artifacts_reference(s3_env, tmp_path):

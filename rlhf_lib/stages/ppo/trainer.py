@@ -398,7 +398,7 @@ def load_checkpoint(path: Path) -> dict:
     from rlhf_lib import models
 
     path = Path(path)
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    state = checkpoints.parse_file(path / STATE_FILE, lambda f: torch.load(f, map_location="cpu", weights_only=True))
     state["value_head"] = load_file(path / VALUE_HEAD_FILE)
     state["adapter"] = models.adapter_weights(path / "adapter")
     return state
