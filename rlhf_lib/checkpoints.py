@@ -143,15 +143,8 @@ def readers(checkpoint_root: str | Path) -> dict[str, str]:
     if not where:
         return {}
     marks = storage.join(where[0], READING)
-    return {reader: _place(storage.read_text(storage.join(marks, reader)).strip())
+    return {reader: storage.place(storage.read_text(storage.join(marks, reader)).strip())
             for reader in storage.list_files(marks)}
-
-
-def _place(location: str | Path) -> str:
-    """A checkpoint's location compared as a place: a local path resolved (a storage root behind a symlink names
-    the same directory two ways), a URI without its trailing slash."""
-    location = str(location).rstrip("/")
-    return location if storage.is_remote(location) else os.path.realpath(location)
 
 
 def mark_reading(location: str, reader: str) -> None:
@@ -159,7 +152,7 @@ def mark_reading(location: str, reader: str) -> None:
     task's attempts do not delete that checkpoint (a zombie pod, or the origin of a resumed run still running)."""
     where = attempt_of(str(location).rstrip("/").rsplit("/", 1)[0])
     if where:
-        storage.write_text(storage.join(where[0], READING, reader), f"{_place(location)}\n")
+        storage.write_text(storage.join(where[0], READING, reader), f"{storage.place(location)}\n")
 
 
 def _may_delete(root: str | Path, checkpoint: str, what: str) -> bool | None:
@@ -171,7 +164,7 @@ def _may_delete(root: str | Path, checkpoint: str, what: str) -> bool | None:
         print(f"[checkpoints] a later attempt of this task has started: keeping every checkpoint in {root} "
               f"({what})", flush=True)
         return None
-    marks = [reader for reader, read in readers(root).items() if read == _place(checkpoint)]
+    marks = [reader for reader, read in readers(root).items() if read == storage.place(checkpoint)]
     if marks:
         print(f"[checkpoints] {', '.join(marks)} read(s) {checkpoint}: keeping it ({what})", flush=True)
         return False

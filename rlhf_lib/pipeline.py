@@ -379,4 +379,6 @@ def end(flow, current) -> None:
         print(f"[end] removed {attempt}: an attempt no artifact of this run references", flush=True)
     if done["aborted_uploads"]:
         print(f"[end] aborted {done['aborted_uploads']} unfinished multipart upload(s)", flush=True)
+    for warning in done["warnings"]:
+        print(f"[end] warning: {warning}", flush=True)
     print(report.summary(flow))

@@ -20,6 +20,7 @@ usual chain (env, ~/.aws, instance or pod roles) and are never logged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -56,6 +57,13 @@ def is_remote(uri: str | Path | None) -> bool:
 def names_a_place(text: str) -> bool:
     """Whether a string is an absolute local path or a storage URI (what artifacts hold for outputs)."""
     return text.startswith("/") or is_remote(text)
+
+
+def place(location: str | Path) -> str:
+    """A location as a place to compare with another: a local path resolved (a storage root reached through a
+    symlink names one directory two ways), a URI without its trailing slash."""
+    location = str(location).rstrip("/")
+    return location if is_remote(location) else os.path.realpath(location)
 
 
 def join(root: str | Path, *parts: str) -> str:
@@ -147,9 +155,41 @@ def client(fail_fast: bool = False):
 # ------------------------------------------------------------------ the `start` check
 
 
+# What a run does with its storage root, as (the IAM permission, what needs it): `start` probes each one.
+PERMISSIONS = (("s3:ListBucket", "finding checkpoints to continue from"),
+               ("s3:PutObject", "storing outputs and checkpoints"),
+               ("s3:GetObject", "reading inputs and checkpoints"),
+               ("s3:ListBucketMultipartUploads", "the cleanup at the end of the run (uploads a killed pod left open)"),
+               ("s3:AbortMultipartUpload", "the cleanup at the end of the run (uploads a killed pod left open)"),
+               ("s3:DeleteObject", "pruning checkpoints and the cleanup at the end of the run"))
+DENIED = ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled")
+
+
+def denied(err) -> bool:
+    """Whether a storage error is a refusal (a missing permission), not an absence or a transient fault."""
+    return str(getattr(err, "response", {}).get("Error", {}).get("Code", "")) in DENIED
+
+
+def _probes(s3, bucket: str, key: str):
+    """(permission, call) for every permission in PERMISSIONS, in an order that leaves nothing behind when all
+    succeed: the probe object and a multipart upload on it are made, read, listed, aborted and deleted."""
+    upload = {}
+    return [("s3:ListBucket", lambda: s3.head_bucket(Bucket=bucket)),
+            ("s3:PutObject", lambda: s3.put_object(Bucket=bucket, Key=key, Body=b"")),
+            ("s3:GetObject", lambda: s3.get_object(Bucket=bucket, Key=key)["Body"].read()),
+            ("s3:ListBucket", lambda: s3.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)),
+            ("s3:PutObject", lambda: upload.update(s3.create_multipart_upload(Bucket=bucket, Key=key))),
+            ("s3:ListBucketMultipartUploads", lambda: s3.list_multipart_uploads(Bucket=bucket, Prefix=key,
+                                                                                MaxUploads=1)),
+            ("s3:AbortMultipartUpload", lambda: s3.abort_multipart_upload(Bucket=bucket, Key=key,
+                                                                          UploadId=upload["UploadId"])),
+            ("s3:DeleteObject", lambda: s3.delete_object(Bucket=bucket, Key=key))]
+
+
 def check_root(root: str) -> str | None:
     """None when `root` can store a run's outputs; else one line naming the location and the fix. An S3 root is
-    probed within seconds: endpoint, credentials, bucket, and a write (the probe object is deleted again)."""
+    probed within seconds: endpoint, credentials, bucket, and every permission the run will use (PERMISSIONS, the
+    cleanup at its end included), each by the request that needs it; the probe leaves nothing behind."""
     kind = scheme(root)
     if kind == "":
         return None
@@ -165,10 +205,10 @@ def check_root(root: str) -> str | None:
         return f"run.storage_root: {root!r} names no bucket; use s3://BUCKET/PREFIX"
     s3 = client(fail_fast=True)
     probe = "/".join(p for p in (prefix, f".rlhf-write-check-{uuid.uuid4().hex[:8]}") if p)
+    permission = "s3:ListBucket"
     try:
-        s3.head_bucket(Bucket=bucket)
-        s3.put_object(Bucket=bucket, Key=probe, Body=b"")
-        s3.delete_object(Bucket=bucket, Key=probe)
+        for permission, call in _probes(s3, bucket, probe):
+            call()
     except (NoCredentialsError, PartialCredentialsError):
         return (f"run.storage_root: no AWS credentials to reach bucket {bucket!r}; set AWS_ACCESS_KEY_ID and "
                 f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or a pod/instance role)")
@@ -180,12 +220,18 @@ def check_root(root: str) -> str | None:
         if code in ("404", "NoSuchBucket"):
             return (f"run.storage_root: bucket {bucket!r} does not exist at {where}; create it or point "
                     f"run.storage_root (or METAFLOW_DATASTORE_SYSROOT_S3) at a bucket that does")
-        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            return (f"run.storage_root: access to bucket {bucket!r} denied ({code}); the credentials need "
-                    f"s3:ListBucket, s3:GetObject, s3:PutObject and s3:DeleteObject on {root}")
-        return f"run.storage_root: bucket {bucket!r} at {where} failed the write check: {code or err}"
+        if denied(err):
+            needs = dict(PERMISSIONS)[permission]
+            every = ", ".join(p for p, _ in PERMISSIONS)
+            return (f"run.storage_root: access to bucket {bucket!r} denied ({code}) for {permission}, which "
+                    f"{needs} needs; the credentials need {every} on {root}")
+        return f"run.storage_root: bucket {bucket!r} at {where} failed the {permission} check: {code or err}"
     except BotoCoreError as err:
         return f"run.storage_root: cannot use bucket {bucket!r} at {where}: {type(err).__name__}: {err}"
+    finally:
+        if permission != "s3:ListBucket":  # the probe object may be there: best effort, its own error said above
+            with contextlib.suppress(Exception):
+                s3.delete_object(Bucket=bucket, Key=probe)
     return None
 
 

@@ -66,6 +66,21 @@ def stage_uri(cfg: RunConfig, run_id: str, stage: str) -> str:
     return storage.join(cfg.storage_uri, FLOW_NAME, str(run_id), stage)
 
 
+def run_uri(cfg: RunConfig, run_id: str, *parts: str) -> str:
+    return storage.join(cfg.storage_uri, FLOW_NAME, str(run_id), *parts)
+
+
+ORIGIN = "ORIGIN"  # <root>/RLHFFlow/<run>/ORIGIN: the run it was resumed from (a resume chain's links)
+
+
+def origin_of(storage_root: str, run_id: str) -> str | None:
+    """The run `run_id` was resumed from (its ORIGIN record), None for a run started afresh."""
+    try:
+        return storage.read_text(storage.join(storage_root, FLOW_NAME, str(run_id), ORIGIN)).strip() or None
+    except FileNotFoundError:
+        return None
+
+
 def attempt_uri(cfg: RunConfig, run_id: str, stage: str, attempt: int) -> str:
     return storage.join(stage_uri(cfg, run_id, stage), f"attempt-{attempt}")
 
@@ -126,16 +141,24 @@ class Workspace:
 
     def checkpoint_roots(self, origin_run_id: str | None) -> list[str]:
         """Where this task's earlier attempts left checkpoints (newest attempt first), then — on a `resume` — every
-        attempt of the origin run's same stage. Raises OriginUnreachable when the origin run's outputs cannot be
-        reached: starting from step 0 instead would silently throw its work away."""
+        attempt of the origin run's same stage, then of the origin's own origin, and so on (a resume chain A -> B
+        -> C where B died before its first checkpoint continues from A's). Raises OriginUnreachable when an origin
+        run's outputs cannot be reached: starting from step 0 instead would silently throw its work away."""
         roots = [storage.join(attempt_uri(self.cfg, self.run_id, self.stage, k), "checkpoints")
                  for k in reversed(range(self.attempt))]
         if origin_run_id:
-            roots += self._origin_roots(str(origin_run_id))
+            if self.node == 0:
+                storage.write_text(run_uri(self.cfg, self.run_id, ORIGIN), f"{origin_run_id}\n")
+            seen = {self.run_id}
+            origin: str | None = str(origin_run_id)
+            while origin and origin not in seen:
+                seen.add(origin)
+                roots += self._origin_roots(origin)
+                origin = origin_of(self.cfg.storage_uri, origin)
         return roots
 
     def _origin_roots(self, origin_run_id: str) -> list[str]:
-        run_root = storage.join(self.cfg.storage_uri, FLOW_NAME, origin_run_id)
+        run_root = run_uri(self.cfg, origin_run_id)
         origin = stage_uri(self.cfg, origin_run_id, self.stage)
         if not storage.is_remote(run_root) and not Path(run_root).is_dir():
             raise OriginUnreachable(

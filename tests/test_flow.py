@@ -113,3 +113,19 @@ def test_ppo_card_exists(flow_run):
     from metaflow.cards import get_cards
 
     assert len(get_cards(flow_run["ppo_join"].task)) == 1
+
+
+def test_every_output_end_names_is_there_under_a_symlinked_root(flow_run):
+    """The run's storage root is reached through a symlink (tests/conftest.py): `end` removed nothing the
+    artifacts reference — every path it printed, and every path artifact, still exists."""
+    import re
+
+    from rlhf_lib import cleanup
+
+    log = flow_run["end"].task.stdout
+    assert "[end] removed" not in log, log
+    printed = re.findall(r"(/\S+)", log.split("RLHFFlow finished. Outputs:", 1)[1])
+    assert printed
+    named = printed + sorted(cleanup.paths_in({a.id: a.data for a in flow_run["end"].task.artifacts
+                                               if a.id.endswith(("_path", "_dir"))}))
+    assert [p for p in named if not Path(p).exists()] == []

@@ -275,14 +275,14 @@ def test_a_finished_run_keeps_only_what_its_artifacts_reference(s3_env, tmp_path
         checkpoints.publish(_checkpoint(tmp_path / f"a{attempt}", 3), f"{run}/ppo/attempt-{attempt}/checkpoints")
         storage.upload_dir(_checkpoint(tmp_path / f"s{attempt}", 3), f"{run}/ppo/attempt-{attempt}/snapshots/s")
     storage.upload_dir(_checkpoint(tmp_path / "m", 1), f"{run}/merge/attempt-0/merged")
-    storage.write_text(f"{run}/ppo/{checkpoints.READING}/RLHFFlow-22-ppo-attempt-0", "x")
+    storage.write_text(f"{run}/ppo/{checkpoints.READING}/RLHFFlow-21-ppo-attempt-1", "x")
     s3 = boto3.client("s3", endpoint_url=s3_env["METAFLOW_S3_ENDPOINT_URL"])
     s3.create_multipart_upload(Bucket=s3_env["BUCKET"], Key="rlhf/RLHFFlow/21/ppo/attempt-0/merged/model.bin")
     artifacts = {"ppo_model_path": f"{run}/ppo/attempt-1/merged", "sft_merged_path": f"{run}/merge/attempt-0/merged",
                  "datasets": {"x": {"uri": f"{run}/merge/attempt-0/merged"}}, "seed": 3}
 
     kept = cleanup.clean_run(root, "21", artifacts, keep_failed=True)
-    assert kept == {"removed": [], "aborted_uploads": 1}
+    assert kept == {"removed": [], "aborted_uploads": 1, "warnings": []}
     assert cleanup.unreferenced(run, cleanup.paths_in(artifacts)) == [f"{run}/ppo/attempt-0"]
 
     done = cleanup.clean_run(root, "21", artifacts)
@@ -385,3 +385,72 @@ def test_a_gang_survives_an_upload_slower_than_its_process_group_timeout(s3_env,
     got = json.loads((tmp_path / "slow" / "node-0" / "result.json").read_text())
     _assert_same_stats(got["stats"], json.loads((tmp_path / "quick" / "node-0" / "result.json").read_text())["stats"])
     assert [s for s, _ in checkpoints.list_checkpoints(f"{task}/attempt-1/checkpoints")] == [2, 4]
+
+
+def test_a_refused_cleanup_ends_the_run_with_a_warning_naming_the_permission(s3_env, tmp_path, monkeypatch):
+    """The credentials may write but not list or abort multipart uploads: `end`'s cleanup says so — the
+    permission and the command that cleans up later — and the run still ends."""
+    root = f"s3://{s3_env['BUCKET']}/rlhf"
+    storage.upload_dir(_checkpoint(tmp_path / "m", 1), f"{root}/RLHFFlow/23/merge/attempt-0/merged")
+    upstream = s3_env["METAFLOW_S3_ENDPOINT_URL"].rsplit(":", 1)
+    proxy = FaultyProxy(upstream[0].removeprefix("http://"), int(upstream[1]), status=403,
+                        match=lambda line: line.startswith(b"GET") and b"uploads" in line.split(b" ")[1])
+    monkeypatch.setenv("METAFLOW_S3_ENDPOINT_URL", proxy.url)
+    try:
+        done = cleanup.clean_run(root, "23", {"m": f"{root}/RLHFFlow/23/merge/attempt-0/merged"})
+    finally:
+        proxy.close()
+    assert proxy.matched >= 1 and len(done["warnings"]) == 1, done
+    assert "s3:ListBucketMultipartUploads and s3:AbortMultipartUpload" in done["warnings"][0]
+    assert "python -m rlhf_lib.cleanup 23" in done["warnings"][0]
+
+
+def _attempt(root: Path, run: str, stage: str, attempt: int, *steps: int) -> Path:
+    out = root / "RLHFFlow" / run / stage / f"attempt-{attempt}"
+    out.mkdir(parents=True)
+    for step in steps:
+        checkpoints.save(out / "checkpoints", step, lambda tmp: (tmp / "state.json").write_text("{}"))
+    return out
+
+
+def test_cleanup_compares_places_resolved_and_removes_only_its_own_runs_attempts(tmp_path):
+    """The storage root is reached through a symlink while the artifacts hold resolved paths: nothing they point
+    into goes. A resumed run (6, from 5) removes its own unreferenced attempts and its own READING marks, never
+    its origin's attempts (another resume of 5 may still need them) nor another reader's marks."""
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    link.symlink_to(real)
+    failed_origin = _attempt(link, "5", "ppo", 0, 2)
+    kept = _attempt(link, "6", "ppo", 1, 4)
+    failed_own = _attempt(link, "6", "ppo", 0)
+    merged = _attempt(link, "5", "merge", 0)
+    (real / "RLHFFlow" / "6" / "ORIGIN").write_text("5\n")
+    for reader in ("RLHFFlow-6-ppo-attempt-0", "RLHFFlow-7-ppo-attempt-0"):
+        checkpoints.mark_reading(str(failed_origin / "checkpoints" / "step-000002"), reader)
+    artifacts = {"ppo_model_path": str(real / "RLHFFlow" / "6" / "ppo" / "attempt-1" / "merged"),
+                 "sft_merged_path": str(real / "RLHFFlow" / "5" / "merge" / "attempt-0" / "merged")}
+    done = cleanup.clean_run(str(link), "6", artifacts, origin_run_id="5")
+    assert done["removed"] == [str(failed_own)] and done["warnings"] == []
+    assert kept.is_dir() and merged.is_dir() and failed_origin.is_dir()
+    assert sorted(p.name for p in (real / "RLHFFlow" / "5" / "ppo" / checkpoints.READING).iterdir()) == \
+        ["RLHFFlow-7-ppo-attempt-0"]
+
+
+def test_a_resume_chain_continues_from_the_first_runs_checkpoints(tmp_path):
+    """A -> B -> C: B (resumed from A) died before its first checkpoint; C, resumed from B, continues from A's
+    newest checkpoint — each resume records its origin beside its outputs, and the roots follow the chain."""
+    from rlhf_lib.workspace import Workspace
+
+    from test_storage import _cfg
+
+    _attempt(tmp_path, "A", "ppo", 0, 3, 6)
+    cfg = _cfg(str(tmp_path))
+    b = Workspace.of(cfg, "B", "ppo")
+    assert b.checkpoint_roots("A") == [str(tmp_path / "RLHFFlow" / "A" / "ppo" / "attempt-0" / "checkpoints")]
+    (tmp_path / "RLHFFlow" / "B" / "ppo" / "attempt-0").mkdir(parents=True)  # killed before its first checkpoint
+    roots = Workspace.of(cfg, "C", "ppo").checkpoint_roots("B")
+    assert roots == [str(tmp_path / "RLHFFlow" / "B" / "ppo" / "attempt-0" / "checkpoints"),
+                     str(tmp_path / "RLHFFlow" / "A" / "ppo" / "attempt-0" / "checkpoints")]
+    path, _ = checkpoints.resume_point("ppo", roots, tmp_path / "RLHFFlow" / "C" / "ppo" / "attempt-0", lambda p: p)
+    assert path.name == "step-000006"
+    assert cleanup.readers_of(str(tmp_path), "A") == {"B"} and cleanup.readers_of(str(tmp_path), "B") == {"C"}

@@ -92,6 +92,28 @@ def test_check_root_names_a_missing_bucket(s3_env):
     assert storage.list_files(f"s3://{s3_env['BUCKET']}/rlhf") == []  # the write probe left nothing behind
 
 
+@pytest.mark.parametrize("request_line, permission", [
+    ((b"GET", b"uploads"), "s3:ListBucketMultipartUploads"), ((b"DELETE", b"uploadId="), "s3:AbortMultipartUpload")])
+def test_check_root_names_a_missing_cleanup_permission(request_line, permission, s3_env, monkeypatch):
+    """Credentials that may write but not list or abort multipart uploads (what `end`'s cleanup does): `start`
+    says which permission is missing and what needs it, instead of the run failing in `end` hours later."""
+    from faulty_proxy import FaultyProxy
+
+    method, part = request_line
+    upstream = s3_env["METAFLOW_S3_ENDPOINT_URL"].rsplit(":", 1)
+    proxy = FaultyProxy(upstream[0].removeprefix("http://"), int(upstream[1]), status=403,
+                        match=lambda line: line.startswith(method) and part in line.split(b" ")[1])
+    monkeypatch.setenv("METAFLOW_S3_ENDPOINT_URL", proxy.url)
+    try:
+        problem = storage.check_root(f"s3://{s3_env['BUCKET']}/rlhf")
+    finally:
+        proxy.close()
+    assert proxy.matched == 1 and problem
+    assert f"denied (AccessDenied) for {permission}, which the cleanup at the end of the run" in problem
+    monkeypatch.setenv("METAFLOW_S3_ENDPOINT_URL", f"http://{upstream[0].removeprefix('http://')}:{upstream[1]}")
+    assert storage.list_files(f"s3://{s3_env['BUCKET']}/rlhf") == []  # the probe object went all the same
+
+
 def test_check_root_names_an_unreachable_endpoint(monkeypatch):
     from conftest import _free_port
 
