@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import sys
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -78,3 +79,15 @@ def configure() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    interpreter_first_on_path()
+
+
+def interpreter_first_on_path() -> None:
+    """This interpreter's directory first on PATH. Metaflow starts some processes as a bare `python` from PATH —
+    the other nodes of a local `@parallel` gang among them — so a flow run by a virtual environment's python that
+    was never activated (IDEs, cron, CI scripts) would start them with whatever `python` PATH finds first, one
+    without the project's packages: the node dies at once and its gang waits for it."""
+    here = os.path.dirname(sys.executable)
+    parts = os.environ.get("PATH", "").split(os.pathsep)
+    if here and parts[:1] != [here] and os.path.exists(os.path.join(here, "python")):
+        os.environ["PATH"] = os.pathsep.join([here, *(p for p in parts if p and p != here)])

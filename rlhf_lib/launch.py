@@ -123,6 +123,59 @@ def stage_process(pid: int, stage: str):
     return None
 
 
+def local_gang_nodes() -> list[int]:
+    """The pids of the other nodes of a local `@parallel` gang: Metaflow's local runtime starts them from node 0's
+    task process (`step ... --split-index K`), so they are this process's children. None in a pod."""
+    import psutil
+
+    found = []
+    for child in psutil.Process().children():
+        try:
+            if "--split-index" in child.cmdline():
+                found.append(child.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def exit_status(pid: int) -> int | None:
+    """A child's exit status if it has ended (a signal as its negative number), None while it runs; the child
+    stays waitable (WNOWAIT), so its parent — Metaflow's runtime — still collects it."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return None
+    if info is None or info.si_pid == 0:
+        return None
+    return -info.si_status if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED) else info.si_status
+
+
+def watch_local_gang(proc: subprocess.Popen, stage: str, poll_s: float = 1.0) -> None:
+    """On node 0 of a local gang: end this node's stage as soon as another node ends with an error — before it
+    joined the rendezvous (a crash at import, a kill), node 0 would otherwise wait out torch's store timeout
+    (900 s). On a cluster the JobSet's failure policy ends every pod of the gang instead."""
+    import threading
+    import time
+
+    if not hasattr(os, "waitid"):
+        return
+    peers = local_gang_nodes()
+
+    def watch() -> None:
+        while proc.poll() is None:
+            for pid in peers:
+                status = exit_status(pid)
+                if status:
+                    print(f"[launch] another node of the {stage} gang (pid {pid}) ended with exit status {status} "
+                          f"before the gang finished: ending this node too (that node's log says why)", flush=True)
+                    proc.terminate()
+                    return
+            time.sleep(poll_s)
+
+    if peers:
+        threading.Thread(target=watch, name=f"{stage}-gang-watch", daemon=True).start()
+
+
 def single_process_env(gpus: int) -> dict[str, str]:
     """What `accelerate launch --num_processes 1` would set for one process on one GPU (bf16) or on the CPU."""
     if gpus:
@@ -195,6 +248,8 @@ def launch(stage: str, config_json: str, output: Path, inputs: dict[str, str], *
     try:
         with open(log_path, "w") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                           env=child_env, text=True, bufsize=1) as proc:
+            if nodes is not None and nodes.count > 1 and nodes.index == 0:
+                watch_local_gang(proc, stage)
             for line in proc.stdout:
                 sys.stdout.write(line)
                 log.write(line)

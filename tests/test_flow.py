@@ -124,7 +124,7 @@ def test_every_output_end_names_is_there_under_a_symlinked_root(flow_run):
 
     log = flow_run["end"].task.stdout
     assert "[end] removed" not in log, log
-    printed = re.findall(r"(/\S+)", log.split("RLHFFlow finished. Outputs:", 1)[1])
+    printed = re.findall(r"(?:^|\s)(/\S+)", log.split("RLHFFlow finished. Outputs:", 1)[1])
     assert printed
     named = printed + sorted(cleanup.paths_in({a.id: a.data for a in flow_run["end"].task.artifacts
                                                if a.id.endswith(("_path", "_dir"))}))
