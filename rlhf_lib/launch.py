@@ -133,6 +133,8 @@ def local_gang_nodes() -> list[int]:
         try:
             if "--split-index" in child.cmdline():
                 found.append(child.pid)
+        except psutil.ZombieProcess:  # a node that already ended (its command line is gone): its status tells
+            found.append(child.pid)
         except psutil.Error:
             continue
     return found
