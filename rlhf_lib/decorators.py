@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import os
+
 from metaflow import FlowMutator, card, resources, retry
 from metaflow.packaging_sys import ContentType
 
@@ -56,12 +58,20 @@ class StepCompute(FlowMutator):
             if name in gang_steps:  # the JobSet's MF_MASTER_PORT: without a port Metaflow writes the string "None"
                 placement["port"] = cfg.run.master_port
             specs = step.get_decorator_specs("kubernetes")
-            if not placement or not specs:
+            if not placement or not (specs or in_kubernetes_pod()):
                 continue
-            attributes = dict(specs[0][3])
+            # Metaflow passes a pod none of the decorators a mutator inserted (it runs the mutator there again): in
+            # the pod this @kubernetes is re-added here, or the step would run without it — a gang's nodes would
+            # never learn of each other (its task_pre_step sets current.parallel) and each would train alone.
+            attributes = dict(specs[0][3]) if specs else {}
             given = {k: v for k, v in placement.items() if not attributes.get(k)}
             if given:
                 step.add_decorator("kubernetes", deco_kwargs={**attributes, **given}, duplicates=step.OVERRIDE)
+
+
+def in_kubernetes_pod(environ=None) -> bool:
+    """Whether this process is a task in a pod Metaflow's Kubernetes plugin (or Argo) started."""
+    return bool((os.environ if environ is None else environ).get("METAFLOW_KUBERNETES_WORKLOAD"))
 
 
 def shipped_files() -> list[tuple[str, str]]:

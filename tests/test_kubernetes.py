@@ -26,17 +26,15 @@ IDLE = ("rlaif", "dpo", "rest", "grpo", "rloo")  # nothing to do with PPO alone 
 ROUTING = ("start", "ppo", "ppo_gang", "ppo_gang_join", "ppo_join", "end")
 
 
-@pytest.fixture(scope="module")
-def submissions(s3_endpoint, tmp_path_factory):
-    """{nodes: {step: the Job or JobSet Metaflow submitted for it}} for run.nodes 1 and 2."""
+def submission_env(tmp, s3_endpoint: str, recorder: KubeRecorder) -> dict:
+    """A user's environment for `--with kubernetes`: a new bucket as Metaflow's S3 datastore, local metadata, the
+    recorder as the cluster (KUBECONFIG), tests/podsim on PYTHONPATH (for `kube-commands`)."""
     import boto3
 
-    tmp = tmp_path_factory.mktemp("kubernetes")
     bucket = f"rlhf-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
                  aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1"
                  ).create_bucket(Bucket=bucket)
-    recorder = KubeRecorder()
     env = {k: v for k, v in os.environ.items()
            if k not in ("RLHF_METAFLOW_CONFIG", "METAFLOW_HOME", "METAFLOW_DATASTORE_SYSROOT_LOCAL", "PYTHONPATH")}
     env.update(S3_CREDENTIALS, METAFLOW_S3_ENDPOINT_URL=s3_endpoint, METAFLOW_DEFAULT_DATASTORE="s3",
@@ -44,6 +42,30 @@ def submissions(s3_endpoint, tmp_path_factory):
                METAFLOW_DATASTORE_SYSROOT_LOCAL=str(tmp / "metadata"), METAFLOW_KUBERNETES_NAMESPACE="rlhf",
                METAFLOW_KUBERNETES_CONTAINER_IMAGE="rlhf-flow:test", HOME=str(tmp),
                PYTHONPATH=str(ROOT / "tests" / "podsim"), KUBECONFIG=recorder.kubeconfig(tmp / "kubeconfig", "rlhf"))
+    return env
+
+
+def kube_commands(cfg, env: dict, out, nodes: int) -> dict:
+    """{step: {"args", "env"}}: the command Metaflow's runtime would launch for each step of the route."""
+    made = subprocess.run([sys.executable, "flows/rlhf_flow.py", "--config", "config", str(cfg), "--with",
+                           "kubernetes", "kube-commands", str(out), "--num-parallel", str(nodes)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def submit(command: dict, env: dict) -> subprocess.CompletedProcess:
+    """The real `kubernetes step ...` of a step, up to its API call (the recorder refuses the status reads)."""
+    return subprocess.run(command["args"], cwd=ROOT, env={**env, **command["env"]}, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def submissions(s3_endpoint, tmp_path_factory):
+    """{nodes: {step: the Job or JobSet Metaflow submitted for it}} for run.nodes 1 and 2."""
+    tmp = tmp_path_factory.mktemp("kubernetes")
+    recorder = KubeRecorder()
+    env = submission_env(tmp, s3_endpoint, recorder)
     found = {}
     try:
         for nodes in (1, 2):
@@ -52,21 +74,10 @@ def submissions(s3_endpoint, tmp_path_factory):
                 "resources": {**RECIPE["resources"], "train": {**RECIPE["resources"]["train"], **GPU_POOL},
                               "infer": {**RECIPE["resources"]["infer"], **GPU_POOL}}}, base=ROOT / "configs" /
                 "opt-1.3b.toml")
-            out = tmp / f"commands-{nodes}.json"
-            made = subprocess.run([sys.executable, "flows/rlhf_flow.py", "--config", "config", str(cfg), "--with",
-                                   "kubernetes", "kube-commands", str(out), "--num-parallel", str(nodes)],
-                                  cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-            assert made.returncode == 0, made.stderr[-3000:]
-            commands = json.loads(out.read_text())
+            commands = kube_commands(cfg, env, tmp / f"commands-{nodes}.json", nodes)
             before = len(recorder.created)
-
-            def submit(step):
-                command = commands[step]
-                return step, subprocess.run(command["args"], cwd=ROOT, env={**env, **command["env"]},
-                                            capture_output=True, text=True, timeout=300)
-
             with ThreadPoolExecutor(4) as pool:
-                results = dict(pool.map(submit, commands))
+                results = dict(pool.map(lambda step: (step, submit(commands[step], env)), commands))
             created = {o["body"]["metadata"]["annotations"]["metaflow/step_name"]: o
                        for o in recorder.created[before:]}
             found[nodes] = {"commands": commands, "created": created,

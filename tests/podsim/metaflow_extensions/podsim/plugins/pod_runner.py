@@ -65,9 +65,9 @@ def pod_env(pod: str, workdir: str, image: str) -> dict:
     return env
 
 
-def isolation_script(pod: str, command: list[str], env: dict, workdir: str) -> str | None:
+def isolation_script(pod: str, command: list[str], env: dict, workdir: str, hosts: str | None = None) -> str | None:
     """A shell script that, in a new mount namespace, builds the pod's root and runs `command` chrooted there;
-    None where this machine cannot (not root, or no unshare)."""
+    None where this machine cannot (not root, or no unshare). `hosts`: a file to see as /etc/hosts (cluster DNS)."""
     if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("chroot"):
         return None
     root = f"{pod}/root"
@@ -81,6 +81,8 @@ def isolation_script(pod: str, command: list[str], env: dict, workdir: str) -> s
             lines.append(f"ln -s {shlex.quote(os.readlink(d))} {root}{d}")
         elif os.path.isdir(d):
             lines += [f"mkdir -p {root}{d}", f"mount --rbind {d} {root}{d}", f"mount -o remount,bind,ro {root}{d}"]
+    if hosts:
+        lines.append(f"mount --bind {shlex.quote(hosts)} {root}/etc/hosts")
     for d in ("/dev", "/proc", "/sys"):
         lines += [f"mkdir -p {root}{d}", f"mount --rbind {d} {root}{d}"]
     # A /tmp of its own (an empty tmpfs), then what the pod may see, at the paths it has outside.
