@@ -123,9 +123,9 @@ def report(origin: str, resumed: str, walls: dict, peaks: dict) -> None:
             results = sorted((ROOT / "artifacts" / "RLHFFlow" / run_id).glob(f"{stage}/attempt-*/result.json")) + \
                 sorted((ROOT / "artifacts" / "RLHFFlow" / run_id).glob(f"{stage}_gold/attempt-*/result.json")) \
                 if stage else []
-            peaks = [json.loads(r.read_text()).get("peak_memory", {}) for r in results]
+            stage_peaks = [json.loads(r.read_text()).get("peak_memory", {}) for r in results]
             rss = ", ".join(f"{p['cpu_rss_gb']:.2f}" + (f" (GPU {p['gpu_gb']:.2f})" if "gpu_gb" in p else "")
-                            for p in peaks if "cpu_rss_gb" in p) or "—"
+                            for p in stage_peaks if "cpu_rss_gb" in p) or "—"
             print(f"| {step.id} | {'origin' if run_id == origin else 'resumed'} | "
                   f"{(task.finished_at - task.created_at).total_seconds():.1f} | {rss} |")
     for name, seconds in walls.items():

@@ -31,8 +31,10 @@ class ModelError(ValueError):
     """A model reference that cannot be loaded; the message names the fix."""
 
 
-def is_local(ref: str) -> bool:
-    """A local directory (or what is meant to be one), not a hub id."""
+def is_local(ref: str | Path) -> bool:
+    """A local directory (or what is meant to be one, a Path included), not a hub id."""
+    if isinstance(ref, Path):
+        return True
     return ref.startswith((".", "/", "~")) or Path(ref).expanduser().exists() or not _HUB_ID.match(split(ref)[0])
 
 
@@ -44,7 +46,7 @@ def split(ref: str) -> tuple[str, str | None]:
     return str(ref), None
 
 
-def source(ref: str) -> tuple[str, dict]:
+def source(ref: str | Path) -> tuple[str, dict]:
     """What `from_pretrained` takes for a reference: (path, {}) or (id, {"cache_dir": this process's hub cache,
     "revision": the commit, when pinned})."""
     if is_local(ref):

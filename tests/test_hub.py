@@ -154,3 +154,13 @@ def test_a_run_loads_the_revision_start_recorded_while_main_moves(tiny_policy, t
     # LoRA's B starts at zero: the merged model is the base it was given — the recorded commit, not the pushed one.
     assert all(torch.equal(x, y) for x, y in zip(merged.state_dict().values(), first.state_dict().values()))
     assert result["base_model"] == pinned
+
+
+def test_a_model_given_as_a_path_loads_like_one_given_as_a_string(tiny_policy):
+    """bench/ppo_vs_trl.py passes Paths: `hub` took `.startswith` of one (AttributeError) since model revisions."""
+    from pathlib import Path
+
+    from rlhf_lib import hub, models
+
+    assert hub.is_local(Path(tiny_policy)) and hub.source(Path(tiny_policy)) == (tiny_policy, {})
+    assert models.load_tokenizer(Path(tiny_policy)).vocab_size == models.load_tokenizer(tiny_policy).vocab_size

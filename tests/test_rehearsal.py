@@ -72,3 +72,30 @@ def test_the_recipes_resources_cover_the_memory_model():
         assert asked.disk_mb / 1024 >= max(needs[kind]["disk"], cfg.run.min_free_disk_gb), kind
         assert cfg.run.min_free_disk_gb >= needs[kind]["disk"], kind
     assert needs["train"]["processes"] == cfg.run.gpus == 8
+
+
+def test_the_rehearsal_report_prints_its_tables(tmp_path, monkeypatch, capsys):
+    """report() of two finished runs (the origin and its resume), with a stage's result and the machine's peak:
+    its per-stage rows and the wall-time rows (the loop once rebound the `peaks` argument: TypeError there)."""
+    import datetime
+    import json
+    from types import SimpleNamespace
+
+    import metaflow
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import recipe_rehearsal
+
+    start = datetime.datetime(2026, 12, 7, 6, 0, 0)
+    task = SimpleNamespace(created_at=start, finished_at=start + datetime.timedelta(seconds=12.5))
+    runs = {"1": [SimpleNamespace(id="sft", task=task)], "2": [SimpleNamespace(id="ppo_train", task=task)]}
+    monkeypatch.setattr(metaflow, "Run", lambda pathspec: runs[pathspec.split("/")[1]])
+    monkeypatch.setattr(metaflow, "namespace", lambda _: None)
+    monkeypatch.setattr(recipe_rehearsal, "ROOT", tmp_path)
+    result = tmp_path / "artifacts" / "RLHFFlow" / "2" / "ppo" / "attempt-1" / "result.json"
+    result.parent.mkdir(parents=True)
+    result.write_text(json.dumps({"peak_memory": {"cpu_rss_gb": 3.25}}))
+    recipe_rehearsal.report("1", "2", {"first run": 100.0}, {"first run": 2 * 2**30})
+    out = capsys.readouterr().out
+    assert "| sft | origin | 12.5 | — |" in out and "| ppo_train | resumed | 12.5 | 3.25 |" in out
+    assert "| **first run (wall)** | | **100.0** | machine peak RSS 2.00 GiB |" in out
