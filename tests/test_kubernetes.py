@@ -169,3 +169,52 @@ def test_the_gangs_pods_are_told_a_port_the_world_size_and_the_control_pod(submi
         env = _env(job["template"]["spec"]["template"]["spec"]["containers"][0])
         assert env["MF_MASTER_PORT"] == str(RECIPE["run"].get("master_port", 29500)), job["name"]
         assert env["MF_WORLD_SIZE"] == "2" and env["MF_MASTER_ADDR"].startswith(jobset["metadata"]["name"])
+
+
+# The JobSet API's fields, as its reference publishes them (jobset.x-k8s.io/v1alpha2, kubernetes-sigs/jobset's
+# "JobSet API" page): the Kubernetes client has no model for a JobSet, so its own fields are held to these names,
+# and everything inside that is Kubernetes' own (metadata, each replicated Job's template) to the client's models.
+JOBSET_FIELDS = {"apiVersion", "kind", "metadata", "spec", "status"}
+JOBSET_SPEC_FIELDS = {"replicatedJobs", "network", "successPolicy", "failurePolicy", "startupPolicy", "suspend",
+                      "coordinator", "managedBy", "ttlSecondsAfterFinished"}
+REPLICATED_JOB_FIELDS = {"name", "groupName", "template", "replicas", "dependsOn"}
+STARTUP_POLICY = {"startupPolicyOrder": {"AnyOrder", "InOrder"}}
+
+
+def _without_none(value):
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
+
+
+def _round_trip(body: dict, model: str) -> dict:
+    """`body` read into the Kubernetes client's model, and written out again."""
+    from kubernetes.client import ApiClient
+
+    class Response:
+        data = json.dumps(body)
+
+    api = ApiClient()
+    return api.sanitize_for_serialization(api.deserialize(Response(), model))
+
+
+def test_the_recorded_objects_are_what_the_kubernetes_api_takes(submissions):
+    """Every Job reads into the client's V1Job and back without losing a field; the JobSet has only the fields its
+    published API has, and its metadata and each replicated Job's template read into the client's models."""
+    for nodes in (1, 2):
+        for step, created in submissions[nodes]["created"].items():
+            body = created["body"]
+            if body["kind"] == "Job":
+                assert _round_trip(body, "V1Job") == _without_none(body), step
+                continue
+            assert body["apiVersion"] == "jobset.x-k8s.io/v1alpha2" and set(body) <= JOBSET_FIELDS, step
+            assert _round_trip(body["metadata"], "V1ObjectMeta") == _without_none(body["metadata"])
+            spec = _without_none(body["spec"])
+            assert set(spec) <= JOBSET_SPEC_FIELDS, set(spec) - JOBSET_SPEC_FIELDS
+            for key, allowed in STARTUP_POLICY.items():
+                assert spec.get("startupPolicy", {}).get(key, next(iter(allowed))) in allowed
+            for job in spec["replicatedJobs"]:
+                assert set(job) <= REPLICATED_JOB_FIELDS, set(job) - REPLICATED_JOB_FIELDS
+                assert _round_trip(job["template"], "V1JobTemplateSpec") == job["template"], job["name"]
