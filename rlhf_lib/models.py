@@ -294,11 +294,15 @@ def load_causal_lm(ref: str, quantize_4bit: bool = False, trust_remote_code: boo
     return _from_pretrained(AutoModelForCausalLM, ref, **kwargs)
 
 
-def load_reward_model(ref: str, trust_remote_code: bool = False, num_labels: int = 1):
+def load_reward_model(ref: str, trust_remote_code: bool = False, num_labels: int = 1, trained: bool = False):
+    """A reward model to score with (in the device's compute dtype), or — `trained` — to fine-tune whole: then in
+    fp32, the master weights the trainer's bf16 autocast computes from on a GPU. In bf16 weights an Adam step at
+    the recipe's 2e-5 falls far below a weight's spacing (a weight of 0.05 moves in steps of ~2.4e-4): most
+    updates would round to nothing and the reward model would barely learn."""
     from transformers import AutoModelForSequenceClassification
 
-    return _from_pretrained(AutoModelForSequenceClassification, ref, num_labels=num_labels, dtype=compute_dtype(),
-                            trust_remote_code=trust_remote_code)
+    return _from_pretrained(AutoModelForSequenceClassification, ref, num_labels=num_labels,
+                            dtype=torch.float32 if trained else compute_dtype(), trust_remote_code=trust_remote_code)
 
 
 def load_config(ref: str, trust_remote_code: bool = False):

@@ -147,14 +147,14 @@ class Workspace:
         roots = [storage.join(attempt_uri(self.cfg, self.run_id, self.stage, k), "checkpoints")
                  for k in reversed(range(self.attempt))]
         if origin_run_id:
-            if self.node == 0:
-                storage.write_text(run_uri(self.cfg, self.run_id, ORIGIN), f"{origin_run_id}\n")
             seen = {self.run_id}
             origin: str | None = str(origin_run_id)
             while origin and origin not in seen:
                 seen.add(origin)
                 roots += self._origin_roots(origin)
                 origin = origin_of(self.cfg.storage_uri, origin)
+            if self.node == 0:
+                storage.write_text(run_uri(self.cfg, self.run_id, ORIGIN), f"{origin_run_id}\n")
         return roots
 
     def _origin_roots(self, origin_run_id: str) -> list[str]:

@@ -20,10 +20,12 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,7 +171,7 @@ def run_pods(body: dict, secrets: dict, root: Path, passthrough: dict, timeout: 
         script = pod_runner.isolation_script(directory, command, env, workdir, hosts=f"{directory}/hosts")
         procs.append((pod.name, subprocess.Popen(["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
                                                  script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                text=True)))
+                                                text=True, start_new_session=True)))
     outputs: dict[str, str] = {}
 
     def drain(name, proc):
@@ -178,12 +180,12 @@ def run_pods(body: dict, secrets: dict, root: Path, passthrough: dict, timeout: 
     threads = [threading.Thread(target=drain, args=p, daemon=True) for p in procs]
     for t in threads:
         t.start()
-    results = []
+    results, deadline = [], time.monotonic() + timeout
     for (name, proc), thread in zip(procs, threads):
         try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:  # the whole pod goes, as the kubelet kills a pod past its deadline
+            os.killpg(proc.pid, signal.SIGKILL)
             code = proc.wait()
         thread.join(timeout=30)
         results.append((name, code, outputs.get(name, "")))

@@ -129,3 +129,11 @@ def test_every_output_end_names_is_there_under_a_symlinked_root(flow_run):
     named = printed + sorted(cleanup.paths_in({a.id: a.data for a in flow_run["end"].task.artifacts
                                                if a.id.endswith(("_path", "_dir"))}))
     assert [p for p in named if not Path(p).exists()] == []
+
+
+def test_each_trained_stage_records_its_precision(flow_run):
+    """What each HF-trained stage kept its numbers in: on the CPU, fp32 throughout, no autocast; the reward
+    model's trained weights are fp32 (on a GPU too: tests/test_hub.py)."""
+    data = flow_run.data
+    assert data.reward_metrics["precision"] == {"trained": ["float32"], "frozen": [], "autocast": None}
+    assert data.sft_metrics["precision"]["trained"] == ["float32"] and data.sft_metrics["precision"]["autocast"] is None

@@ -164,3 +164,16 @@ def test_a_model_given_as_a_path_loads_like_one_given_as_a_string(tiny_policy):
 
     assert hub.is_local(Path(tiny_policy)) and hub.source(Path(tiny_policy)) == (tiny_policy, {})
     assert models.load_tokenizer(Path(tiny_policy)).vocab_size == models.load_tokenizer(tiny_policy).vocab_size
+
+
+def test_a_reward_model_to_train_keeps_fp32_weights_where_the_device_computes_in_bf16(tiny_reward, monkeypatch):
+    """On a bf16 GPU the reward model was loaded in bf16 and trained so (the trainer's bf16 flag only adds
+    autocast): its updates rounded to nothing. Loaded to train, its weights are fp32 whatever the compute dtype;
+    loaded to score, it takes the device's dtype."""
+    import torch
+
+    from rlhf_lib import models
+
+    monkeypatch.setattr(models, "compute_dtype", lambda: torch.bfloat16)  # what a bf16 GPU gives
+    assert {p.dtype for p in models.load_reward_model(tiny_reward, trained=True).parameters()} == {torch.float32}
+    assert {p.dtype for p in models.load_reward_model(tiny_reward).parameters()} == {torch.bfloat16}

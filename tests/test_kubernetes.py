@@ -193,11 +193,8 @@ def _round_trip(body: dict, model: str) -> dict:
     """`body` read into the Kubernetes client's model, and written out again."""
     from kubernetes.client import ApiClient
 
-    class Response:
-        data = json.dumps(body)
-
     api = ApiClient()
-    return api.sanitize_for_serialization(api.deserialize(Response(), model))
+    return api.sanitize_for_serialization(api.deserialize(json.dumps(body), model, "application/json"))
 
 
 def test_the_recorded_objects_are_what_the_kubernetes_api_takes(submissions):

@@ -41,6 +41,16 @@ def trainer_precision() -> dict[str, Any]:
     return {"bf16": False, "fp16": False, "use_cpu": True}
 
 
+def precision_of(model, args) -> dict[str, Any]:
+    """What a trained model's numbers were kept in (the `precision` entry of a stage's metrics): the dtypes of its
+    trained parameters and of its frozen ones (4-bit weights show as uint8), and the autocast dtype of its
+    forward passes (None: none)."""
+    trained = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad})
+    frozen = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if not p.requires_grad})
+    return {"trained": trained, "frozen": frozen,
+            "autocast": "bfloat16" if args.bf16 else "float16" if args.fp16 else None}
+
+
 def report_to(cfg) -> list[str]:
     return [] if cfg.run.wandb_mode == "disabled" else ["wandb"]
 

@@ -49,7 +49,7 @@ def setup_trainer(run: contract.StageRun, base_model: str, train_uri: str, eval_
 
     cfg, r = run.cfg, run.cfg.reward
     tokenizer = models.load_tokenizer(base_model, cfg.run.trust_remote_code, padding_side="right")
-    model = models.load_reward_model(base_model, cfg.run.trust_remote_code)
+    model = models.load_reward_model(base_model, cfg.run.trust_remote_code, trained=True)
     model.config.pad_token_id = tokenizer.pad_token_id
     train_ds, eval_ds = _setup_datasets(cfg, train_uri, eval_uri, run.args.part)
     reward_args = RewardConfig(**hf.training_kwargs(cfg, r, "reward", run.out), max_length=r.max_length)
@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> Path:
                "eval_mean_margin": held_out["mean_margin"], "eval_pairs": held_out["pairs"],
                "eval_ties": held_out["ties"], "train_pairs": len(train_ds),
                "train_pairs_used": len(trainer.train_dataset), "steps": trainer.state.global_step,
+               "precision": hf.precision_of(trainer.model, trainer.args),
                "curves": hf.log_history_summary(trainer.state.log_history)}
     result = contract.write_result(run, model_path=str(model_dir.resolve()), base_model=base_model,
                                    checkpoint_dir=str((run.out / "checkpoints").resolve()), metrics=metrics,

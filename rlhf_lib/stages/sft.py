@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> Path:
     eval_loss = eval_metrics.get("eval_loss")
     metrics = {"train_loss": train_out.training_loss, "eval_loss": eval_loss,
                "eval_perplexity": math.exp(eval_loss) if eval_loss is not None else None,
-               "steps": trainer.state.global_step, "curves": hf.log_history_summary(trainer.state.log_history)}
+               "steps": trainer.state.global_step, "curves": hf.log_history_summary(trainer.state.log_history),
+               "precision": hf.precision_of(trainer.model, trainer.args)}
     result = contract.write_result(run, adapter_path=str(adapter_dir.resolve()),
                                    checkpoint_dir=str((run.out / "checkpoints").resolve()), base_model=base_model,
                                    metrics=metrics, resumed_from=resume)
