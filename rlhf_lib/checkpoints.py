@@ -143,8 +143,13 @@ def readers(checkpoint_root: str | Path) -> dict[str, str]:
     if not where:
         return {}
     marks = storage.join(where[0], READING)
-    return {reader: storage.place(storage.read_text(storage.join(marks, reader)).strip())
-            for reader in storage.list_files(marks)}
+    found = {}
+    for reader in storage.list_files(marks):
+        try:
+            found[reader] = storage.place(storage.read_text(storage.join(marks, reader)).strip())
+        except FileNotFoundError:  # its reader's run ended and took its mark away meanwhile: it reads nothing now
+            continue
+    return found
 
 
 def mark_reading(location: str, reader: str) -> None:

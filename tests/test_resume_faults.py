@@ -185,6 +185,27 @@ def test_a_reader_fences_the_pruning_of_the_checkpoints_it_reads(tmp_path, capsy
     assert f"RLHFFlow-6-ppo-attempt-0 read(s) {origin / 'step-000003'}: keeping it" in capsys.readouterr().out
 
 
+def test_a_mark_removed_while_the_marks_are_read_protects_nothing(tmp_path, monkeypatch):
+    """A reader's run that ends takes its mark away; a pruner that listed the mark just before reads nothing of
+    it and goes on (a mark that is gone is not a storage fault)."""
+    stage = tmp_path / "RLHFFlow" / "5" / "ppo"
+    root = stage / "attempt-0" / "checkpoints"
+    for step in (1, 2):
+        checkpoints.save(root, step, lambda tmp: (tmp / "state.json").write_text("{}"))
+    checkpoints.mark_reading(str(root / "step-000001"), "RLHFFlow-6-ppo-attempt-0")
+    read_text = storage.read_text
+
+    def vanishing(uri):
+        if checkpoints.READING in str(uri):
+            raise FileNotFoundError(uri)
+        return read_text(uri)
+
+    monkeypatch.setattr(storage, "read_text", vanishing)
+    assert checkpoints.readers(root) == {}
+    checkpoints.prune(root, 1, "local")
+    assert [s for s, _ in checkpoints.list_checkpoints(root)] == [2]
+
+
 def test_retried_attempts_keep_pruning_their_own_checkpoints(tmp_path):
     """Each retry continues from its predecessor's newest checkpoint (marking it as read) and still holds
     keep_checkpoints in its own directory: its own mark protects what it read, not what it writes."""
