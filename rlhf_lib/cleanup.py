@@ -135,8 +135,8 @@ def delete_run(run_id: str, dry_run: bool = False) -> dict:
     from metaflow import Flow, Run, namespace
 
     namespace(None)
-    target = Run(f"{FLOW_NAME}/{run_id}")
-    storage_root = target.data.storage_root
+    # From `start`, which every run that began has: a failed run (the usual one to clean) has no `end` data.
+    storage_root = Run(f"{FLOW_NAME}/{run_id}")["start"].task.data.storage_root
     root = storage.join(storage_root, FLOW_NAME, str(run_id))
     referencing = set()
     for run in Flow(FLOW_NAME).runs():

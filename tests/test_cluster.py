@@ -489,22 +489,30 @@ def test_resume_on_a_clean_machine_continues_from_s3(s3_run):
 
 
 @pytest.mark.slow
-def test_the_storage_root_keeps_only_what_the_runs_artifacts_reference(s3_run):
-    """When the resumed run ends, the storage root holds only the attempts its artifacts point into: PPO's two
-    killed attempts of the origin run, with their checkpoints and snapshots, are gone, and the READING marks."""
+def test_the_storage_root_keeps_what_the_runs_artifacts_reference_and_the_origins_attempts(s3_run):
+    """When the resumed run ends, every attempt its artifacts point into is there, and of the rest only the origin
+    run's: PPO's two killed attempts stay (a run removes only its own attempts — another resume of the origin may
+    still need them), and the resume recorded its ORIGIN. The cleanup command refuses to delete the origin while a
+    run resumed from it exists."""
     from rlhf_lib import storage
 
-    root = s3_run["root"]
+    root, origin, resumed = s3_run["root"], s3_run["origin"], s3_run["run_id"]
     references = {value.rstrip("/") for _, value in s3_run["view"]["paths"] if value.startswith(root + "/")}
     with s3_client_env(s3_run["endpoint"]):
         files = storage.list_files(root)
-    attempts = {"/".join(f.split("/")[:4]) for f in files}  # RLHFFlow/<run>/<stage>/attempt-<k>
-    assert files and all(len(a.split("/")) == 4 and a.split("/")[3].startswith("attempt-") for a in attempts), attempts
-    unreferenced = [a for a in attempts if not any(r == f"{root}/{a}" or r.startswith(f"{root}/{a}/")
-                                                   for r in references)]
-    assert unreferenced == []
-    for attempt in (0, 1):  # the origin's killed PPO attempts
-        assert f"[end] removed {root}/RLHFFlow/{s3_run['origin']}/ppo/attempt-{attempt}" in s3_run["resume_log"]
+    attempts = {"/".join(f.split("/")[:4]) for f in files  # RLHFFlow/<run>/<stage>/attempt-<k>/...
+                if len(f.split("/")) > 4 and f.split("/")[3].startswith("attempt-")}
+    others = {"/".join(f.split("/")[:4]) for f in files} - attempts
+    assert others <= {f"RLHFFlow/{resumed}/ORIGIN", f"RLHFFlow/{origin}/ppo/READING"}, others
+    assert f"RLHFFlow/{resumed}/ORIGIN" in others
+    unreferenced = sorted(a for a in attempts if not any(r == f"{root}/{a}" or r.startswith(f"{root}/{a}/")
+                                                         for r in references))
+    assert unreferenced == [f"RLHFFlow/{origin}/ppo/attempt-0", f"RLHFFlow/{origin}/ppo/attempt-1"]
+    assert f"[end] removed {root}/RLHFFlow/{origin}/" not in s3_run["resume_log"]
+    refused = subprocess.run([sys.executable, "-m", "rlhf_lib.cleanup", origin, "--dry-run"], cwd=ROOT,
+                             env={**s3_run["env"], "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode != 0 and f"run(s) {resumed} were resumed from it" in refused.stderr, refused.stderr
 
 
 @pytest.mark.slow

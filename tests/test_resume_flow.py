@@ -88,8 +88,10 @@ def test_upstream_artifacts_are_reused(crashed_and_resumed):
         assert getattr(resumed[step].task.data, name) == getattr(origin[step].task.data, name)
     # Cloned steps were not re-executed: the resumed run's stage directories hold ppo onwards, plus a sibling
     # branch only when the crash stopped it before it finished (a finished sibling is cloned).
-    stages = {p.name for p in (crashed_and_resumed["store"] / "RLHFFlow" / resumed.id).iterdir()}
+    stages = {p.name for p in (crashed_and_resumed["store"] / "RLHFFlow" / resumed.id).iterdir() if p.is_dir()}
     assert {"ppo", "evaluate"} <= stages <= {"ppo", "dpo", "evaluate"}
+    # ...and the record of the run it was resumed from (a resume of this resume continues along the chain)
+    assert (crashed_and_resumed["store"] / "RLHFFlow" / resumed.id / "ORIGIN").read_text().strip() == origin.id
     for sibling in ("dpo",):
         try:
             finished = origin[sibling].task.successful
