@@ -445,8 +445,7 @@ def reader_of(checkpoint_uri: str | None) -> str | None:
 
 
 def _fault(stage: str, what: str, err: BaseException) -> None:
-    said = " ".join(str(err).split())  # metaflow.S3's messages span lines: one line names the place and the error
-    print(f"[{stage}] {what} could not be read ({type(err).__name__}: {said}): failing the stage rather than "
+    print(f"[{stage}] {what} could not be read ({storage.error_line(err)}): failing the stage rather than "
           f"starting over", flush=True)
 
 
@@ -470,8 +469,7 @@ def resume_point(stage: str, roots: list[str], output: Path, load, own_uri: str 
         except Exception as err:  # told to every rank before it is raised: none waits at the broadcast for it
             failure = err
     told = ranks.broadcast({"location": chosen[1] if chosen else None,
-                            "failure": f"{type(failure).__name__}: {' '.join(str(failure).split())}"
-                            if failure else None})
+                            "failure": storage.error_line(failure) if failure else None})
     if failure is not None:
         raise failure
     if told["failure"]:

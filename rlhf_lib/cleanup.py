@@ -50,22 +50,22 @@ def attempts(run_root: str) -> list[str]:
     return found
 
 
+def points_into(references: set[str], location: str) -> bool:
+    """Whether any reference names `location` or a place under it (both sides compared as places)."""
+    where = storage.place(location)
+    return any(p == where or p.startswith(where + "/") for p in map(storage.place, references))
+
+
 def unreferenced(run_root: str, references: set[str]) -> list[str]:
-    """The attempts of a run that no reference points into (both sides compared as places)."""
-    references = {storage.place(r) for r in references}
-
-    def referenced(attempt: str) -> bool:
-        where = storage.place(attempt)
-        return any(r == where or r.startswith(where + "/") for r in references)
-
-    return [a for a in attempts(run_root) if not referenced(a)]
+    """The attempts of a run that no reference points into."""
+    return [a for a in attempts(run_root) if not points_into(references, a)]
 
 
 def _refused(report: dict, run_id: str, what: str, err: Exception, permission: str) -> None:
     """A cleanup step the storage refused: said as a warning, never a failed run."""
     if not storage.denied(err):
         raise err
-    report["warnings"].append(f"could not {what} ({type(err).__name__}: {' '.join(str(err).split())}): the "
+    report["warnings"].append(f"could not {what} ({storage.error_line(err)}): the "
                               f"credentials lack {permission}; clean up later with "
                               f"`python -m rlhf_lib.cleanup {run_id}`")
 
@@ -142,7 +142,7 @@ def delete_run(run_id: str, dry_run: bool = False) -> dict:
     for run in Flow(FLOW_NAME).runs():
         if run.id != str(run_id) and run.successful:
             refs = paths_in({k.id: k.data for k in run["end"].task.artifacts})
-            if any(r == storage.place(root) or r.startswith(storage.place(root) + "/") for r in refs):
+            if points_into(refs, root):
                 referencing.add(run.id)
     blockers = sorted(readers_of(storage_root, run_id) | referencing)
     if blockers:

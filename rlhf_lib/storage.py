@@ -66,6 +66,11 @@ def place(location: str | Path) -> str:
     return location if is_remote(location) else os.path.realpath(location)
 
 
+def error_line(err: BaseException) -> str:
+    """`Type: message` of an error on one line (metaflow.S3's messages span several): how a fault is named."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
 def join(root: str | Path, *parts: str) -> str:
     if is_remote(root):
         return "/".join([str(root).rstrip("/"), *(p.strip("/") for p in parts)])
