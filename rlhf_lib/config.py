@@ -48,6 +48,7 @@ class RunSection(Section):
     nodes: int = Field(1, ge=1, description="Machines the PPO stage spans (Metaflow `@parallel`, torch.distributed across them); 1 changes nothing.")
     master_port: int = Field(29500, ge=1024, le=65535, description="The port rank 0 of a gang (run.nodes >= 2) listens on for the other nodes: on Kubernetes and Argo the gang's JobSet declares it (`@kubernetes(port=...)`, its `MF_MASTER_PORT`); a local gang derives its own from the run id.")
     keep_failed_attempts: bool = Field(False, description="Keep the outputs of failed task attempts (their checkpoints and snapshots) when the run ends; by default `end` removes every attempt no artifact references.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="The precision plan (rlhf_lib/precision.py): `bf16` keeps frozen weights in bf16, every trained parameter (full fine-tuning's master weights, LoRA adapters, the value head) in fp32, and runs forward passes under bf16 autocast — the GPU's plan, on any device (a CPU runs it through torch's CPU autocast, slower than fp32); `fp32` keeps everything in fp32; `auto` is `bf16` on a GPU with bf16, else `fp32`.")
     process_group_timeout_s: int = Field(1800, ge=1, description="Seconds a process of a multi-process stage waits for the others at a collective before the stage fails (torch.distributed's timeout).")
 
     @model_validator(mode="after")

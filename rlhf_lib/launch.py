@@ -101,11 +101,11 @@ def accelerate_command(stage: str, stage_args: list[str], num_gpus: int, nodes: 
         return [sys.executable, "-m", ACCELERATE, "--multi_gpu", "--num_machines",
                 str(nodes.count), "--machine_rank", str(nodes.index), "--main_process_ip", nodes.main_ip,
                 "--main_process_port", str(nodes.port), "--num_processes", str(nodes.count * gpus),
-                "--mixed_precision", "bf16", "--dynamo_backend", "no", *module]
+                "--mixed_precision", "no", "--dynamo_backend", "no", *module]
     if gpus <= 1:  # one process: nothing for a launcher to do (single_process_env gives its settings)
         return [sys.executable, *module]
     return [sys.executable, "-m", ACCELERATE, "--num_machines", "1", "--dynamo_backend", "no",
-            "--num_processes", str(gpus), "--mixed_precision", "bf16", "--multi_gpu", *module]
+            "--num_processes", str(gpus), "--mixed_precision", "no", "--multi_gpu", *module]
 
 
 def stage_process(pid: int, stage: str):
@@ -179,9 +179,11 @@ def watch_local_gang(proc: subprocess.Popen, stage: str, poll_s: float = 1.0) ->
 
 
 def single_process_env(gpus: int) -> dict[str, str]:
-    """What `accelerate launch --num_processes 1` would set for one process on one GPU (bf16) or on the CPU."""
+    """What `accelerate launch --num_processes 1` would set for one process on one GPU or on the CPU. Mixed
+    precision is "no" for the launcher on every device: the stage's precision plan (run.precision,
+    rlhf_lib/precision.py) decides its autocast itself, so a launcher's bf16 cannot add an autocast to an fp32 plan."""
     if gpus:
-        return {"ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_DYNAMO_BACKEND": "NO"}
+        return {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO"}
     return {"ACCELERATE_USE_CPU": "true", "ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO"}
 
 

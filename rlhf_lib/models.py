@@ -28,10 +28,11 @@ def _done(path: Path) -> bool:
 
 
 def compute_dtype() -> torch.dtype:
-    """bf16 where the device has it, else fp32 (CPU bf16 matmuls are slow and lossy for tiny models)."""
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    """The dtype of weights nobody trains, from this process's precision plan (`rlhf_lib/precision.py`): bf16 under
+    the bf16 plan (a GPU's `auto`), else fp32."""
+    from rlhf_lib import precision
+
+    return precision.current().dtype("frozen")
 
 
 def _spec_hash(kind: str, spec: TinyModelSpec, seed: int) -> str:
@@ -328,8 +329,11 @@ def merge_adapter(base_ref: str, adapter_dir: str, out_dir: Path, trust_remote_c
 
 
 # bitsandbytes' CPU 4-bit kernel packs a weight's output rows in blocks of 32 and its input columns in pairs
-# ("N must be divisible by block_n"); on a GPU any width works.
+# ("N must be divisible by block_n"); on a CPU with AVX512-BF16 its inference path (eval, no grad) also repacks each
+# row's quantization blocks of 64 input columns, and a layer narrower than one block fails there
+# ("shape '[32, 0]' is invalid", bitsandbytes 0.49, measured on this project's AVX-512 days). On a GPU any width works.
 BNB_CPU_BLOCK_N = 32
+BNB_QUANT_BLOCK = 64
 
 
 def layers_4bit_cpu_cannot_run(config) -> list[tuple[str, int, int]]:
@@ -342,4 +346,4 @@ def layers_4bit_cpu_cannot_run(config) -> list[tuple[str, int, int]]:
     head = model.get_output_embeddings()
     return [(name, m.in_features, m.out_features) for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and m is not head
-            and (m.out_features % BNB_CPU_BLOCK_N or m.in_features % 2)]
+            and (m.out_features % BNB_CPU_BLOCK_N or m.in_features % BNB_QUANT_BLOCK)]

@@ -154,7 +154,7 @@ def four_bit_on_cpu(cfg: RunConfig) -> list[str]:
         return []
     name, k, n = bad[0]
     return [f"sft.quantize_4bit: bitsandbytes' CPU 4-bit kernel needs every quantized layer's output width to be a "
-            f"multiple of {models.BNB_CPU_BLOCK_N} (and its input width even); {ref!r} has {len(bad)} layer(s) that "
+            f"multiple of {models.BNB_CPU_BLOCK_N} and its input width a multiple of {models.BNB_QUANT_BLOCK}; {ref!r} has {len(bad)} layer(s) that "
             f"are not, e.g. {name} ({k} -> {n}). Set sft.quantize_4bit = false (LoRA on the full-precision base) "
             f"or run SFT on a GPU"]
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rlhf_lib import precision
+
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, so left padding does not shift them."""
@@ -44,7 +46,8 @@ def sample_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, se
     texts, token_ids = [], []
     for i in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(device)
-        out = model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1]:]
+        with precision.current().autocast_on(device):  # bf16 forward passes under the bf16 plan
+            out = model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1]:]
         for row in out:
             keep = row[row != tokenizer.pad_token_id]
             eos = (keep == tokenizer.eos_token_id).nonzero()
@@ -71,8 +74,9 @@ def response_logprobs(model, tokenizer, prompts: list[str], responses: list[torc
         for j, row in enumerate(rows):
             ids[j, :len(row)], am[j, :len(row)] = row, 1
         ids, am = ids.to(device), am.to(device)
-        logp = logprobs_from_logits(model(input_ids=ids, attention_mask=am, position_ids=position_ids(am)).logits[:, :-1],
-                                    ids[:, 1:])
+        with precision.current().autocast_on(device):
+            logits = model(input_ids=ids, attention_mask=am, position_ids=position_ids(am)).logits[:, :-1]
+        logp = logprobs_from_logits(logits, ids[:, 1:])
         for j, (p, r) in enumerate(zip(prompt_ids[i:i + batch_size], responses[i:i + batch_size])):
             out.append(logp[j, len(p) - 1:len(p) - 1 + len(r)].cpu())
     return out

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from rlhf_lib import precision
 from rlhf_lib.data.formatting import reward_text
 from rlhf_lib.stages.contract import FUNCTION_PREFIX
 
@@ -39,7 +40,8 @@ def score_texts(model, tokenizer, texts: list[str], max_length: int, batch_size:
     for i in range(0, len(texts), batch_size):
         batch = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
                           max_length=max_length).to(device)
-        scores.append(model(**batch).logits[:, 0].float())
+        with precision.current().autocast_on(device):
+            scores.append(model(**batch).logits[:, 0].float())
     return torch.cat(scores) if scores else torch.zeros(0, device=device)
 
 

@@ -132,10 +132,12 @@ def test_every_output_end_names_is_there_under_a_symlinked_root(flow_run):
 
 
 def test_each_trained_stage_records_its_precision(flow_run):
-    """What each HF-trained stage kept its numbers in. The reward model: fp32 weights, no autocast on the CPU (fp32
-    on a GPU too: tests/test_hub.py). SFT: a 4-bit base (its packed weights are uint8) under adapters that TRL
-    1.16 casts to bf16 for QLoRA, on any device (trl/trainer/sft_trainer.py)."""
+    """What each trained stage kept its numbers in, under the CPU's `auto` plan (fp32; the bf16 plan:
+    tests/test_precision.py). The reward model: fp32 weights. SFT: a 4-bit base (its packed weights are uint8) under
+    fp32 adapters (TRL 1.16 casts a QLoRA adapter to bf16; the plan casts it back). PPO: adapter and value head."""
     data = flow_run.data
-    assert data.reward_metrics["precision"] == {"trained": ["float32"], "frozen": [], "autocast": None}
-    assert data.sft_metrics["precision"] == {"trained": ["bfloat16"], "frozen": ["float32", "uint8"],
+    assert data.reward_metrics["precision"] == {"plan": "fp32", "trained": ["float32"], "frozen": [], "autocast": None}
+    assert data.sft_metrics["precision"] == {"plan": "fp32", "trained": ["float32"], "frozen": ["float32", "uint8"],
+                                             "autocast": None}
+    assert data.ppo_metrics["precision"] == {"plan": "fp32", "trained": ["float32"], "frozen": ["float32"],
                                              "autocast": None}

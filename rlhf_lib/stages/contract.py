@@ -99,6 +99,12 @@ def start(stage: str, argv: list[str] | None, *required: str) -> StageRun:
     seed_everything(cfg.run.seed)
     import torch
 
+    from rlhf_lib import precision
+
+    plan = precision.use(cfg.run.precision)
+    print(f"[{stage}] precision plan {plan.name} (run.precision = {cfg.run.precision}): frozen weights "
+          f"{plan.frozen}, trained {plan.trained}, autocast {plan.autocast or 'off'}", flush=True)
+
     if not torch.cuda.is_available():
         from rlhf_lib import cpu
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlhf_lib import checkpoints
+from rlhf_lib import precision
 from rlhf_lib.stages import contract, hf
 
 
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> Path:
     metrics = {"train_loss": train_out.training_loss, "eval_loss": eval_metrics.get("eval_loss"),
                "eval_reward_accuracy": eval_metrics.get("eval_rewards/accuracies"),
                "eval_reward_margin": eval_metrics.get("eval_rewards/margins"), "train_pairs": len(train_ds),
-               "steps": trainer.state.global_step, "curves": hf.log_history_summary(trainer.state.log_history)}
+               "steps": trainer.state.global_step, "curves": hf.log_history_summary(trainer.state.log_history),
+               "precision": precision.record(trainer.model)}
     contract.finish_policy(run, adapter_dir, sft_model, snapshots=False, metrics=metrics,
                            summary=f"held-out implicit-reward accuracy {metrics['eval_reward_accuracy']}",
                            stats=hf.log_history_stats(trainer.state.log_history), resumed_from=resume,

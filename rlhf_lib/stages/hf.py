@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rlhf_lib import checkpoints, storage
+from rlhf_lib import checkpoints, precision, storage
 from rlhf_lib.stages.contract import is_main_process
 
 
@@ -28,27 +28,8 @@ def training_kwargs(cfg, section, stage: str, output: Path) -> dict[str, Any]:
         eval_strategy="steps" if getattr(section, "eval_steps", None) and section.eval_steps <= section.max_steps
         else "no", eval_steps=getattr(section, "eval_steps", None), seed=cfg.run.seed, data_seed=cfg.run.seed,
         logging_first_step=True, dataloader_num_workers=0, ddp_timeout=cfg.run.process_group_timeout_s,
-        **trainer_precision(),
+        **precision.current().trainer_arguments(),
     )
-
-
-def trainer_precision() -> dict[str, Any]:
-    """TRL configs default to bf16; use it only where a GPU has it, and say use_cpu on a CPU-only machine."""
-    import torch
-
-    if torch.cuda.is_available():
-        return {"bf16": torch.cuda.is_bf16_supported(), "fp16": False, "use_cpu": False}
-    return {"bf16": False, "fp16": False, "use_cpu": True}
-
-
-def precision_of(model, args) -> dict[str, Any]:
-    """What a trained model's numbers were kept in (the `precision` entry of a stage's metrics): the dtypes of its
-    trained parameters and of its frozen ones (4-bit weights show as uint8), and the autocast dtype of its
-    forward passes (None: none)."""
-    trained = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad})
-    frozen = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if not p.requires_grad})
-    return {"trained": trained, "frozen": frozen,
-            "autocast": "bfloat16" if args.bf16 else "float16" if args.fp16 else None}
 
 
 def report_to(cfg) -> list[str]:
@@ -146,6 +127,7 @@ def train_resumable(trainer, stage: str, roots: list[str], output: Path, checkpo
     mirror = storage.mirror_of(checkpoint_uri)
     if mirror:
         trainer.add_callback(mirror_checkpoints_callback(mirror, trainer.args.save_total_limit))
+    precision.keep_trained_in_fp32(trainer.model)  # before train() builds the optimizer over them
     found = checkpoints.resume_point(stage, roots, output, check_trainer_checkpoint, checkpoint_uri)
     resume = str(found[0]) if found else None
     if resume:

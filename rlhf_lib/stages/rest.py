@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_lib import checkpoints, storage
+from rlhf_lib import checkpoints, precision, storage
 from rlhf_lib.stages import contract, hf
 
 STATE_FILE = "rest_state.json"
@@ -77,6 +77,7 @@ def improve(policy, tokenizer, rows: list[dict], cfg, out: Path, tag: str) -> fl
     kwargs.update(save_strategy="no", eval_strategy="no", report_to=[])
     args = SFTConfig(**kwargs, max_length=cfg.rest.max_length, packing=False, completion_only_loss=True)
     trainer = SFTTrainer(model=policy, args=args, train_dataset=data, processing_class=tokenizer)
+    precision.keep_trained_in_fp32(trainer.model)
     loss = trainer.train().training_loss
     policy.eval()
     return float(loss)
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> Path:
         resumed_from_step=resumed_from, summary=f"grown sets: {list(state['grown'].values())}",
         metrics={"thresholds": state["thresholds"], "improves": len(iterations),
                  "mean_reward_first_grow": iterations[0]["mean_reward_all"],
-                 "mean_reward_last_grow": iterations[-1]["mean_reward_all"]})
+                 "mean_reward_last_grow": iterations[-1]["mean_reward_all"], "precision": precision.record(policy)})
     return run.out
 
 

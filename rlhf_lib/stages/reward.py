@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rlhf_lib import precision
 from rlhf_lib.stages import contract, hf
 
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> Path:
                "eval_mean_margin": held_out["mean_margin"], "eval_pairs": held_out["pairs"],
                "eval_ties": held_out["ties"], "train_pairs": len(train_ds),
                "train_pairs_used": len(trainer.train_dataset), "steps": trainer.state.global_step,
-               "precision": hf.precision_of(trainer.model, trainer.args),
+               "precision": precision.record(trainer.model),
                "curves": hf.log_history_summary(trainer.state.log_history)}
     result = contract.write_result(run, model_path=str(model_dir.resolve()), base_model=base_model,
                                    checkpoint_dir=str((run.out / "checkpoints").resolve()), metrics=metrics,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from rlhf_lib import precision
 from rlhf_lib.stages import contract, hf
 
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> Path:
     metrics = {"train_loss": train_out.training_loss, "eval_loss": eval_loss,
                "eval_perplexity": math.exp(eval_loss) if eval_loss is not None else None,
                "steps": trainer.state.global_step, "curves": hf.log_history_summary(trainer.state.log_history),
-               "precision": hf.precision_of(trainer.model, trainer.args)}
+               "precision": precision.record(trainer.model)}
     result = contract.write_result(run, adapter_path=str(adapter_dir.resolve()),
                                    checkpoint_dir=str((run.out / "checkpoints").resolve()), base_model=base_model,
                                    metrics=metrics, resumed_from=resume)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf_lib import checkpoints
+from rlhf_lib import checkpoints, precision
 from rlhf_lib.stages import contract, hf
 
 
@@ -82,7 +82,8 @@ def run(name: str, argv: list[str] | None, trainer_class, config_class, section_
     first, last = quarter_means(stats, "reward")
     metrics = {"train_loss": train_out.training_loss, "steps": trainer.state.global_step,
                "reward_first_quarter": first, "reward_last_quarter": last, "prompts": len(train_ds),
-               "curves": hf.log_history_summary(trainer.state.log_history)}
+               "curves": hf.log_history_summary(trainer.state.log_history),
+               "precision": precision.record(trainer.model)}
     contract.finish_policy(stage, adapter_dir, sft_model, snapshots=True, reward=reward.describe(), metrics=metrics,
                            stats=stats, resumed_from=resume, resumed_from_step=checkpoints.step_of(resume) or 0,
                            summary=f"mean reward first quarter {first} -> last quarter {last}")

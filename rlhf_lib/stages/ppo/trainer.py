@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlhf_lib import checkpoints, rl, storage
+from rlhf_lib import checkpoints, precision, rl, storage
 from rlhf_lib.data import lake
 from rlhf_lib.stages import contract
 from rlhf_lib.stages.ppo import losses, rollout
@@ -504,7 +504,8 @@ def train(run: Run, wandb_run) -> None:
     bar = tqdm(range(run.start_step, p.steps), desc="ppo", initial=run.start_step, total=p.steps,
                disable=not run.accelerator.is_main_process, mininterval=2)
     for step in bar:
-        stats = rollout_step(run, step)
+        with precision.current().autocast_on(run.accelerator.device):  # bf16 forward passes under the bf16 plan
+            stats = rollout_step(run, step)
         run.stats.append(stats)
         bar.set_postfix(score=f"{stats['score_mean']:.2f}", kl=f"{stats['kl']:.2f}", beta=f"{stats['beta']:.3f}")
         if wandb_run is not None:
@@ -539,7 +540,8 @@ def finish(run: Run, wandb_run) -> None:
         resumed_from_step=run.start_step,
         summary=f"mean score first quarter {first_q:.3f} -> last quarter {last_q:.3f}",
         metrics={"score_first_quarter": first_q, "score_last_quarter": last_q, "final_beta": run.kl_ctl.value,
-                 "steps": len(stats), "ranks": run.layout.world, "global_batch": run.p.batch_size})
+                 "steps": len(stats), "ranks": run.layout.world, "global_batch": run.p.batch_size,
+                 "precision": precision.record(run.policy)})
 
 
 def main(argv: list[str] | None = None) -> Path:
