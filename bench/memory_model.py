@@ -3,6 +3,7 @@ per process (GPU memory) and per node (host memory, /dev/shm, disk), from the mo
 config's batch sizes and lengths.
 
     python bench/memory_model.py [--config configs/opt-1.3b.toml] [--check-rehearsal]
+    python bench/memory_model.py --resources      # the [resources] block the model gives, to paste into the config
 
 Parameter counts come from the published architectures (bench/standins.py), instantiated on torch's meta device (no
 memory, no download). The byte costs per parameter and per token are the standard ones, written out below; the
@@ -21,19 +22,40 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import math
+
 GB = 1e9
+MIB = 2**20
 BF16, FP32 = 2, 4
 ADAM_STATE = 4 + 4 + 4 + 4   # fp32 weight, fp32 gradient, Adam's two moments: a trained parameter
 NF4 = 0.5 + 0.127 / 8        # 4 bits + double-quantized absmax (8-bit per 64 weights, fp32 per 256 blocks)
 ACTIVATION_PER_TOKEN_LAYER = 34  # bytes x hidden size: one transformer layer's saved activations in 16-bit, with
 # a fused (SDPA) attention that keeps no seq x seq scores (Korthikanti et al. 2022, table 2 without the 5as/h term)
 LOGIT_BYTES_TRAINING = 2 + 4 + 4  # bf16 logits, their fp32 upcast for the loss, its gradient
-LOGIT_BYTES_SCORING = 2 + 4
+LOGIT_BYTES_SCORING = 2 + 4 + 4  # bf16 logits, their fp32 upcast, its log-softmax (rl.logprobs_from_logits)
+EVAL_ROWS = 16               # rows rl.sample_answers / rl.response_logprobs take at once (their batch_size)
+HOST_RUNTIME_CPU = 0.7 * GB  # python + torch + transformers imported, measured on this CPU (no CUDA)
+
+# ASSUMED: constants this project has not measured (it has run on no GPU and no cluster). `--resources` prints
+# them as assumed beside the block they set; measure them on a GPU node (bench/gpu_smoke.sh) before trusting it.
 CUDA_RUNTIME = 1.5 * GB      # CUDA context, cuBLAS/NCCL workspaces, on every GPU process
 FRAGMENTATION = 1.2          # the caching allocator's slack over the live tensors
-HOST_RUNTIME_CPU = 0.7 * GB  # python + torch + transformers imported, measured on this CPU (no CUDA)
-HOST_RUNTIME_GPU = 3.0 * GB  # the same with CUDA's libraries mapped and a context created
+HOST_RUNTIME_GPU = 3.0 * GB  # the host side of HOST_RUNTIME_CPU with CUDA's libraries mapped and a context created
 NODE_HEADROOM = 1.25         # on top of the sum of a node's processes: page cache, the stage wrapper, monitoring
+DISK_HEADROOM = 1.5          # on top of a stage's files: logs, temporary copies while an upload runs, the HF cache's
+# lock and metadata files
+DATASETS_GB = 5.0            # the materialised splits: OpenOrca's 1 M rows (~1.2 KB each), hh-rlhf's 160 K pairs
+SHARED_MEMORY_MB = {"train": 8192, "infer": 2048, "light": 2048}  # /dev/shm: NCCL's intra-node transport between
+# a train node's processes, the dataloader; counted in a pod's memory
+CPU_PER_PROCESS, CPU_PER_NODE = 2, 8  # cores a training process feeds its GPU with; the node's rest (data, uploads)
+LIGHT = {"memory_mb": 32768, "disk_mb": 102400}  # the data step at full size (not measured: it streams the hub's
+# datasets into local ones, OpenOrca alone several GB)
+ASSUMED = {"CUDA runtime per GPU process": f"{CUDA_RUNTIME / GB:.1f} GB",
+           "GPU allocator slack": f"{FRAGMENTATION}x", "host runtime per GPU process": f"{HOST_RUNTIME_GPU / GB:.1f} GB",
+           "node memory headroom": f"{NODE_HEADROOM}x", "disk headroom": f"{DISK_HEADROOM}x",
+           "materialised datasets": f"{DATASETS_GB:.0f} GB", "/dev/shm per kind (MiB)": str(SHARED_MEMORY_MB),
+           "cores": f"{CPU_PER_PROCESS} per training process + {CPU_PER_NODE} per node",
+           "light (data) step": f"{LIGHT['memory_mb']} MiB memory, {LIGHT['disk_mb']} MiB disk"}
 
 
 def parameter_counts() -> dict[str, int]:
@@ -78,6 +100,10 @@ def gpu_needs(cfg, counts: dict) -> dict[str, dict[str, float]]:
     sft_tokens = s.batch_size * s.max_length
     ppo_rows = min(p.mini_batch_size, p.batch_size // world)  # rollouts of one rank's micro-batch, at most
     ppo_tokens = ppo_rows * (p.max_prompt_length + p.max_response_length)
+    # PPO's LM head runs on the response positions only (logits_to_keep: the trainer's _forward_response)
+    ppo_logit_rows = ppo_rows * (p.max_response_length + 1)
+    # evaluate scores EVAL_ROWS rows at once, each prompt + answer, its logits over every position in fp32
+    eval_tokens = EVAL_ROWS * (p.max_prompt_length + cfg.eval.max_new_tokens)
     needs = {
         "sft": {"weights (NF4 linears + bf16 rest)": counts["policy_linear"] * NF4 + frozen_bf16 * BF16,
                 "LoRA + Adam": lora_parameters(counts, s.lora) * ADAM_STATE,
@@ -93,13 +119,13 @@ def gpu_needs(cfg, counts: dict) -> dict[str, dict[str, float]]:
                 "KV cache while generating": (p.batch_size // world) * (p.max_prompt_length + p.max_response_length)
                 * 2 * counts["layers"] * counts["hidden"] * BF16,
                 "activations": activations(counts, ppo_tokens, False),
-                "logits": ppo_tokens * counts["vocab"] * LOGIT_BYTES_TRAINING},
+                "logits (response positions)": ppo_logit_rows * counts["vocab"] * LOGIT_BYTES_TRAINING},
         # peft's merge_and_unload folds the adapter into the base's weights in place: one copy.
         "merge": {"base, merged in place (bf16)": policy * BF16},
         # SFT's model stays (the KL reference) beside each method's in turn; the proxy and the gold reward model.
         "evaluate": {"SFT + one method's policy (bf16)": 2 * policy * BF16, "two reward models (bf16)": 2 * reward * BF16,
-                     "KV cache": cfg.eval.num_prompts * cfg.eval.max_new_tokens * 2 * counts["layers"]
-                     * counts["hidden"] * BF16 / 8},  # generated in chunks of an eighth of the prompts, at most
+                     "KV cache": eval_tokens * 2 * counts["layers"] * counts["hidden"] * BF16,
+                     "log-prob logits (every position)": eval_tokens * counts["vocab"] * LOGIT_BYTES_SCORING},
     }
     for terms in needs.values():
         terms["CUDA runtime"] = CUDA_RUNTIME
@@ -127,15 +153,14 @@ def disk_needs(cfg, counts: dict) -> dict[str, float]:
     return {
         "sft": hub_policy + DATASETS_GB + 2 * 3 * lora,  # two checkpoints of adapter + Adam's moments
         "merge": hub_policy + policy_bf16,
-        # two HF checkpoints (fp32 weights + Adam's moments) and the final model
-        "reward": hub_reward + DATASETS_GB + 2 * 3 * reward_fp32 + reward_fp32,
+        # the proxy and the gold reward model (reward_model gold judge: trained in the same step), each with two
+        # HF checkpoints (fp32 weights + Adam's moments) and its final model
+        "reward": hub_reward + DATASETS_GB + 2 * (2 * 3 * reward_fp32 + reward_fp32),
         "ppo": policy_bf16 + reward_fp32 + 2 * 3 * lora + cfg.ppo.steps // cfg.ppo.save_freq * lora + policy_bf16,
         # the SFT model and every method's merged model, the proxy and the gold reward model
         "evaluate": (1 + len(methods.names())) * policy_bf16 + 2 * reward_fp32,
     }
 
-
-DATASETS_GB = 5.0  # the materialised splits: OpenOrca's 1 M rows (~1.2 KB each) and hh-rlhf's 160 K pairs, rounded up
 
 
 def node_needs(cfg, counts: dict, gpu: dict) -> dict[str, dict[str, float]]:
@@ -152,6 +177,36 @@ def node_needs(cfg, counts: dict, gpu: dict) -> dict[str, dict[str, float]]:
             for kind, (n, stages) in kinds.items()}
 
 
+def whole_gib_in_mib(gb: float) -> int:
+    """`gb` (1e9 bytes) rounded up to whole GiB, in MiB: the unit of `[resources]`."""
+    return math.ceil(gb * GB / 2**30) * 1024
+
+
+def resources(cfg, counts: dict) -> dict[str, dict[str, int]]:
+    """The `[resources]` block (cpu, memory_mb, shared_memory_mb, disk_mb per step kind, all sizes in MiB) the
+    model gives for `cfg`: a node's host memory plus its /dev/shm (a pod counts it in its memory), the disk of its
+    largest stage with DISK_HEADROOM and at least run.min_free_disk_gb (the start step's disk check)."""
+    node = node_needs(cfg, counts, gpu_needs(cfg, counts))
+    block = {}
+    for kind, needs in node.items():
+        shm = SHARED_MEMORY_MB[kind]
+        block[kind] = {"cpu": CPU_PER_PROCESS * needs["processes"] + CPU_PER_NODE,
+                       "memory_mb": whole_gib_in_mib(needs["host memory"]) + shm, "shared_memory_mb": shm,
+                       "disk_mb": whole_gib_in_mib(max(needs["disk"] * DISK_HEADROOM, cfg.run.min_free_disk_gb))}
+    block["light"] = {"cpu": CPU_PER_NODE, "memory_mb": LIGHT["memory_mb"], "shared_memory_mb": SHARED_MEMORY_MB["light"],
+                      "disk_mb": LIGHT["disk_mb"]}
+    return block
+
+
+def print_resources(cfg, counts: dict, config_path: str) -> None:
+    """The block as TOML lines (tolerations and node selectors are the cluster's, not the model's: keep yours)."""
+    print(f"# [resources] from bench/memory_model.py for {config_path}; sizes in MiB. Assumed, not measured: "
+          + "; ".join(f"{k} {v}" for k, v in ASSUMED.items()))
+    print("[resources]")
+    for kind, values in resources(cfg, counts).items():
+        print(f"{kind} = {{ " + ", ".join(f"{k} = {v}" for k, v in values.items()) + " }")
+
+
 def rehearsal_prediction(counts: dict) -> dict[str, float]:
     """The model's host-memory peak for the CPU rehearsal's stages (one process, fp32 compute), to set beside the
     measured peaks: the same terms as on a GPU node, with the model kept in host memory."""
@@ -166,6 +221,7 @@ def rehearsal_prediction(counts: dict) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "opt-1.3b.toml"))
+    parser.add_argument("--resources", action="store_true", help="print only the [resources] block the model gives")
     parser.add_argument("--check-rehearsal", action="store_true",
                         help="also print the model's host peaks for the CPU rehearsal's stages")
     args = parser.parse_args()
@@ -173,6 +229,8 @@ def main() -> None:
 
     cfg = config.load(args.config)
     counts = parameter_counts()
+    if args.resources:
+        return print_resources(cfg, counts, args.config)
     print(f"parameters: OPT-1.3B {counts['policy']:,} ({counts['policy_linear']:,} in decoder linears), "
           f"DeBERTa-v3-base + score head {counts['reward']:,}; LoRA (sft) {lora_parameters(counts, cfg.sft.lora):,}")
     gpu = gpu_needs(cfg, counts)
@@ -185,6 +243,7 @@ def main() -> None:
     for kind, needs in node_needs(cfg, counts, gpu).items():
         print(f"- {kind}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in needs.items()))
+    print("\nAssumed, not measured: " + "; ".join(f"{k} {v}" for k, v in ASSUMED.items()))
     if args.check_rehearsal:
         print("\nCPU rehearsal, predicted host peak per stage (GB): " + ", ".join(
             f"{k} {v:.1f}" for k, v in rehearsal_prediction(counts).items()))

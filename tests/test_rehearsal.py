@@ -5,6 +5,8 @@ feedback) and its judge model. The stand-in models (bench/standins.py) have the 
 
 import sys
 
+import pytest
+
 from conftest import ROOT
 from rlhf_lib import config
 
@@ -56,22 +58,49 @@ def test_the_stand_ins_have_the_published_architectures():
     assert len(standins.commit_of("facebook/opt-1.3b")) == 40
 
 
-def test_the_recipes_resources_cover_the_memory_model():
-    """`[resources]` in configs/opt-1.3b.toml is set from bench/memory_model.py: what a node's processes need in
-    host memory (plus the /dev/shm a pod counts in its memory) and the largest stage's disk must fit what the
-    steps ask for, and the disk check must ask for at least that disk."""
+def _resources_of(cfg) -> dict:
+    return {kind: {key: getattr(getattr(cfg.resources, kind), key)
+                   for key in ("cpu", "memory_mb", "shared_memory_mb", "disk_mb")} for kind in ("train", "infer", "light")}
+
+
+def test_the_recipes_resources_are_what_the_memory_model_computes():
+    """`[resources]` in configs/opt-1.3b.toml is the block `python bench/memory_model.py --resources` prints, key by
+    key in MiB — a value typed above or below it fails — and the start step's disk check asks for at least the
+    largest stage's disk."""
     sys.path.insert(0, str(ROOT / "bench"))
     import memory_model
 
     cfg = config.load(ROOT / "configs" / "opt-1.3b.toml")
     counts = memory_model.parameter_counts()
+    assert _resources_of(cfg) == memory_model.resources(cfg, counts)
     needs = memory_model.node_needs(cfg, counts, memory_model.gpu_needs(cfg, counts))
-    for kind in ("train", "infer"):
-        asked = getattr(cfg.resources, kind)
-        assert asked.memory_mb / 1024 >= needs[kind]["host memory"] + asked.shared_memory_mb / 1024, kind
-        assert asked.disk_mb / 1024 >= max(needs[kind]["disk"], cfg.run.min_free_disk_gb), kind
-        assert cfg.run.min_free_disk_gb >= needs[kind]["disk"], kind
+    assert cfg.run.min_free_disk_gb >= max(needs[kind]["disk"] for kind in ("train", "infer"))
     assert needs["train"]["processes"] == cfg.run.gpus == 8
+
+
+@pytest.mark.parametrize("factor", [2, 0.5])
+def test_a_resources_value_off_by_a_factor_either_way_is_caught(tmp_path, factor):
+    """configs/opt-1.3b.toml with train.memory_mb doubled, and halved: the comparison above fails on each."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import memory_model
+
+    text = (ROOT / "configs" / "opt-1.3b.toml").read_text()
+    cfg = config.load(ROOT / "configs" / "opt-1.3b.toml")
+    typed = f"memory_mb = {cfg.resources.train.memory_mb},"
+    assert text.count(typed) == 1
+    (tmp_path / "changed.toml").write_text(text.replace(typed, f"memory_mb = {int(cfg.resources.train.memory_mb * factor)},"))
+    changed = config.load(tmp_path / "changed.toml")
+    assert _resources_of(changed) != memory_model.resources(changed, memory_model.parameter_counts())
+
+
+def test_the_resources_command_prints_the_block_and_labels_what_it_assumes():
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "memory_model.py"), "--resources"], capture_output=True,
+                         text=True, check=True).stdout
+    cfg = config.load(ROOT / "configs" / "opt-1.3b.toml")
+    assert f"train = {{ cpu = {cfg.resources.train.cpu}, memory_mb = {cfg.resources.train.memory_mb}," in out
+    assert "Assumed, not measured: CUDA runtime per GPU process" in out and "sizes in MiB" in out
 
 
 def test_the_rehearsal_report_prints_its_tables(tmp_path, monkeypatch, capsys):
