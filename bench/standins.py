@@ -12,6 +12,10 @@ after `hf download`.
   (SentencePiece unigram model of 128000 pieces: spm.model), relative attention with 256 position buckets, no
   absolute positions; the base model only (the reward stage adds the one-label head), 184 M parameters.
 
+Their weight files carry the keys the published checkpoints carry, not the ones `save_pretrained` writes today
+(`opt_hub_state`, `deberta_hub_state` say which and where that is known from), so loading takes the same path it
+takes on the real files: a base-model prefix to add, a tied head to rebuild, pretraining heads to drop.
+
 The tokenizers learn from the project's sample text and a synthetic vocabulary large enough to reach the sizes;
 the weights are random (seeded): the rehearsal measures time, memory and sizes, not quality.
 """
@@ -49,7 +53,7 @@ IDS = {"policy": "facebook/opt-1.3b", "reward": "microsoft/deberta-v3-base"}
 
 def commit_of(repo: str) -> str:
     """A fixed commit id for a stand-in (the cache's snapshot name): 40 hex digits, as the hub's are."""
-    return hashlib.sha1(f"rlhf-flow stand-in of {repo}, v1".encode()).hexdigest()
+    return hashlib.sha1(f"rlhf-flow stand-in of {repo}, v2 (hub keys)".encode()).hexdigest()
 
 
 def _words(n: int, seed: int) -> list[str]:
@@ -113,6 +117,46 @@ def _save_bin(state: dict, out: Path) -> None:
                out / "pytorch_model.bin")
 
 
+def opt_hub_state(model) -> dict:
+    """An OPTForCausalLM's state dict keyed as facebook/opt-*'s `pytorch_model.bin` is: the checkpoints were
+    converted from metaseq by saving the base `OPTModel`, so every key starts at `decoder.` (no `model.` prefix),
+    and there is no `lm_head.weight` — the head is tied to `decoder.embed_tokens.weight` and rebuilt from it on
+    load. (transformers' convert_opt_original_pytorch_checkpoint_to_pytorch.py saves an OPTModel; loaders that read
+    these files key by key, e.g. pytorch/PiPPy#779 "Load lm_head from decoder.embed_tokens.weight", meet exactly
+    this layout.)"""
+    return {k.removeprefix("model."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+# The pretraining heads microsoft/deberta-v3-base's `pytorch_model.bin` carries besides `deberta.*`: the replaced
+# token detection discriminator's and the MLM head's, and an absolute position table its config does not use
+# (position_biased_input = false). Known from the warning every load of it for classification prints ("Some weights
+# of the model checkpoint at microsoft/deberta-v3-base were not used when initializing
+# DebertaV2ForSequenceClassification: ['mask_predictions.classifier.bias', ..., 'lm_predictions.lm_head.bias',
+# ..., 'deberta.embeddings.position_embeddings.weight']"), quoted in many public logs and tutorials.
+DEBERTA_PRETRAINING_HEADS = ("mask_predictions.dense", "mask_predictions.LayerNorm", "lm_predictions.lm_head.dense",
+                             "lm_predictions.lm_head.LayerNorm")
+
+
+def deberta_hub_state(model, seed: int = 1) -> dict:
+    """A DebertaV2Model's state dict keyed as microsoft/deberta-v3-*'s `pytorch_model.bin` is: the base model under
+    `deberta.`, plus the pretraining heads (random here) that a sequence classifier does not use."""
+    import torch
+
+    hidden, vocab = model.config.hidden_size, model.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    state = {f"deberta.{k}": v for k, v in model.state_dict().items()}
+    for head in DEBERTA_PRETRAINING_HEADS:
+        shape = (hidden, hidden) if head.endswith("dense") else (hidden,)
+        state[f"{head}.weight"] = torch.randn(shape, generator=g) * 0.02
+        state[f"{head}.bias"] = torch.zeros(hidden)
+    state["mask_predictions.classifier.weight"] = torch.randn((1, hidden), generator=g) * 0.02
+    state["mask_predictions.classifier.bias"] = torch.zeros(1)
+    state["lm_predictions.lm_head.bias"] = torch.zeros(vocab)
+    state["deberta.embeddings.position_embeddings.weight"] = torch.randn(
+        (model.config.max_position_embeddings, hidden), generator=g) * 0.02
+    return state
+
+
 def opt_1_3b(out: Path) -> None:
     import torch
     from transformers import OPTConfig, OPTForCausalLM
@@ -122,7 +166,7 @@ def opt_1_3b(out: Path) -> None:
     model = OPTForCausalLM(config)
     config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
-    _save_bin(model.state_dict(), out)
+    _save_bin(opt_hub_state(model), out)
     opt_tokenizer(out)
 
 
@@ -134,7 +178,7 @@ def deberta_v3_base(out: Path) -> None:
     config = DebertaV2Config(**{k: v for k, v in DEBERTA_V3_BASE.items() if k != "model_type"})
     model = DebertaV2Model(config)
     config.save_pretrained(out)
-    _save_bin({f"deberta.{k}": v for k, v in model.state_dict().items()}, out)  # the base model's prefix
+    _save_bin(deberta_hub_state(model), out)
     deberta_tokenizer(out)
 
 
