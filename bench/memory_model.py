@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+REHEARSAL_CONFIG = ROOT / "configs" / "opt-1.3b-rehearsal.toml"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -58,18 +59,20 @@ ASSUMED = {"CUDA runtime per GPU process": f"{CUDA_RUNTIME / GB:.1f} GB",
            "light (data) step": f"{LIGHT['memory_mb']} MiB memory, {LIGHT['disk_mb']} MiB disk"}
 
 
-def parameter_counts() -> dict[str, int]:
-    """Exact parameter counts of the recipe's models and of the parts the recipe treats differently."""
+def parameter_counts(size: str = "full") -> dict[str, int]:
+    """Exact parameter counts of the recipe's models (bench/standins.py: `full` the published architectures, `tiny`
+    the rehearsal test's) and of the parts the recipe treats differently."""
     import torch
     from transformers import (DebertaV2Config, DebertaV2ForSequenceClassification, OPTConfig,
                               OPTForCausalLM)
 
     import standins
 
+    policy, reward = standins.SIZES[size]["policy"], standins.SIZES[size]["reward"]
     with torch.device("meta"):
-        opt = OPTForCausalLM(OPTConfig(**{k: v for k, v in standins.OPT_1_3B.items() if not k.startswith("_")}))
+        opt = OPTForCausalLM(OPTConfig(**{k: v for k, v in policy.items() if not k.startswith("_")}))
         deberta = DebertaV2ForSequenceClassification(
-            DebertaV2Config(**{k: v for k, v in standins.DEBERTA_V3_BASE.items() if k != "model_type"}, num_labels=1))
+            DebertaV2Config(**{k: v for k, v in reward.items() if k != "model_type"}, num_labels=1))
     linear = sum(m.weight.numel() for n, m in opt.model.decoder.layers.named_modules()
                  if isinstance(m, torch.nn.Linear))
     return {"policy": sum(p.numel() for p in opt.parameters()), "policy_linear": linear,
@@ -207,15 +210,36 @@ def print_resources(cfg, counts: dict, config_path: str) -> None:
         print(f"{kind} = {{ " + ", ".join(f"{k} = {v}" for k, v in values.items()) + " }")
 
 
-def rehearsal_prediction(counts: dict) -> dict[str, float]:
-    """The model's host-memory peak for the CPU rehearsal's stages (one process, fp32 compute), to set beside the
-    measured peaks: the same terms as on a GPU node, with the model kept in host memory."""
-    runtime, policy, reward = HOST_RUNTIME_CPU / GB, counts["policy"] / GB, counts["reward"] / GB
-    nf4_model = (counts["policy_linear"] * NF4 + (counts["policy"] - counts["policy_linear"]) * FP32) / GB
-    merged = host_per_process(counts, False, FP32, FP32)  # the later stages read the fp32 merged SFT model
-    return {"sft": runtime + 2 * policy + nf4_model, "merge": host_per_process(counts, False, 2, FP32),
-            "reward": runtime + reward * (2 + ADAM_STATE), "ppo": merged + 2 * FP32 * reward,
-            "dpo": merged, "grpo": merged}
+# Measured: each CPU stage process's resident memory with tiny models (bench/recipe_rehearsal.py --tiny, 2026-12-07,
+# rounded up to 0.05 GB): python, torch, transformers and what the stage imports (TRL, accelerate, Deep Lake), its
+# buffers and threads — merge, which imports the least, 0.50 GB; a TRL trainer's stage 0.68.
+HOST_RUNTIME_CPU_BY_STAGE = {"sft": 0.7, "merge": 0.55, "rlaif": 0.65, "reward": 0.7, "ppo": 0.75, "dpo": 0.7,
+                             "rest": 0.7, "grpo": 0.7, "rloo": 0.7, "evaluate": 0.7}
+
+
+def rehearsal_prediction(counts: dict, cfg) -> dict[str, float]:
+    """The model's host-memory peak (GB) for each stage of the CPU rehearsal (one process, fp32 compute): the
+    stage's runtime, the checkpoint's pages as read and the model built from them, with the stage's own terms."""
+    policy, reward = counts["policy"], counts["reward"]
+    run = {stage: gb * GB for stage, gb in HOST_RUNTIME_CPU_BY_STAGE.items()}
+    merged = policy * (FP32 + FP32)  # the fp32 merged SFT model: its safetensors pages and the model
+    # QLoRA on a CPU: the hub's fp16 .bin read whole (torch.load maps nothing) and each weight upcast to fp32 before
+    # bitsandbytes quantizes it; the NF4 model is what stays
+    nf4 = counts["policy_linear"] * NF4 + (policy - counts["policy_linear"]) * FP32
+    eval_rows = EVAL_ROWS * (cfg.ppo.max_prompt_length + cfg.eval.max_new_tokens)
+    bytes_ = {
+        "sft": run["sft"] + policy * (2 + FP32) + nf4,
+        "merge": run["merge"] + policy * (2 + FP32),  # the hub's fp16 .bin, the fp32 model merged in place
+        # one model at a time: the policy samples and is freed, then the hub's judge (fp16 .bin, fp32 model) scores
+        "rlaif": run["rlaif"] + max(merged, policy * (2 + FP32)),
+        "reward": run["reward"] + reward * (2 + ADAM_STATE),  # full fine-tuning: weights, gradients, Adam
+        "ppo": run["ppo"] + merged + 2 * FP32 * reward,
+        "dpo": run["dpo"] + merged, "grpo": run["grpo"] + merged + FP32 * reward,
+        "rloo": run["rloo"] + merged + FP32 * reward, "rest": run["rest"] + merged + FP32 * reward,
+        # the SFT model and one method's at a time, both reward models, the fp32 log-prob logits of EVAL_ROWS rows
+        "evaluate": run["evaluate"] + 2 * policy * FP32 + 2 * reward * FP32 + eval_rows * counts["vocab"] * 8,
+    }
+    return {stage: b / GB for stage, b in bytes_.items()}
 
 
 def main() -> None:
@@ -246,7 +270,7 @@ def main() -> None:
     print("\nAssumed, not measured: " + "; ".join(f"{k} {v}" for k, v in ASSUMED.items()))
     if args.check_rehearsal:
         print("\nCPU rehearsal, predicted host peak per stage (GB): " + ", ".join(
-            f"{k} {v:.1f}" for k, v in rehearsal_prediction(counts).items()))
+            f"{k} {v:.1f}" for k, v in rehearsal_prediction(counts, config.load(REHEARSAL_CONFIG)).items()))
 
 
 if __name__ == "__main__":

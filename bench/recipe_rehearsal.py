@@ -1,13 +1,19 @@
 """The seed's recipe rehearsed at its real size on this machine, offline, from a fresh clone: OPT-1.3B and
 DeBERTa-v3-base stand-ins (their published architectures, random weights, stored as the hub serves them: see
 bench/standins.py) through every stage of configs/opt-1.3b-rehearsal.toml, with PPO killed (SIGKILL) after its first
-checkpoint and the run resumed (`resume ppo`) from it. Prints, for BENCHMARKS.md, each step's wall time, each
-stage's peak RSS, the sizes of what the stages wrote, checkpoint write and read times, and the machine's peak RSS.
+checkpoint and the run resumed (`resume ppo`) from it.
 
     python bench/recipe_rehearsal.py                      # the CPU rehearsal (target: <= 45 min, <= 20 GiB)
-    python bench/recipe_rehearsal.py --gpus N             # the same on a GPU machine (bf16, one process per GPU)
+    python bench/recipe_rehearsal.py --gpus N             # the same on a GPU machine (one process per GPU)
+    python bench/recipe_rehearsal.py --tiny               # the same machinery with tiny stand-ins (a few minutes)
 
-Stand-ins and data go under artifacts/rehearsal/ (kept between runs: the stand-ins take a minute to build).
+It checks itself and exits non-zero unless: the kill landed on PPO's own stage process after a complete checkpoint
+(and that attempt did not finish), the resumed stage says it resumed from that step, the resumed run's artifacts
+name its own PPO attempt, and no stage's measured peak RSS exceeds the memory model's prediction
+(bench/memory_model.py) by more than 25 %. It writes rehearsal.json and rehearsal.md (every stage's seconds, peak
+RSS beside the prediction, output sizes, killed_after_step, resumed_from_step, and any problem) into the results
+folder its last line names. Stand-ins, data and runs go under --work (kept between runs: the full-size stand-ins
+take a minute to build).
 """
 
 from __future__ import annotations
@@ -32,19 +38,39 @@ from rlhf_lib.launch import stage_process  # noqa: E402
 CONFIG = ROOT / "configs" / "opt-1.3b-rehearsal.toml"
 WORK = ROOT / "artifacts" / "rehearsal"
 FLOW = ROOT / "flows" / "rlhf_flow.py"
+KILL_AFTER_STEP = 1  # PPO's first checkpoint
+PEAK_TOLERANCE = 1.25  # a measured peak may exceed the model's prediction by at most 25 %
+RUN_ID = re.compile(r"Workflow starting \(run-id (\w+)\)")
 
 
-def write_data(cfg) -> None:
-    """The local data files the rehearsal config names, in the seed's schemas, from the sample generator."""
+def prepare(args) -> tuple[Path, object]:
+    """Stand-ins in `<work>/hub`, the data files and the config this rehearsal runs (the rehearsal config with its
+    storage root and data under `work`, and run.gpus). Returns (config path, loaded config)."""
+    import standins
+
+    from rlhf_lib import config
     from rlhf_lib.data import sample
 
-    files = {cfg.data.sft.source: sample.openorca_rows(256, "train", 0),
-             cfg.data.sft.eval_source: sample.openorca_rows(64, "eval", 0),
-             cfg.data.prompts.source: sample.alpaca_orca_rows(256, "train", 0)}
-    for name, rows in files.items():
-        path = ROOT / name
+    work = Path(args.work)
+    standins.build(work / "hub", size=args.size)
+    raw = config.load(args.config).model_dump()
+    raw["run"].update(storage_root=str(work / "store"), gpus=args.gpus)
+    data = {"sft": sample.openorca_rows(256, "train", 0), "sft_eval": sample.openorca_rows(64, "eval", 0),
+            "prompts": sample.alpaca_orca_rows(256, "train", 0)}
+    for name, rows in data.items():
+        path = work / "data" / f"{name}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw["data"]["sft"].update(source=str(work / "data" / "sft.jsonl"), eval_source=str(work / "data" / "sft_eval.jsonl"))
+    raw["data"]["prompts"]["source"] = str(work / "data" / "prompts.jsonl")
+    if args.gpus:
+        raw["ppo"]["batch_size"] *= args.gpus  # PPO's global batch splits evenly over the processes
+    if args.size == "tiny":  # a tiny random judge agrees with itself across the two orders on ~1 pair in 12
+        raw["data"]["prompts"]["max_rows"], raw["rlaif"]["num_prompts"] = 256, 240
+        raw["ppo"]["steps"] = 6  # a tiny step takes a fraction of a second: room for the kill before the end
+    path = work / "rehearsal.toml"
+    path.write_text(config.dump_toml(raw))
+    return path, config.load(path)
 
 
 class PeakRSS(threading.Thread):
@@ -60,38 +86,138 @@ class PeakRSS(threading.Thread):
         while self.running:
             try:
                 root = psutil.Process(self.pid)
-                total = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-                self.peak = max(self.peak, total)
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]))
             except psutil.Error:
                 pass
             time.sleep(0.5)
 
 
-def run_flow(args: list[str], env: dict, log: Path, kill_after: Path | None = None) -> tuple[int, str, float, int]:
-    """The flow command; with `kill_after`, PPO's stage process is SIGKILLed once that checkpoint is complete.
-    Returns (exit code, run id, seconds, peak RSS of the whole process tree in bytes)."""
-    started = time.time()
+def run_flow(args: list[str], env: dict, log: Path, store: Path | None = None) -> dict:
+    """The flow command; with `store`, PPO's stage process is SIGKILLed as soon as its checkpoint of step
+    KILL_AFTER_STEP is complete. Returns its exit code, run id, seconds, the peak RSS of its process tree (bytes)
+    and, when the kill was sent, what it hit."""
+    started, kill = time.time(), None
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, str(FLOW), *args], cwd=ROOT, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
         peak = PeakRSS(proc.pid)
         peak.start()
-        killed = False
         while proc.poll() is None:
-            text = log.read_text()
-            found = re.search(r"Workflow starting \(run-id (\w+)\)", text)
-            if kill_after and not killed and found:
-                marker = ROOT / "artifacts" / "RLHFFlow" / found.group(1) / kill_after / "COMPLETE"
-                stage = stage_process(proc.pid, "ppo") if marker.exists() else None
-                if stage is not None:
-                    stage.send_signal(signal.SIGKILL)
-                    killed = True
-                    print(f"[rehearsal] killed PPO (pid {stage.pid}) after {kill_after}", flush=True)
-            time.sleep(0.5)
+            found = RUN_ID.search(log.read_text())
+            if store is not None and kill is None and found:
+                kill = kill_ppo_after_checkpoint(proc.pid, store / "RLHFFlow" / found.group(1))
+            time.sleep(0.05 if store is not None and kill is None else 0.5)
         peak.running = False
-    text = log.read_text()
-    run_id = re.search(r"Workflow starting \(run-id (\w+)\)", text).group(1)
-    return proc.returncode, run_id, time.time() - started, peak.peak
+    run_id = RUN_ID.search(log.read_text())
+    return {"rc": proc.returncode, "run_id": run_id.group(1) if run_id else None, "seconds": time.time() - started,
+            "peak": peak.peak, "kill": kill}
+
+
+def kill_ppo_after_checkpoint(flow_pid: int, run_dir: Path) -> dict | None:
+    """SIGKILL the PPO stage process under `flow_pid` once its checkpoint of KILL_AFTER_STEP is complete; what was
+    killed, or None (not yet)."""
+    complete = sorted(run_dir.glob(f"ppo/attempt-*/checkpoints/step-{KILL_AFTER_STEP:06d}/COMPLETE"))
+    stage = stage_process(flow_pid, "ppo") if complete else None
+    if stage is None:
+        return None
+    cmdline = " ".join(stage.cmdline())
+    stage.send_signal(signal.SIGKILL)
+    stage.wait(timeout=30)
+    # What it had written when it died: the newest complete checkpoint is where a resume must continue from.
+    attempt = complete[0].parent.parent.parent
+    newest = max(int(m.parent.name.removeprefix("step-")) for m in attempt.glob("checkpoints/step-*/COMPLETE"))
+    print(f"[rehearsal] killed PPO (pid {stage.pid}); its newest complete checkpoint: step {newest}", flush=True)
+    return {"pid": stage.pid, "cmdline": cmdline, "attempt_dir": str(attempt), "step": newest}
+
+
+# ------------------------------------------------------------------ the checks
+
+
+def check_kill(first: dict, steps: int) -> list[str]:
+    """The kill landed on PPO's own stage process after a complete checkpoint and before its last one (`steps`), and
+    stopped that attempt."""
+    kill = first["kill"]
+    if kill is None:
+        return [f"the kill did not land: PPO's stage process was never seen after its step-{KILL_AFTER_STEP} "
+                f"checkpoint (run {first['run_id']}, exit code {first['rc']})"]
+    problems = [] if kill["step"] < steps else [
+        f"the kill landed after PPO's last checkpoint (step {kill['step']} of {steps}): nothing was left to resume"]
+    if "rlhf_lib.stages.ppo" not in kill["cmdline"]:
+        problems.append(f"the killed process was not PPO's stage: {kill['cmdline'][:200]}")
+    if first["rc"] == 0:
+        problems.append(f"run {first['run_id']} succeeded although its PPO stage was killed")
+    if (Path(kill["attempt_dir"]) / "result.json").exists():
+        problems.append(f"the killed PPO attempt finished anyway: {kill['attempt_dir']}/result.json")
+    return problems
+
+
+def resumed_ppo(store: Path, run_id: str) -> tuple[dict, str]:
+    """(the resumed run's PPO result.json, its stage log)."""
+    (result,) = sorted((store / "RLHFFlow" / run_id).glob("ppo/attempt-*/result.json"))[-1:] or [None]
+    if result is None:
+        return {}, ""
+    log = result.parent / "stage.log"
+    return json.loads(result.read_text()), log.read_text() if log.exists() else ""
+
+
+def check_resume(store: Path, second: dict, killed_after: int | None) -> tuple[int | None, list[str]]:
+    """The resumed PPO stage says (its log and its result) that it resumed from the killed run's checkpoint."""
+    result, log = resumed_ppo(store, second["run_id"])
+    said = re.search(r"\[ppo\] resumed from step (\d+)", log)
+    step = int(said.group(1)) if said else None
+    problems = []
+    if step is None:
+        problems.append(f"the resumed PPO stage never said 'resumed from step N' (run {second['run_id']})")
+    elif step != killed_after:
+        problems.append(f"the resumed PPO stage resumed from step {step}, not the killed run's {killed_after}")
+    if result.get("resumed_from_step") != step:
+        problems.append(f"PPO's result records resumed_from_step {result.get('resumed_from_step')}, its log {step}")
+    return step, problems
+
+
+def check_artifacts(store: Path, second: dict) -> tuple[dict, list[str]]:
+    """The resumed run's PPO artifacts name the resumed run's own PPO attempt."""
+    from metaflow import Run, namespace
+
+    namespace(None)
+    data = Run(f"RLHFFlow/{second['run_id']}").data
+    own = (store / "RLHFFlow" / second["run_id"] / "ppo").resolve()
+    named = {key: getattr(data, key, None) for key in ("ppo_model_path", "ppo_adapter_path", "ppo_checkpoint_dir")}
+    wrong = {k: v for k, v in named.items() if not v or not Path(v).resolve().is_relative_to(own)}
+    return named, [f"the resumed run's {k} is {v}, not under its own PPO attempt {own}" for k, v in wrong.items()]
+
+
+# ------------------------------------------------------------------ what was measured
+
+
+def stage_rows(store: Path, origin: str, resumed: str, predicted: dict) -> list[dict]:
+    """One row per step that ran (the origin's, then the resumed run's that were not cloned): seconds, each stage
+    process's peak RSS (GB) and the memory model's prediction."""
+    from metaflow import Run, namespace
+
+    namespace(None)
+    rows, done_in_origin = [], set()
+    for run_id in (origin, resumed):
+        for step in reversed(list(Run(f"RLHFFlow/{run_id}"))):
+            task = step.task
+            if task.finished_at is None or (run_id == resumed and step.id in done_in_origin):
+                continue  # unfinished, or cloned by the resume
+            if run_id == origin and task.successful:  # a failed step (the killed PPO) runs again in the resume
+                done_in_origin.add(step.id)
+            stage = {"ppo_train": "ppo", "ppo": None}.get(step.id, step.id)  # `ppo` only routes
+            results = sorted((store / "RLHFFlow" / run_id).glob(f"{stage}/attempt-*/result.json")) + sorted(
+                (store / "RLHFFlow" / run_id).glob(f"{stage}_gold/attempt-*/result.json")) if stage else []
+            peaks = [json.loads(r.read_text()).get("peak_memory", {}).get("cpu_rss_gb") for r in results]
+            rows.append({"step": step.id, "run": "origin" if run_id == origin else "resumed",
+                         "seconds": round((task.finished_at - task.created_at).total_seconds(), 1),
+                         "peak_rss_gb": [p for p in peaks if p is not None], "predicted_gb": predicted.get(stage)})
+    return rows
+
+
+def check_peaks(rows: list[dict]) -> list[str]:
+    return [f"{r['step']} ({r['run']}): peak {p:.2f} GB exceeds the memory model's {r['predicted_gb']:.2f} GB by "
+            f"more than {PEAK_TOLERANCE - 1:.0%}" for r in rows for p in r["peak_rss_gb"]
+            if r["predicted_gb"] is not None and p > PEAK_TOLERANCE * r["predicted_gb"]]
 
 
 def sizes(run_dir: Path) -> dict[str, float]:
@@ -104,118 +230,106 @@ def sizes(run_dir: Path) -> dict[str, float]:
     return out
 
 
-def report(origin: str, resumed: str, walls: dict, peaks: dict) -> None:
-    from metaflow import Run, namespace
-
-    namespace(None)
-    print("\n| step | run | seconds | stage peak RSS (GB; on a GPU, its peak allocated) |\n|---|---|---|---|")
-    done_in_origin = set()
-    for run_id in (origin, resumed):
-        run = Run(f"RLHFFlow/{run_id}")
-        for step in reversed(list(run)):
-            task = step.task
-            if task.finished_at is None or (run_id == resumed and step.id in done_in_origin):
-                continue  # unfinished, or cloned by the resume
-            if run_id == origin:
-                done_in_origin.add(step.id)
-            # The stage a step runs (`ppo` is the switch step; its stage runs in ppo_train).
-            stage = {"ppo_train": "ppo", "ppo": None}.get(step.id, step.id)
-            results = sorted((ROOT / "artifacts" / "RLHFFlow" / run_id).glob(f"{stage}/attempt-*/result.json")) + \
-                sorted((ROOT / "artifacts" / "RLHFFlow" / run_id).glob(f"{stage}_gold/attempt-*/result.json")) \
-                if stage else []
-            stage_peaks = [json.loads(r.read_text()).get("peak_memory", {}) for r in results]
-            rss = ", ".join(f"{p['cpu_rss_gb']:.2f}" + (f" (GPU {p['gpu_gb']:.2f})" if "gpu_gb" in p else "")
-                            for p in stage_peaks if "cpu_rss_gb" in p) or "—"
-            print(f"| {step.id} | {'origin' if run_id == origin else 'resumed'} | "
-                  f"{(task.finished_at - task.created_at).total_seconds():.1f} | {rss} |")
-    for name, seconds in walls.items():
-        print(f"| **{name} (wall)** | | **{seconds:.1f}** | machine peak RSS {peaks[name] / 2**30:.2f} GiB |")
-    print("\nSizes (GB):")
-    for run_id in (origin, resumed):
-        for name, gb in sizes(ROOT / "artifacts" / "RLHFFlow" / run_id).items():
-            print(f"- {run_id} {name}: {gb}")
+def markdown(summary: dict) -> str:
+    """rehearsal.md: what BENCHMARKS.md includes."""
+    lines = [f"Runs `{summary['runs']['origin']}` (PPO killed after step {summary['killed_after_step']}) and "
+             f"`{summary['runs']['resumed']}` (resumed from step {summary['resumed_from_step']}); "
+             f"{summary['machine']}; {summary['date']}; stand-ins: {summary['size']}.", "",
+             "| step | run | seconds | stage peak RSS (GB) | memory model (GB) |", "|---|---|---|---|---|"]
+    for r in summary["stages"]:
+        peaks = ", ".join(f"{p:.2f}" for p in r["peak_rss_gb"]) or "—"
+        model = f"{r['predicted_gb']:.2f}" if r["predicted_gb"] is not None and r["peak_rss_gb"] else "—"
+        lines.append(f"| {r['step']} | {r['run']} | {r['seconds']:.1f} | {peaks} | {model} |")
+    for name, wall in summary["walls"].items():
+        lines.append(f"| **{name} (wall)** | | **{wall['seconds']:.1f}** | machine peak {wall['peak_gib']:.2f} GiB | |")
+    large = {k: v for k, v in summary["sizes_gb"].items() if v >= 0.01}
+    lines += ["", "Outputs of 0.01 GB or more (GB): " + ("; ".join(f"{k} {v}" for k, v in large.items()) or "none"), "",
+              "Checks: " + ("all passed" if not summary["problems"] else "FAILED — " + "; ".join(summary["problems"]))]
+    return "\n".join(lines) + "\n"
 
 
-def read_times(run_ids: tuple[str, ...]) -> None:
-    """Seconds to read each stage's newest checkpoint back into memory (every file: safetensors, and torch's
-    weights-only unpickler for optimizer and RNG states), the cost a resume pays before training."""
-    import torch
-    from safetensors.torch import load_file
+def write_results(folder: Path, summary: dict) -> None:
+    from rlhf_lib.storage import atomic_write_json
 
-    print("\nCheckpoint reads (the newest checkpoint of each stage, every file loaded):")
-    for run_id in run_ids:
-        for root in sorted((ROOT / "artifacts" / "RLHFFlow" / run_id).glob("*/attempt-*/checkpoints")):
-            newest = max((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, default=None)
-            if newest is None:
-                continue
-            started, size = time.time(), 0
-            for path in newest.rglob("*"):
-                if path.suffix == ".safetensors":
-                    load_file(path)
-                elif path.suffix in (".pt", ".pth", ".bin") and "args" not in path.name and "rng" not in path.name:
-                    # weights and optimizer states (HF's training_args.bin is not read on resume; RNG states are
-                    # kilobytes)
-                    torch.load(path, map_location="cpu", weights_only=True)
-                else:
-                    continue
-                size += path.stat().st_size
-            print(f"- {root.parent.parent.name}: {newest.name} ({size / 1e6:.0f} MB) read in "
-                  f"{time.time() - started:.2f} s")
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "rehearsal.json", summary)
+    tmp = folder / ".rehearsal.md.tmp"
+    tmp.write_text(markdown(summary))
+    tmp.replace(folder / "rehearsal.md")
 
 
-def checkpoint_times(logs: list[Path]) -> None:
-    print("\nCheckpoint writes and reads (from the stage logs):")
-    for log in logs:
-        for line in log.read_text().splitlines():
-            if re.search(r"(written|read) in [0-9.]+ s", line):
-                print("- " + line.split("] ", 1)[-1][:200])
+# ------------------------------------------------------------------ the command
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpus", type=int, default=0, help="run.gpus (0: the CPU rehearsal)")
-    parser.add_argument("--origin-run-id", help="skip the first run: resume this one (its PPO was killed)")
-    args = parser.parse_args()
-    import standins
-
-    from rlhf_lib import config
-
-    started = time.time()
-    cfg = config.load(CONFIG)
-    WORK.mkdir(parents=True, exist_ok=True)
-    revisions = standins.build(WORK / "hub")
-    write_data(cfg)
-    cfg_path = CONFIG
-    if args.gpus:
-        raw = cfg.model_dump()
-        raw["run"]["gpus"] = args.gpus
-        raw["ppo"]["batch_size"] *= args.gpus  # PPO's global batch splits evenly over the processes
-        cfg_path = WORK / "rehearsal-gpu.toml"
-        cfg_path.write_text(config.dump_toml(raw))
-    env = {**os.environ, "HF_HUB_CACHE": str(WORK / "hub"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    print(f"[rehearsal] stand-ins {revisions} and data ready in {time.time() - started:.0f} s", flush=True)
-    # One task at a time (--max-workers 1): each stage is timed alone, and the machine's peak is one stage's.
-    if args.origin_run_id:
-        first = (1, args.origin_run_id, float("nan"), 0)
-    else:
-        first = run_flow(["--config", "config", str(cfg_path), "run", "--max-workers", "1"], env, WORK / "run.log",
-                         kill_after="ppo/attempt-0/checkpoints/step-000001")
-        print(f"[rehearsal] run {first[1]} ended with exit code {first[0]} after {first[2]:.0f} s "
-              f"(PPO killed after its first checkpoint)", flush=True)
+def flows(args, cfg_path: Path, env: dict) -> tuple[dict, dict]:
+    """The run with PPO killed after its first checkpoint, then `resume ppo` (one task at a time: each stage is
+    timed alone and the machine's peak is one stage's)."""
+    work, store = Path(args.work), Path(args.work) / "store"
+    first = run_flow(["--config", "config", str(cfg_path), "run", "--max-workers", "1"], env, work / "run.log",
+                     store=store)
+    print(f"[rehearsal] run {first['run_id']} ended with exit code {first['rc']} after {first['seconds']:.0f} s",
+          flush=True)
     # `resume` takes the origin run's config (Metaflow refuses --config with resume).
-    second = run_flow(["resume", "ppo", "--origin-run-id", first[1], "--max-workers", "1"], env, WORK / "resume.log")
-    if second[0] != 0:
-        sys.exit(f"[rehearsal] resume failed: see {WORK / 'resume.log'}")
+    second = run_flow(["resume", "ppo", "--origin-run-id", str(first["run_id"]), "--max-workers", "1"], env,
+                      work / "resume.log")
+    return first, second
+
+
+def summarise(args, cfg, first: dict, second: dict) -> dict:
+    import datetime
+
+    import memory_model
+
     from rlhf_lib import cpu
 
-    print(f"\n## Recipe rehearsal — OPT-1.3B / DeBERTa-v3-base stand-ins, runs {first[1]} and {second[1]}")
-    print(f"Machine: {cpu.describe()}")
-    report(first[1], second[1], {"run": first[2], "resume": second[2]}, {"run": first[3], "resume": second[3]})
-    checkpoint_times([WORK / "run.log", WORK / "resume.log"])
-    read_times((first[1], second[1]))
-    print(f"\n[rehearsal] everything in {time.time() - started:.0f} s; logs {WORK}/run.log, {WORK}/resume.log; "
-          f"outputs under {ROOT / 'artifacts' / 'RLHFFlow'}")
+    store = Path(args.work) / "store"
+    problems = check_kill(first, cfg.ppo.steps)
+    if second["rc"] != 0:
+        problems.append(f"the resume failed (exit code {second['rc']}): see {Path(args.work) / 'resume.log'}")
+        return {"problems": problems, "runs": {"origin": first["run_id"], "resumed": second["run_id"]},
+                "size": args.size, "machine": cpu.describe(), "date": datetime.date.today().isoformat(),
+                "killed_after_step": first["kill"]["step"] if first["kill"] else None, "kill": first["kill"],
+                "resumed_from_step": None, "stages": [], "walls": {}, "sizes_gb": {}}
+    resumed_from, more = check_resume(store, second, first["kill"]["step"] if first["kill"] else None)
+    named, wrong = check_artifacts(store, second)
+    predicted = memory_model.rehearsal_prediction(memory_model.parameter_counts(args.size), cfg)
+    rows = stage_rows(store, first["run_id"], second["run_id"], predicted)
+    return {"runs": {"origin": first["run_id"], "resumed": second["run_id"]}, "size": args.size,
+            "machine": cpu.describe(), "date": datetime.date.today().isoformat(), "config": str(args.config),
+            "killed_after_step": first["kill"]["step"] if first["kill"] else None, "kill": first["kill"],
+            "resumed_from_step": resumed_from, "ppo_artifacts": named, "stages": rows,
+            "walls": {name: {"seconds": round(r["seconds"], 1), "peak_gib": round(r["peak"] / 2**30, 2)}
+                      for name, r in (("run", first), ("resume", second))},
+            "sizes_gb": {f"{run_id} {k}": v for run_id in (first["run_id"], second["run_id"])
+                         for k, v in sizes(store / "RLHFFlow" / run_id).items()},
+            "problems": problems + more + wrong + check_peaks(rows)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(CONFIG))
+    parser.add_argument("--gpus", type=int, default=0, help="run.gpus (0: the CPU rehearsal)")
+    parser.add_argument("--tiny", dest="size", action="store_const", const="tiny", default="full",
+                        help="tiny stand-ins (the same ids, files and steps): the rehearsal's machinery in minutes")
+    parser.add_argument("--work", default=None, help="stand-ins, data, runs and logs (default artifacts/rehearsal)")
+    parser.add_argument("--results", default=None, help="the results folder (default <work>/results)")
+    args = parser.parse_args(argv)
+    args.work = str(Path(args.work or (WORK if args.size == "full" else WORK / "tiny")).resolve())
+    started = time.time()
+    cfg_path, cfg = prepare(args)
+    env = {**os.environ, "HF_HUB_CACHE": str(Path(args.work) / "hub"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    print(f"[rehearsal] stand-ins ({args.size}) and data ready in {time.time() - started:.0f} s", flush=True)
+    first, second = flows(args, cfg_path, env)
+    summary = summarise(args, cfg, first, second)
+    results = Path(args.results or Path(args.work) / "results")
+    write_results(results, summary)
+    for problem in summary["problems"]:
+        print(f"[rehearsal] FAILED: {problem}", flush=True)
+    print(f"[rehearsal] {'checks passed' if not summary['problems'] else 'checks FAILED'} in "
+          f"{time.time() - started:.0f} s; results: {results / 'rehearsal.md'}, {results / 'rehearsal.json'}",
+          flush=True)
+    return 1 if summary["problems"] else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -49,11 +49,24 @@ DEBERTA_V3_BASE = {
     "vocab_size": 128100}
 OPT_VOCAB, SPM_PIECES = 50265, 128000
 IDS = {"policy": "facebook/opt-1.3b", "reward": "microsoft/deberta-v3-base"}
+# `tiny`: the same ids, files and key layouts at a few MB (widths bitsandbytes' CPU 4-bit kernel takes), so that
+# the rehearsal's own machinery runs in a test (tests/test_rehearsal.py); the published ones are `full`.
+SIZES = {
+    "full": {"policy": OPT_1_3B, "reward": DEBERTA_V3_BASE, "opt_vocab": OPT_VOCAB, "spm_pieces": SPM_PIECES,
+             "corpus": (25000, 60000, 100000, 400000)},
+    "tiny": {"policy": {**OPT_1_3B, "hidden_size": 64, "word_embed_proj_dim": 64, "ffn_dim": 256,
+                        "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 512,
+                        "vocab_size": 1207},
+             "reward": {**DEBERTA_V3_BASE, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "position_buckets": 32, "vocab_size": 1100},
+             "opt_vocab": 1200, "spm_pieces": 1000, "corpus": (2000, 3000, 4000, 8000)},
+}
 
 
-def commit_of(repo: str) -> str:
+def commit_of(repo: str, size: str = "full") -> str:
     """A fixed commit id for a stand-in (the cache's snapshot name): 40 hex digits, as the hub's are."""
-    return hashlib.sha1(f"rlhf-flow stand-in of {repo}, v2 (hub keys)".encode()).hexdigest()
+    return hashlib.sha1(f"rlhf-flow stand-in of {repo}, v2 (hub keys){'' if size == 'full' else ', ' + size}"
+                        .encode()).hexdigest()
 
 
 def _words(n: int, seed: int) -> list[str]:
@@ -73,17 +86,17 @@ def _corpus(sentences: int, words: list[str]) -> list[str]:
     return text + [" ".join(words[(i * 16 + j) % len(words)] for j in range(16)) for i in range(sentences)]
 
 
-def opt_tokenizer(out: Path) -> None:
+def opt_tokenizer(out: Path, vocab: int = OPT_VOCAB, corpus: tuple = SIZES["full"]["corpus"]) -> None:
     """A byte-level BPE tokenizer of 50265 tokens saved as GPT-2/OPT's are (vocab.json, merges.txt): <s>, <pad>,
     </s>, <unk> first (ids 0-3), </s> as bos and eos, a bos added in front as OPT's does."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=OPT_VOCAB, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_corpus(25000, _words(60000, 1)), trainer)
-    assert tok.get_vocab_size() == OPT_VOCAB, tok.get_vocab_size()
+    tok.train_from_iterator(_corpus(corpus[0], _words(corpus[1], 1)), trainer)
+    assert tok.get_vocab_size() == vocab, tok.get_vocab_size()
     tok.model.save(str(out))  # vocab.json, merges.txt
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "GPT2Tokenizer", "add_bos_token": True, "add_prefix_space": False, "errors": "replace",
@@ -93,18 +106,18 @@ def opt_tokenizer(out: Path) -> None:
                                                             "pad_token": "<pad>", "unk_token": "</s>"}))
 
 
-def deberta_tokenizer(out: Path) -> None:
+def deberta_tokenizer(out: Path, pieces: int = SPM_PIECES, corpus: tuple = SIZES["full"]["corpus"]) -> None:
     """A SentencePiece unigram model of 128000 pieces (spm.model) with DeBERTa-v3's specials: [PAD] 0, [CLS] 1,
     [SEP] 2, [UNK] 3, and [MASK]."""
     import sentencepiece as spm
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus(100000, _words(400000, 2))), model_writer=model, vocab_size=SPM_PIECES,
+        sentence_iterator=iter(_corpus(corpus[2], _words(corpus[3], 2))), model_writer=model, vocab_size=pieces,
         model_type="unigram", shuffle_input_sentence=False, character_coverage=1.0, pad_id=0, bos_id=1, eos_id=2,
         unk_id=3, pad_piece="[PAD]", bos_piece="[CLS]", eos_piece="[SEP]", unk_piece="[UNK]",
         user_defined_symbols=["[MASK]"], minloglevel=2, num_threads=2, max_sentencepiece_length=16,
-        seed_sentencepiece_size=1000000, input_sentence_size=200000)
+        seed_sentencepiece_size=1000000, input_sentence_size=200000, hard_vocab_limit=pieces >= SPM_PIECES)
     (out / "spm.model").write_bytes(model.getvalue())
     (out / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False, "vocab_type": "spm"}))
 
@@ -157,41 +170,41 @@ def deberta_hub_state(model, seed: int = 1) -> dict:
     return state
 
 
-def opt_1_3b(out: Path) -> None:
+def opt_1_3b(out: Path, size: str = "full") -> None:
     import torch
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
-    config = OPTConfig(**{k: v for k, v in OPT_1_3B.items() if not k.startswith("_")})
+    config = OPTConfig(**{k: v for k, v in SIZES[size]["policy"].items() if not k.startswith("_")})
     model = OPTForCausalLM(config)
     config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     _save_bin(opt_hub_state(model), out)
-    opt_tokenizer(out)
+    opt_tokenizer(out, SIZES[size]["opt_vocab"], SIZES[size]["corpus"])
 
 
-def deberta_v3_base(out: Path) -> None:
+def deberta_v3_base(out: Path, size: str = "full") -> None:
     import torch
     from transformers import DebertaV2Config, DebertaV2Model
 
     torch.manual_seed(1)
-    config = DebertaV2Config(**{k: v for k, v in DEBERTA_V3_BASE.items() if k != "model_type"})
+    config = DebertaV2Config(**{k: v for k, v in SIZES[size]["reward"].items() if k != "model_type"})
     model = DebertaV2Model(config)
     config.save_pretrained(out)
     _save_bin(deberta_hub_state(model), out)
-    deberta_tokenizer(out)
+    deberta_tokenizer(out, SIZES[size]["spm_pieces"], SIZES[size]["corpus"])
 
 
 BUILDERS = {"policy": opt_1_3b, "reward": deberta_v3_base}
 
 
-def build(cache: Path, roles=("policy", "reward")) -> dict[str, str]:
+def build(cache: Path, roles=("policy", "reward"), size: str = "full") -> dict[str, str]:
     """The stand-ins in the Hugging Face cache `cache` (skipped where already complete): {hub id: commit}."""
     import shutil
 
     built = {}
     for role in roles:
-        repo, commit = IDS[role], commit_of(IDS[role])
+        repo, commit = IDS[role], commit_of(IDS[role], size)
         repo_dir = Path(cache) / ("models--" + repo.replace("/", "--"))
         snapshot = repo_dir / "snapshots" / commit
         if not (snapshot / "pytorch_model.bin").exists():
@@ -199,7 +212,7 @@ def build(cache: Path, roles=("policy", "reward")) -> dict[str, str]:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             print(f"[standins] building {repo} (random weights, published architecture) ...", flush=True)
-            BUILDERS[role](tmp)
+            BUILDERS[role](tmp, size)
             tmp.rename(snapshot)
         (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
         (repo_dir / "refs" / "main").write_text(commit)

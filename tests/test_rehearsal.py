@@ -103,28 +103,62 @@ def test_the_resources_command_prints_the_block_and_labels_what_it_assumes():
     assert "Assumed, not measured: CUDA runtime per GPU process" in out and "sizes in MiB" in out
 
 
-def test_the_rehearsal_report_prints_its_tables(tmp_path, monkeypatch, capsys):
-    """report() of two finished runs (the origin and its resume), with a stage's result and the machine's peak:
-    its per-stage rows and the wall-time rows (the loop once rebound the `peaks` argument: TypeError there)."""
-    import datetime
-    import json
-    from types import SimpleNamespace
-
-    import metaflow
-
+def _rehearsal():
     sys.path.insert(0, str(ROOT / "bench"))
     import recipe_rehearsal
 
-    start = datetime.datetime(2026, 12, 7, 6, 0, 0)
-    task = SimpleNamespace(created_at=start, finished_at=start + datetime.timedelta(seconds=12.5))
-    runs = {"1": [SimpleNamespace(id="sft", task=task)], "2": [SimpleNamespace(id="ppo_train", task=task)]}
-    monkeypatch.setattr(metaflow, "Run", lambda pathspec: runs[pathspec.split("/")[1]])
-    monkeypatch.setattr(metaflow, "namespace", lambda _: None)
-    monkeypatch.setattr(recipe_rehearsal, "ROOT", tmp_path)
-    result = tmp_path / "artifacts" / "RLHFFlow" / "2" / "ppo" / "attempt-1" / "result.json"
-    result.parent.mkdir(parents=True)
-    result.write_text(json.dumps({"peak_memory": {"cpu_rss_gb": 3.25}}))
-    recipe_rehearsal.report("1", "2", {"first run": 100.0}, {"first run": 2 * 2**30})
-    out = capsys.readouterr().out
-    assert "| sft | origin | 12.5 | — |" in out and "| ppo_train | resumed | 12.5 | 3.25 |" in out
-    assert "| **first run (wall)** | | **100.0** | machine peak RSS 2.00 GiB |" in out
+    return recipe_rehearsal
+
+
+@pytest.mark.slow
+def test_the_rehearsal_runs_kills_resumes_and_checks_itself_at_tiny_size(tmp_path):
+    """bench/recipe_rehearsal.py itself, end to end, with tiny stand-ins (the same ids, files and key layouts): the
+    run with PPO killed after a checkpoint, the resume, the checks, and the results it writes and names."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "recipe_rehearsal.py"), "--tiny", "--work",
+                           str(tmp_path / "work"), "--results", str(tmp_path / "results")],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert str(tmp_path / "results" / "rehearsal.md") in last and "checks passed" in last
+    summary = json.loads((tmp_path / "results" / "rehearsal.json").read_text())
+    assert summary["problems"] == []
+    assert summary["killed_after_step"] == summary["resumed_from_step"] >= 1
+    assert "rlhf_lib.stages.ppo" in summary["kill"]["cmdline"]
+    rows = {(r["step"], r["run"]): r for r in summary["stages"]}
+    assert ("ppo_train", "origin") in rows and rows[("ppo_train", "resumed")]["peak_rss_gb"]
+    for stage in ("sft", "merge", "rlaif", "reward", "dpo", "rest", "grpo", "rloo"):
+        assert rows[(stage, "origin")]["peak_rss_gb"] and rows[(stage, "origin")]["predicted_gb"], stage
+    assert all(str(summary["runs"]["resumed"]) in path for path in summary["ppo_artifacts"].values())
+    assert "| ppo_train | resumed |" in (tmp_path / "results" / "rehearsal.md").read_text()
+
+
+def test_a_kill_that_missed_fails_the_rehearsal():
+    """What the checks say when the kill did not land where it must (each fails the command: exit 1)."""
+    check_kill = _rehearsal().check_kill
+    ppo = {"pid": 1, "cmdline": "python -m rlhf_lib.stages.ppo --config x", "attempt_dir": "/nonexistent", "step": 1}
+    assert check_kill({"kill": ppo, "rc": 1, "run_id": "1"}, steps=2) == []
+    assert "the kill did not land" in check_kill({"kill": None, "rc": 0, "run_id": "1"}, steps=2)[0]
+    assert "after PPO's last checkpoint" in check_kill({"kill": {**ppo, "step": 2}, "rc": 1, "run_id": "1"}, 2)[0]
+    assert "was not PPO's stage" in check_kill({"kill": {**ppo, "cmdline": "python -m rlhf_lib.stages.dpo"},
+                                                "rc": 1, "run_id": "1"}, 2)[0]
+    assert "succeeded although" in check_kill({"kill": ppo, "rc": 0, "run_id": "1"}, 2)[0]
+
+
+def test_a_peak_above_the_memory_model_by_more_than_a_quarter_fails_the_rehearsal():
+    check_peaks = _rehearsal().check_peaks
+    row = {"step": "ppo_train", "run": "resumed", "predicted_gb": 10.0}
+    assert check_peaks([{**row, "peak_rss_gb": [12.4]}]) == []
+    assert "exceeds the memory model's 10.00 GB" in check_peaks([{**row, "peak_rss_gb": [12.6]}])[0]
+
+
+def test_the_rehearsal_table_in_benchmarks_is_the_generated_one():
+    """BENCHMARKS.md includes bench/results/rehearsal.md, the file the full-size rehearsal wrote, as it is."""
+    generated = (ROOT / "bench" / "results" / "rehearsal.md").read_text()
+    benchmarks = (ROOT / "BENCHMARKS.md").read_text()
+    begin, end = "<!-- bench/results/rehearsal.md -->\n", "<!-- end of bench/results/rehearsal.md -->"
+    assert benchmarks[benchmarks.index(begin) + len(begin):benchmarks.index(end)] == generated
