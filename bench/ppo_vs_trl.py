@@ -209,6 +209,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="PPO steps per run (the first is a warm-up)")
     parser.add_argument("--out", default=str(ROOT / "artifacts" / "bench-ppo-vs-trl"))
+    parser.add_argument("--without-trl", action="store_true",
+                        help="time ours only (no trl 1.12 environment to build): the script's own test")
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -216,27 +218,34 @@ def main() -> None:
         fn = worker_ours if args.worker == "ours" else worker_trl
         print(json.dumps(fn(json.loads(args.inputs), args.steps)))
         return
-    trl_python = ensure_trl_venv()
+    kinds = ("ours",) if args.without_trl else ("ours", "trl")
+    trl_python = None if args.without_trl else ensure_trl_venv()
     print(f"| size | PPO | samples/s median (min–max) | generate s/step | rest s/step | peak RSS MiB |\n"
           f"|---|---|---|---|---|---|")
-    ratios = []
-    for size in args.sizes.split(","):
-        inputs = prepare_inputs(size, Path(args.out))
-        results = {"ours": [], "trl": []}
-        for i in range(args.repeats):
-            for kind in ("ours", "trl"):
-                results[kind].append(run_worker(kind, inputs, args.steps, trl_python))
-                print(f"[bench] {size} run {i + 1}/{args.repeats} {kind}: "
-                      f"{summarise(results[kind][-1:])['median']:.2f} samples/s", file=sys.stderr, flush=True)
-        s = {k: summarise(v) for k, v in results.items()}
-        for kind, label in (("ours", "ours"), ("trl", "TRL 1.12")):
-            r = s[kind]
-            print(f"| {size} | {label} | {r['median']:.2f} ({r['min']:.2f}–{r['max']:.2f}) | {r['generate_s']:.2f} | "
-                  f"{r['rest_s']:.2f} | {r['peak_rss_mib']:.0f} |", flush=True)
-        ratios.append((size, s["ours"]["median"] / s["trl"]["median"], s["ours"]["peak_rss_mib"] / s["trl"]["peak_rss_mib"]))
+    ratios = [compare(size, args, kinds, trl_python) for size in args.sizes.split(",")]
     print()
     for size, speed, memory in ratios:
-        print(f"{size}: ours / TRL = {speed:.2f}x samples/s, {memory:.2f}x peak RSS")
+        print(f"{size}: ours / TRL = {speed:.2f}x samples/s, {memory:.2f}x peak RSS" if speed else
+              f"{size}: ours only (--without-trl)")
+
+
+def compare(size: str, args, kinds: tuple[str, ...], trl_python) -> tuple[str, float | None, float | None]:
+    """Our PPO and TRL 1.12's on one size, alternating runs; prints their rows, returns the ratios."""
+    inputs = prepare_inputs(size, Path(args.out))
+    results = {kind: [] for kind in kinds}
+    for i in range(args.repeats):
+        for kind in kinds:
+            results[kind].append(run_worker(kind, inputs, args.steps, trl_python))
+            print(f"[bench] {size} run {i + 1}/{args.repeats} {kind}: "
+                  f"{summarise(results[kind][-1:])['median']:.2f} samples/s", file=sys.stderr, flush=True)
+    s = {k: summarise(v) for k, v in results.items()}
+    for kind in kinds:
+        r = s[kind]
+        print(f"| {size} | {'ours' if kind == 'ours' else 'TRL 1.12'} | {r['median']:.2f} ({r['min']:.2f}–{r['max']:.2f}) "
+              f"| {r['generate_s']:.2f} | {r['rest_s']:.2f} | {r['peak_rss_mib']:.0f} |", flush=True)
+    if "trl" not in s:
+        return size, None, None
+    return size, s["ours"]["median"] / s["trl"]["median"], s["ours"]["peak_rss_mib"] / s["trl"]["peak_rss_mib"]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,85 @@
+"""Every bench/ script BENCHMARKS.md quotes runs here, as its command, on its own smallest inputs, so a change that
+breaks one fails the suite instead of the next measurement (two did: bench/ppo_vs_trl.py's Path into hub.is_local,
+bench/recipe_rehearsal.py's report). The figures are not checked here (BENCHMARKS.md holds them); that each script
+runs to its table is. Elsewhere: bench/recipe_rehearsal.py and bench/memory_model.py --resources
+(tests/test_rehearsal.py), bench/ppo_golden_trace.py's fixture (tests/test_ppo_golden.py)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, write_config
+
+BENCH = ROOT / "bench"
+SHARED = ROOT.parent / "shared"
+
+
+def _run(args: list[str], timeout: int = 600) -> str:
+    # the scripts run `python` and the flow as a user does: this interpreter's, first on PATH
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+           "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _smallest_config(path) -> str:
+    """The test profile cut to the fewest steps that still run every stage of the default chain (PPO only)."""
+    return str(write_config(path, {
+        "run": {"methods": ["ppo"], "wandb_mode": "disabled"},
+        "sft": {"max_steps": 2, "save_steps": 2, "eval_steps": 2, "logging_steps": 1},
+        "reward": {"max_steps": 2, "save_steps": 2, "eval_steps": 2, "logging_steps": 1},
+        "ppo": {"steps": 2, "save_freq": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1,
+                "min_response_length": 4, "max_response_length": 8},
+        "eval": {"num_prompts": 4, "curve_prompts": 2, "max_new_tokens": 8}}))
+
+
+def test_memory_model_prints_its_stages_and_the_rehearsals_predictions():
+    out = _run([sys.executable, str(BENCH / "memory_model.py"), "--check-rehearsal"])
+    assert "GPU memory per process" in out and "CPU rehearsal, predicted host peak per stage" in out
+    assert "Assumed, not measured" in out
+
+
+def test_ppo_vs_trl_times_ours_on_the_tiny_size(tmp_path):
+    """Ours only (`--without-trl`): the trl 1.12 environment it builds for the comparison is a download."""
+    out = _run([sys.executable, str(BENCH / "ppo_vs_trl.py"), "--sizes", "tiny", "--repeats", "1", "--steps", "2",
+                "--without-trl", "--out", str(tmp_path)])
+    assert "| tiny | ours |" in out and "tiny: ours only" in out
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "hh_rlhf_pairs_2666.jsonl.gz").exists(), reason="needs ../shared")
+def test_reward_learning_curve_and_reward_real_data_train_on_the_real_pairs(tmp_path):
+    out = _run([sys.executable, str(BENCH / "reward_learning_curve.py"), "--lrs", "1e-4", "--steps", "2",
+                "--eval-every", "2", "--batch-size", "2", "--max-length", "64", "--out", str(tmp_path)])
+    assert "| 1e-04 |" in out and (tmp_path / "reward_learning_curve.png").exists()
+    out = _run([sys.executable, str(BENCH / "reward_real_data.py"), "--steps", "2", "--max-length", "64",
+                "--batch-size", "2"])
+    assert "| MiniLM-L6 (pretrained) |" in out
+
+
+def test_flow_timing_reports_a_finished_run(flow_run, tmp_path):
+    out = _run([sys.executable, str(BENCH / "flow_timing.py"), "--from-run", flow_run.id, "--plot",
+                str(tmp_path / "curve.png")])
+    assert f"run {flow_run.id}" in out and "| ppo_train |" in out and (tmp_path / "curve.png").exists()
+
+
+@pytest.mark.slow
+def test_method_sweep_tries_a_setting_on_a_finished_run(flow_run, tmp_path):
+    out = _run([sys.executable, str(BENCH / "method_sweep.py"), "--run", flow_run.id, "--method", "grpo",
+                "--setting", "max_steps=2 save_steps=2", "--work", str(tmp_path)])
+    assert "| max_steps=2 save_steps=2 |" in out and "SFT perplexity" in out
+
+
+@pytest.mark.slow
+def test_flow_timing_runs_the_flow_it_times(tmp_path):
+    out = _run([sys.executable, str(BENCH / "flow_timing.py"), "--config", _smallest_config(tmp_path / "s.toml")])
+    assert "| **whole run (wall)** |" in out and "| evaluate |" in out
+
+
+@pytest.mark.slow
+def test_storage_overhead_runs_local_and_s3_and_compares(tmp_path):
+    out = _run([sys.executable, str(BENCH / "storage_overhead.py"), "--config", _smallest_config(tmp_path / "s.toml"),
+                "--rounds", "1"], timeout=900)
+    assert "| S3 (moto on 127.0.0.1) |" in out and "same figures: True" in out
