@@ -15,7 +15,7 @@ import os
 from metaflow import FlowMutator, card, resources, retry
 from metaflow.packaging_sys import ContentType
 
-from rlhf_lib import compute, methods
+from rlhf_lib import compute, live, methods
 from rlhf_lib.config import config_from_flow
 from rlhf_lib.env import PROJECT_ROOT
 
@@ -32,9 +32,10 @@ class StepCompute(FlowMutator):
         cfg = config_from_flow(configs["config"])
         times = compute.retries(cfg, compute.runs_remote())
         carded = {m.last_step for m in methods.REGISTRY.values() if m.card}
-        for name, step in mutable_flow.steps:
-            if name in carded:
-                step.add_decorator(card, deco_kwargs=dict(type="blank"))
+        for name, step in mutable_flow.steps:  # a training step's card is live while it trains (rlhf_lib/live.py)
+            if name in carded | live.STEPS:
+                step.add_decorator(card, deco_kwargs=dict(type="blank", refresh_interval=live.MIN_REFRESH_S)
+                                   if name in live.STEPS else dict(type="blank"))
             kind = compute.step_kind(cfg, name)
             if kind is None:
                 continue

@@ -318,12 +318,18 @@ def merge_adapter(base_ref: str, adapter_dir: str, out_dir: Path, trust_remote_c
     whose rounding would be baked into the merged weights. Saved as safetensors with the tokenizer, atomically."""
     from peft import PeftModel
 
+    from rlhf_lib.progress import Progress
+
     def build(tmp: Path) -> None:
+        phases = Progress("merge", 3, unit="phase", record=False)  # load, merge, save: the ETA from their pace
         base = load_causal_lm(base_ref, quantize_4bit=False, trust_remote_code=trust_remote_code).to(stage_device())
+        phases.advance()
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        phases.advance()
         merged.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").exists() else base_ref,
                        trust_remote_code).save_pretrained(tmp)
+        phases.advance()
 
     return _atomic_dir(Path(out_dir), build)
 

@@ -17,7 +17,7 @@ import contextlib
 import shutil
 from pathlib import Path
 
-from rlhf_lib import compute, launch, methods, storage, tracking, workspace
+from rlhf_lib import compute, launch, live, methods, storage, tracking, workspace
 from rlhf_lib.config import AI_FEEDBACK, RunConfig, config_from_flow, validate
 from rlhf_lib.launch import Nodes
 from rlhf_lib.methods import DONE, OUTCOME_KEYS, SKIPPED
@@ -154,7 +154,10 @@ def run_stage(cfg: RunConfig, stage: str, run_id: str, inputs: dict[str, str], o
         local_inputs = ws.localize(inputs)
         env = {**tracking.wandb_env(cfg, name, str(run_id)), **ws.models_here(local_inputs)}
         lock = contextlib.nullcontext() if nodes.count > 1 else launch.machine_lock(ws.lock_root, name)
-        with lock:
+        # the step's live card follows a training stage's progress while it runs (on a gang, node 0's)
+        watch = live.watching(ws.work, name, cfg.run.card_refresh_s) if name in live.STAGES and nodes.index == 0 \
+            else contextlib.nullcontext()
+        with lock, watch:
             result = launch.launch(stage, cfg.to_json(), ws.work, local_inputs, run_id=str(run_id), resume_from=roots,
                                    env=env, extra_args=extra_args,
                                    checkpoint_uri=ws.checkpoint_uri, nodes=nodes if nodes.count > 1 else None,
@@ -296,10 +299,12 @@ def join_gang(flow, name: str, inputs) -> None:
 
 
 def method_card(flow, name: str, current) -> None:
-    """The method's card (its training curves), on the step that carries it (`Method.last_step`, `card=True`)."""
+    """The method's card (its training curves), on the step that carries it (`Method.last_step`, `card=True`): it
+    replaces the live card that step showed while it trained."""
     if methods.get(name).card:
         from rlhf_lib import report
 
+        current.card.clear()
         report.build_method_card(current.card, flow, name)
 
 

@@ -225,9 +225,9 @@ def _fingerprint(*parts) -> str:
 
 
 def _write_lake(path: Path, rows: Iterable[dict], columns: list[str], batch: int = 1024,
-                numeric: tuple[str, ...] = ()) -> int:
+                numeric: tuple[str, ...] = (), progress=None) -> int:
     """Write rows into a new Deep Lake dataset at `path` atomically; returns the row count. Columns are text,
-    except those named in `numeric` (float32)."""
+    except those named in `numeric` (float32). `progress` (rlhf_lib/progress.py) is told the rows written."""
     import deeplake
 
     tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
@@ -240,6 +240,8 @@ def _write_lake(path: Path, rows: Iterable[dict], columns: list[str], batch: int
         while chunk := list(islice(it, batch)):
             ds.append({c: [r[c] for r in chunk] for c in columns})
             count += len(chunk)
+            if progress is not None:
+                progress.update(count)
         ds.commit(f"ingest {count} rows")
         del ds
         (tmp / DONE_MARKER).write_text(json.dumps({"rows": count, "columns": columns}))
@@ -281,7 +283,10 @@ def materialise(kind: str, cfg_source, split: str, storage_root: Path, seed: int
         else:
             rows = read_source(source, kind, mapping)
             rows = islice(rows, skip, skip + n if n else None)
-        count = _write_lake(path, rows, columns)
+        from rlhf_lib.progress import Progress
+
+        count = _write_lake(path, rows, columns, progress=Progress(f"data {kind}/{split}", n or None, unit="row",
+                                                                     record=False))
         if count == 0:
             raise DataError(f"{kind} {split} split from {source!r} is empty; point data.{kind} at rows")
     meta = json.loads((path / DONE_MARKER).read_text())

@@ -129,8 +129,8 @@ def snapshots(directory: str | None) -> list[tuple[int, Path]]:
     return checkpoints.complete_snapshots(directory, say="evaluate")
 
 
-def curve(method: str, snaps: list[tuple[int, Path]], sft_ref: str, sft: Judged, proxy, gold: GoldJudge, cfg
-          ) -> list[dict]:
+def curve(method: str, snaps: list[tuple[int, Path]], sft_ref: str, sft: Judged, proxy, gold: GoldJudge, cfg,
+          progress=None) -> list[dict]:
     """The over-optimisation curve of one method: SFT (step 0, KL 0), then every saved snapshot, scored on the
     first eval.curve_prompts prompts."""
     from peft import PeftModel
@@ -159,6 +159,8 @@ def curve(method: str, snaps: list[tuple[int, Path]], sft_ref: str, sft: Judged,
                        "gold_score": None if judged.gold_scores is None else float(judged.gold_scores.mean())})
         print(f"[evaluate] {method} step {step}: KL {points[-1]['kl_per_sequence']:.2f} nats/seq, win-rate over SFT "
               f"{points[-1]['proxy_win_rate']:.2f} proxy / {points[-1]['gold_win_rate']:.2f} gold", flush=True)
+        if progress is not None:
+            progress.advance()
     del model, base
     return points
 
@@ -172,8 +174,8 @@ def held_out_prompts(cfg, prompts_uri: str) -> tuple[list[str], list[str]]:
     return [formatting.rl_prompt(r, fmt) for r in rows], [formatting.rl_question(r) for r in rows]
 
 
-def judge_policies(run: contract.StageRun, policies: dict[str, str], prompts, questions, proxy, gold
-                   ) -> tuple[dict[str, Judged], dict[str, dict]]:
+def judge_policies(run: contract.StageRun, policies: dict[str, str], prompts, questions, proxy, gold,
+                   progress=None) -> tuple[dict[str, Judged], dict[str, dict]]:
     """Every policy's answers, scored, and its report row: SFT first, kept as every other policy's KL reference."""
     from rlhf_lib import models
     from rlhf_lib.data import formatting, lake
@@ -199,6 +201,8 @@ def judge_policies(run: contract.StageRun, policies: dict[str, str], prompts, qu
             del model
         report[name] = row
         run.say(f"{name}: mean score {row['mean_score']:.3f}, perplexity {row['perplexity']:.2f}")
+        if progress is not None:
+            progress.advance()
     return judged, report
 
 
@@ -227,6 +231,7 @@ def log_to_wandb(cfg, report: dict, samples: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> Path:
     from rlhf_lib import scoring
+    from rlhf_lib.progress import Progress
     from rlhf_lib.storage import atomic_write_json
 
     run = contract.start("evaluate", argv, "prompts", "sft_eval")
@@ -238,11 +243,15 @@ def main(argv: list[str] | None = None) -> Path:
     proxy = scoring.load_reward(run.inputs, e.reward_max_length, cfg.run.trust_remote_code)
     gold = GoldJudge(cfg, run.inputs)
     run.say(f"proxy judge: {proxy.describe()}; gold judge: {gold.kind}")
-    judged, report = judge_policies(run, policies, prompts, questions, proxy, gold)
+    curves = {n: snapshots(run.inputs.get(f"snapshots_{n}")) if e.curve else [] for n in policies if n != BASELINE}
+    # a model judged: each policy on the held-out prompts, then each checkpoint of each curve
+    progress = Progress("evaluate", len(policies) + sum(map(len, curves.values())), unit="model", out=run.out)
+    judged, report = judge_policies(run, policies, prompts, questions, proxy, gold, progress)
     for name in [n for n in judged if n != BASELINE]:
-        snaps = snapshots(run.inputs.get(f"snapshots_{name}"))
-        if e.curve and snaps:
-            report[name]["curve"] = curve(name, snaps, policies[BASELINE], judged[BASELINE], proxy, gold, cfg)
+        snaps = curves[name]
+        if snaps:
+            report[name]["curve"] = curve(name, snaps, policies[BASELINE], judged[BASELINE], proxy, gold, cfg,
+                                          progress)
             report[name]["guard"] = verdict = guard.guard(report[name]["curve"], e.kl_budget)
             run.say(f"{name}: {verdict['note']}")
     samples = sample_rows(judged, prompts, e.num_samples_shown)

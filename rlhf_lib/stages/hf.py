@@ -28,6 +28,7 @@ def training_kwargs(cfg, section, stage: str, output: Path) -> dict[str, Any]:
         eval_strategy="steps" if getattr(section, "eval_steps", None) and section.eval_steps <= section.max_steps
         else "no", eval_steps=getattr(section, "eval_steps", None), seed=cfg.run.seed, data_seed=cfg.run.seed,
         logging_first_step=True, dataloader_num_workers=0, ddp_timeout=cfg.run.process_group_timeout_s,
+        disable_tqdm=True,  # rlhf_lib/progress.py prints the stage's progress, at a rate a long log can hold
         **precision.current().trainer_arguments(),
     )
 
@@ -119,11 +120,16 @@ def check_trainer_checkpoint(path: Path) -> Path:
     return Path(path)
 
 
-def train_resumable(trainer, stage: str, roots: list[str], output: Path, checkpoint_uri: str | None = None):
+def train_resumable(trainer, stage: str, roots: list[str], output: Path, checkpoint_uri: str | None = None,
+                    progress_callback=None):
     """trainer.train() continued from the newest checkpoint that loads (`checkpoints.resume_point`), each new
-    checkpoint also stored at `checkpoint_uri` when that is another place than the trainer's own directory.
-    Returns (train output, the checkpoint resumed from)."""
+    checkpoint also stored at `checkpoint_uri` when that is another place than the trainer's own directory; its
+    progress reported (`progress_callback`, or a new `progress.hf_callback`). Returns (train output, the checkpoint
+    resumed from)."""
+    from rlhf_lib import progress
+
     trainer.add_callback(timing_callback(stage))
+    trainer.add_callback(progress_callback or progress.hf_callback(stage, output))
     mirror = storage.mirror_of(checkpoint_uri)
     if mirror:
         trainer.add_callback(mirror_checkpoints_callback(mirror, trainer.args.save_total_limit))

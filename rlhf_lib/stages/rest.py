@@ -170,13 +170,20 @@ def improve_step(run: contract.StageRun, policy, tokenizer, rows: list, state: d
 
 def train(run: contract.StageRun, policy, tokenizer, reward, prompts, state: dict, wandb_run) -> None:
     """Every Improve of the schedule not done yet, each followed by a checkpoint and a snapshot."""
-    r = run.cfg.rest
+    from rlhf_lib.progress import Progress
+
+    r, main = run.cfg.rest, contract.is_main_process()
     schedule = improve_schedule(r.grow_steps, len(r.thresholds))
+    progress = Progress("rest", len(schedule), unit="improve", start=state["improves_done"], out=run.out,
+                        record=main, printer=print if main else (lambda *a, **k: None))
     for index, (g, j) in enumerate(schedule[state["improves_done"]:], start=state["improves_done"]):
         rows = grown_rows(run, policy, tokenizer, reward, prompts, state, g, j)
+        progress.note(samples=[{"prompt": x["prompt"], "response": x["response"],
+                                "score": round(float(x["reward"]), 3)} for x in rows[:2]])
         record = improve_step(run, policy, tokenizer, rows, state, g, j)
         state["iterations"].append(record)
         state["improves_done"] = index + 1
+        progress.update(index + 1, **{k: v for k, v in record.items() if isinstance(v, (int, float))})
         if wandb_run is not None:
             wandb_run.log({f"rest/{k}": v for k, v in record.items() if isinstance(v, (int, float))},
                           step=index + 1)

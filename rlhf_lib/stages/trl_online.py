@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf_lib import checkpoints, precision
+from rlhf_lib import checkpoints, precision, progress
 from rlhf_lib.stages import contract, hf
 
 
@@ -25,13 +25,28 @@ def prompts_dataset(prompts_uri: str, batch_size: int, fmt: str = "qa"):
     return datasets.Dataset.from_list([{"prompt": p} for p in lake.rl_prompts(prompts_uri, batch_size, fmt)])
 
 
-def trl_reward_function(reward):
-    """A `Reward` as a TRL reward function: (prompts, completions, **kwargs) -> list of floats."""
+def trl_reward_function(reward, scored=None):
+    """A `Reward` as a TRL reward function: (prompts, completions, **kwargs) -> list of floats. `scored(prompts,
+    completions, scores)` is told of each batch (the live card's newest samples)."""
 
     def proxy(prompts, completions, **kwargs):
-        return reward(list(prompts), list(completions)).float().cpu().tolist()
+        scores = reward(list(prompts), list(completions)).float().cpu().tolist()
+        if scored is not None:
+            scored(prompts, completions, scores)
+        return scores
 
     return proxy
+
+
+def newest_samples(callback):
+    """A `trl_reward_function` hook that notes a batch's first two samples in the stage's progress file."""
+
+    def scored(prompts, completions, scores):
+        if callback.progress is not None:
+            callback.progress.note(samples=[{"prompt": p, "response": c, "score": round(s, 3)}
+                                            for p, c, s in list(zip(prompts, completions, scores))[:2]])
+
+    return scored
 
 
 def quarter_means(stats: list[dict], key: str) -> tuple[float | None, float | None]:
@@ -70,10 +85,12 @@ def run(name: str, argv: list[str] | None, trainer_class, config_class, section_
     train_ds = prompts_dataset(prompts_uri, cfg.data.stream_batch_size, cfg.data.prompt_format)
     stage.say(f"{len(train_ds)} prompts, {section.num_generations} completions each per group, beta={section.beta}; "
               f"reward: {reward.describe()}")
+    reporting = progress.hf_callback(name, out)
     trainer = make_trainer(trainer_class, config_class, section_args(section), cfg, name, model, tokenizer,
-                           trl_reward_function(reward), train_ds, out)
+                           trl_reward_function(reward, newest_samples(reporting)), train_ds, out)
     trainer.add_callback(hf.snapshot_callback(out, stage.args.checkpoint_uri))
-    train_out, resume = hf.train_resumable(trainer, name, stage.args.resume_from, out, stage.args.checkpoint_uri)
+    train_out, resume = hf.train_resumable(trainer, name, stage.args.resume_from, out, stage.args.checkpoint_uri,
+                                           progress_callback=reporting)
 
     adapter_dir = out / "adapter"
     if not hf.save_trained(trainer, tokenizer, adapter_dir):

@@ -482,8 +482,9 @@ def resume(run: Run) -> None:
     run.policy.eval()
 
 
-def rollout_step(run: Run, step: int) -> dict:
-    """One PPO step: a rollout of this process's share of the global batch, scored, then the update."""
+def rollout_step(run: Run, step: int, samples: list | None = None) -> dict:
+    """One PPO step: a rollout of this process's share of the global batch, scored, then the update. `samples`: a
+    list to put this step's first two (prompt, response, score) in, for the live card."""
     p, rank, b = run.p, run.layout.rank, run.local_batch
     prompts = run.sampler.next_batch(b)
     # Lengths are drawn for the global batch, then sliced: the same lengths whatever the layout.
@@ -492,22 +493,31 @@ def rollout_step(run: Run, step: int) -> dict:
     batch = rollout.generate(run.policy, run.tokenizer, prompts, lengths, stop_at_eos=p.stop_at_eos,
                              max_prompt_length=p.max_prompt_length)
     batch.scores = score_rollout(run.reward, run.tokenizer, prompts, batch, run.shared_tokenizer)
+    if samples is not None:
+        P = batch.prompt_length
+        samples += [{"prompt": prompts[i], "response": run.tokenizer.decode(
+            batch.input_ids[i, P:][batch.response_mask[i].bool()], skip_special_tokens=True),
+            "score": round(float(batch.scores[i]), 3)} for i in range(min(2, len(prompts)))]
     return {"step": step + 1, **ppo_step(run.policy, run.optimizer, batch, run.kl_ctl, p, layout=run.layout,
                                          shuffle_seed=shuffle_seed(run.cfg.run.seed, step))}
 
 
 def train(run: Run, wandb_run) -> None:
     """Every step from where the run stands to ppo.steps; a checkpoint and a snapshot every save_freq steps."""
-    from tqdm.auto import tqdm
+    from rlhf_lib.progress import Progress
 
-    p, out = run.p, run.stage.out
-    bar = tqdm(range(run.start_step, p.steps), desc="ppo", initial=run.start_step, total=p.steps,
-               disable=not run.accelerator.is_main_process, mininterval=2)
-    for step in bar:
+    p, out, main = run.p, run.stage.out, run.accelerator.is_main_process
+    progress = Progress("ppo", p.steps, start=run.start_step, out=out, record=main,
+                        printer=print if main else (lambda *a, **k: None))
+    for step in range(run.start_step, p.steps):
+        samples = [] if main else None
         with precision.current().autocast_on(run.accelerator.device):  # bf16 forward passes under the bf16 plan
-            stats = rollout_step(run, step)
+            stats = rollout_step(run, step, samples)
         run.stats.append(stats)
-        bar.set_postfix(score=f"{stats['score_mean']:.2f}", kl=f"{stats['kl']:.2f}", beta=f"{stats['beta']:.3f}")
+        progress.update(step + 1, shown={k: stats[k] for k in ("score_mean", "kl", "beta")},
+                        **{k: v for k, v in stats.items() if k != "step" and isinstance(v, (int, float))})
+        if main:
+            progress.note(samples=samples, step=step + 1)
         if wandb_run is not None:
             wandb_run.log({f"ppo/{k}": v for k, v in stats.items() if k != "step"}, step=step + 1)
         if (step + 1) % p.save_freq == 0 or step + 1 == p.steps:
@@ -519,6 +529,7 @@ def train(run: Run, wandb_run) -> None:
                 save_checkpoint(out / "checkpoints", step + 1, run.policy, run.optimizer, run.kl_ctl, run.sampler,
                                 run.length_gen, run.stats, p.keep_checkpoints,
                                 mirror=storage.mirror_of(run.stage.args.checkpoint_uri), rng_by_rank=rng_by_rank)
+                progress.note(checkpoint=str(checkpoints.step_dir(out / "checkpoints", step + 1)), step=step + 1)
     run.accelerator.wait_for_everyone()
 
 

@@ -1,0 +1,142 @@
+"""A training step's live card. The stage runs in its own subprocess and writes `progress.jsonl`
+(`rlhf_lib/progress.py`); while the step's task waits for it, a thread here reads what is new and redraws the
+step's realtime Metaflow card — step N of M with an ETA, the stage's curves, the newest sample generations of an
+online method, the checkpoint it would resume from — at a bounded rate: every `run.card_refresh_s` seconds at first,
+then every sixth of the time elapsed (a card refresh is a `card create` subprocess; a 10-hour stage redraws ~50
+times). Watch it in the Metaflow UI or `python flows/rlhf_flow.py card server` (docs/inspecting.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from pathlib import Path
+
+from rlhf_lib import methods
+from rlhf_lib.progress import PROGRESS_FILE, duration, number, read
+
+# The stages whose step shows a live card while they train (SFT, both reward models, every method), and the flow
+# steps that run them (each carries a realtime card: rlhf_lib/decorators.py).
+STAGES = {"sft", "reward", "reward_gold", *methods.names()}
+STEPS = {"sft", "reward", *(s for m in methods.REGISTRY.values() for s in m.train_steps)}
+MIN_REFRESH_S = 5  # Metaflow's own floor for a realtime card (`@card(refresh_interval=...)`)
+POLL_S = 1.0
+CURVE_POINTS = 400  # per metric, the newest: a long stage's chart stays small
+CURVE_METRICS = ("loss", "eval_loss", "reward", "score_mean", "kl", "objective/kl", "rewards/accuracies",
+                 "eval_accuracy", "accuracy", "mean_reward_all", "kept_fraction", "grad_norm")
+
+
+def card_of_step():
+    """This step's default card when the step carries one (the flow's mutator puts a realtime card on every
+    training step: rlhf_lib/decorators.py), else None."""
+    from metaflow import current
+
+    return getattr(current, "card", None) if getattr(current, "is_running_flow", False) else None
+
+
+class LiveCard:
+    """The components of one stage's live card, and what the stage has reported so far."""
+
+    def __init__(self, card, stage: str):
+        from metaflow.cards import Markdown, ProgressBar, VegaChart
+
+        self.card, self.stage = card, stage
+        self.total, self.done, self.eta, self.unit = None, 0, None, "step"
+        self.curves: dict[str, list[tuple[int, float]]] = {}
+        self.samples: list[dict] = []
+        self.checkpoint: str | None = None
+        self.header = Markdown(f"## {stage}: starting")
+        self.bar = ProgressBar(max=1, label=f"{stage} steps", value=0)
+        self.chart = VegaChart(self.spec())
+        self.sample_text = Markdown("")
+        self.resume_text = Markdown("")
+        for component in (self.header, self.bar, self.chart, self.sample_text, self.resume_text):
+            card.append(component)
+
+    def feed(self, entries: list[dict]) -> None:
+        for e in entries:
+            if e.get("event") == "start":
+                self.total, self.unit, self.done = e["total"], e.get("unit", "step"), e.get("start", 0)
+            elif e.get("event") == "update":
+                self.done, self.eta = e["done"], e.get("eta_s")
+                self.add_points(e["done"], e)
+            elif e.get("event") == "note":
+                self.samples = e.get("samples") or self.samples
+                self.checkpoint = e.get("checkpoint") or self.checkpoint
+                if isinstance(e.get("metrics"), dict):
+                    self.add_points(e.get("step", self.done), e["metrics"])
+
+    def add_points(self, step: int, values: dict) -> None:
+        for key in CURVE_METRICS:
+            if isinstance(values.get(key), (int, float)):
+                points = self.curves.setdefault(key, [])
+                points.append((step, float(values[key])))
+                del points[:-CURVE_POINTS]
+
+    def spec(self) -> dict:
+        rows = [{"step": s, "metric": k, "value": v} for k, pts in self.curves.items() for s, v in pts]
+        return {"$schema": "https://vega.github.io/schema/vega-lite/v5.json", "width": 520, "height": 220,
+                "title": f"{self.stage}: curves as logged", "data": {"values": rows}, "mark": "line",
+                "encoding": {"x": {"field": "step", "type": "quantitative"},
+                             "y": {"field": "value", "type": "quantitative"},
+                             "color": {"field": "metric", "type": "nominal"}},
+                "resolve": {"scale": {"y": "independent"}}}
+
+    def headline(self) -> str:
+        if self.total is None:
+            return f"## {self.stage}: starting"
+        eta = "—" if self.eta is None else duration(self.eta)
+        latest = {k: pts[-1][1] for k, pts in self.curves.items() if pts}
+        shown = ", ".join(f"{k} {number(v)}" for k, v in list(latest.items())[:4])
+        return (f"## {self.stage}: {self.unit} {self.done} of {self.total} ({100 * self.done // self.total}%), "
+                f"ETA {eta}\n\n{shown}\n\n_updated {time.strftime('%H:%M:%S')}_")
+
+    def draw(self) -> None:
+        self.header.update(self.headline())
+        if self.total:
+            self.bar._max = self.total  # the total is known once the stage has started
+        self.bar.update(self.done)
+        self.chart.update(self.spec())
+        self.sample_text.update("### Newest samples\n\n" + "\n\n".join(
+            f"**prompt** {s['prompt'][-300:]!s}\n\n**response** {s['response'][:500]!s} (score {s.get('score')})"
+            for s in self.samples) if self.samples else "")
+        self.resume_text.update(f"Would resume from: `{self.checkpoint}`" if self.checkpoint else
+                                "No checkpoint yet: a restart begins at step 0.")
+
+
+def due(now: float, began: float, last: float, every_s: float) -> bool:
+    """Redraw every `every_s` seconds at first, then every sixth of the time elapsed."""
+    return now - last >= max(every_s, (now - began) / 6)
+
+
+@contextlib.contextmanager
+def watching(work: Path, stage: str, every_s: float, clock=time.monotonic):
+    """While the block runs (the stage's subprocess), redraw this step's live card from `work/progress.jsonl`; a
+    no-op outside a step that carries a card. The last state is drawn when the block ends."""
+    card = card_of_step()
+    if card is None:
+        yield
+        return
+    live, stop = LiveCard(card, stage), threading.Event()
+    card.refresh(force=True)
+
+    def follow():
+        offset, began, last = 0, clock(), clock()
+        while not stop.wait(POLL_S):
+            entries, offset = read(Path(work) / PROGRESS_FILE, offset)
+            live.feed(entries)
+            if entries and due(clock(), began, last, every_s):
+                live.draw()
+                card.refresh()
+                last = clock()
+        live.feed(read(Path(work) / PROGRESS_FILE, offset)[0])
+        live.draw()
+
+    thread = threading.Thread(target=follow, daemon=True, name=f"live card {stage}")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=30)
