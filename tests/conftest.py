@@ -95,12 +95,53 @@ def flow_run(tmp_path_factory):
     assert argv[0] == "python", command
     env_vars = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
                 "METAFLOW_FLOW_CONFIG": json.dumps({"config": str(cfg)})}
-    proc = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, env=env_vars, capture_output=True, text=True,
-                          timeout=1800)
-    output = proc.stdout + proc.stderr
+    log = store / "flow.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, *argv[1:]], cwd=ROOT, env=env_vars, stdout=out,
+                                stderr=subprocess.STDOUT, text=True)
+        LIVE["ppo_train"] = watch_live_card(proc, log, "ppo_train")
+        proc.wait(timeout=1800)
+    output = LIVE["output"] = log.read_text()
     assert proc.returncode == 0, output[-4000:]
     run_id = re.search(r"Workflow starting \(run-id (\w+)\)", output).group(1)
     yield Run(f"RLHFFlow/{run_id}")
+
+
+# What the flow fixture saw while its run ran: the run's output, and each state of ppo_train's live card read from
+# the datastore while that step was still running (tests/test_flow.py).
+LIVE: dict = {}
+
+
+def watch_live_card(proc, log: Path, step: str) -> list[str]:
+    """Poll the datastore, once a second while `proc` (a flow run) runs, for the card of `step`'s task while that
+    task has not finished; returns each distinct card data payload seen, in order, as JSON text."""
+    import re
+    import threading
+    import time
+
+    from metaflow import Run, namespace
+    from metaflow.cards import get_cards
+
+    seen: list[str] = []
+
+    def poll():
+        namespace(None)
+        while proc.poll() is None:
+            time.sleep(1)
+            found = re.search(r"Workflow starting \(run-id (\w+)\)", log.read_text())
+            try:
+                task = Run(f"RLHFFlow/{found.group(1)}")[step].task if found else None
+                if task is None or task.finished:
+                    continue
+                for card in get_cards(task):
+                    data = json.dumps(card.get_data(), sort_keys=True)
+                    if data != "null" and (not seen or seen[-1] != data):
+                        seen.append(data)
+            except Exception:  # the step not started yet, or its card not written yet
+                continue
+
+    threading.Thread(target=poll, daemon=True).start()
+    return seen
 
 
 def readme_run_command() -> str:

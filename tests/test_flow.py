@@ -1,5 +1,6 @@
 """The whole flow through metaflow.Runner, offline, with the cut-down test profile."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,27 @@ def test_each_trained_stage_records_its_precision(flow_run):
                                              "autocast": None}
     assert data.ppo_metrics["precision"] == {"plan": "fp32", "trained": ["float32"], "frozen": ["float32"],
                                              "autocast": None}
+
+
+def test_ppo_trains_under_a_live_card_the_datastore_shows_advancing(flow_run):
+    """Read from the datastore while ppo_train was still running (the flow fixture polled its card once a second):
+    at least three distinct states, their step counts increasing; the finished card names the last step."""
+    import re
+
+    from metaflow.cards import get_cards
+
+    from conftest import LIVE
+
+    steps = [max(map(int, found)) for state in LIVE["ppo_train"]
+             if (found := re.findall(r"ppo: step (\d+) of \d+", state))]
+    assert len(set(steps)) >= 3 and steps == sorted(steps), steps
+    total = flow_run.data.run_config["ppo"]["steps"]
+    (final,) = get_cards(flow_run["ppo_train"].task)
+    assert f"ppo: step {total} of {total} (100%)" in final.get()
+
+
+def test_the_log_shows_progress_with_an_eta_for_sft_reward_and_ppo(flow_run):
+    from conftest import LIVE
+
+    for stage in ("sft", "reward", "ppo"):
+        assert re.search(rf"\[{stage}\] step \d+/\d+ \(\d+%\) · .* · ETA \w+", LIVE["output"]), stage
