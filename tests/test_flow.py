@@ -1,5 +1,6 @@
 """The whole flow through metaflow.Runner, offline, with the cut-down test profile."""
 
+import base64
 import re
 from pathlib import Path
 
@@ -158,7 +159,9 @@ def test_ppo_trains_under_a_live_card_the_datastore_shows_advancing(flow_run):
     assert len(set(steps)) >= 3 and steps == sorted(steps), steps
     total = flow_run.data.run_config["ppo"]["steps"]
     (final,) = get_cards(flow_run["ppo_train"].task)
-    assert f"ppo: step {total} of {total} (100%)" in final.get()
+    # the card's components travel base64-encoded inside its HTML
+    payload = re.search(r'window\.__MF_DATA__\["[^"]+"\] = "([^"]+)"', final.get()).group(1)
+    assert f"ppo: step {total} of {total} (100%)" in base64.b64decode(payload).decode()
 
 
 def test_the_log_shows_progress_with_an_eta_for_sft_reward_and_ppo(flow_run):
