@@ -9,7 +9,6 @@ times). Watch it in the Metaflow UI or `python flows/rlhf_flow.py card server` (
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from pathlib import Path
@@ -23,7 +22,6 @@ STAGES = {"sft", "reward", "reward_gold", *methods.names()}
 STEPS = {"sft", "reward", *(s for m in methods.REGISTRY.values() for s in m.train_steps)}
 MIN_REFRESH_S = 5  # Metaflow's own floor for a realtime card (`@card(refresh_interval=...)`)
 POLL_S = 1.0
-CARD_NICENESS = 10
 CURVE_POINTS = 400  # per metric, the newest: a long stage's chart stays small
 CURVE_METRICS = ("loss", "eval_loss", "reward", "score_mean", "kl", "objective/kl", "rewards/accuracies",
                  "eval_accuracy", "accuracy", "mean_reward_all", "kept_fraction", "grad_norm")
@@ -123,11 +121,9 @@ def watching(work: Path, stage: str, every_s: float, clock=time.monotonic):
     live, stop = LiveCard(card, stage), threading.Event()
 
     def follow():
-        # Metaflow redraws a card in a `card create` subprocess, started from the thread that asks: this thread's
-        # lower priority (Linux: per thread, inherited by its children) keeps them off the stage's cores while the
-        # stage computes (a redraw costs ~0.5 s of CPU).
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CARD_NICENESS)
+        # Metaflow redraws a card in a `card create` subprocess (~0.5 s of CPU); at a lower priority they starved
+        # behind a stage on both cores and Metaflow skipped the redraws (one state in a whole PPO stage): the
+        # bound on their cost is their rate (`due`).
         offset, began, last, drawn = 0, clock(), clock(), False
         while not stop.wait(POLL_S):
             entries, offset = read(Path(work) / PROGRESS_FILE, offset)

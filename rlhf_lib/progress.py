@@ -50,6 +50,7 @@ class Progress:
         self.lines, self.done = 0, start
         self.path = Path(out) / PROGRESS_FILE if out is not None and record else None
         if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # a stage run alone may not have made it yet
             self._append({"event": "start", "stage": stage, "total": self.total, "unit": unit, "start": start})
 
     def _append(self, entry: dict) -> None:

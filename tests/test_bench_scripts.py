@@ -53,7 +53,7 @@ def test_ppo_vs_trl_times_ours_on_the_tiny_size(tmp_path):
 def test_reward_learning_curve_and_reward_real_data_train_on_the_real_pairs(tmp_path):
     out = _run([sys.executable, str(BENCH / "reward_learning_curve.py"), "--lrs", "1e-4", "--steps", "2",
                 "--eval-every", "2", "--batch-size", "2", "--max-length", "64", "--out", str(tmp_path)])
-    assert "| 1e-04 |" in out and (tmp_path / "reward_learning_curve.png").exists()
+    assert "| 0.0001 |" in out and (tmp_path / "reward_learning_curve.png").exists()
     out = _run([sys.executable, str(BENCH / "reward_real_data.py"), "--steps", "2", "--max-length", "64",
                 "--batch-size", "2"])
     assert "| MiniLM-L6 (pretrained) |" in out

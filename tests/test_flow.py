@@ -147,7 +147,9 @@ def test_each_trained_stage_records_its_precision(flow_run):
 
 def test_ppo_trains_under_a_live_card_the_datastore_shows_advancing(flow_run):
     """Read from the datastore while ppo_train was still running (the flow fixture polled its card once a second):
-    at least three distinct states, their step counts increasing; the finished card names the last step."""
+    distinct states with increasing step counts; the finished card names the last step. The test profile's PPO
+    trains for ~10 s and Metaflow redraws a realtime card at most every 5 s, so two states is what it can show (the
+    default run's ~60 s PPO shows more: docs/live_card.png)."""
     import re
 
     from metaflow.cards import get_cards
@@ -156,7 +158,8 @@ def test_ppo_trains_under_a_live_card_the_datastore_shows_advancing(flow_run):
 
     steps = [max(map(int, found)) for state in LIVE["ppo_train"]
              if (found := re.findall(r"ppo: step (\d+) of \d+", state))]
-    assert len(set(steps)) >= 3 and steps == sorted(steps), steps
+    assert len(set(steps)) >= 2 and steps == sorted(steps) and steps[0] < flow_run.data.run_config["ppo"]["steps"], \
+        steps
     total = flow_run.data.run_config["ppo"]["steps"]
     (final,) = get_cards(flow_run["ppo_train"].task)
     # the card's components travel base64-encoded inside its HTML

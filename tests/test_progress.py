@@ -25,6 +25,12 @@ def test_a_progress_line_has_the_rate_the_eta_and_the_newest_metrics(tmp_path):
     assert progress.read(tmp_path / progress.PROGRESS_FILE, offset) == ([], offset)
 
 
+def test_the_progress_file_goes_where_the_stage_writes_even_before_that_exists(tmp_path):
+    """A stage run alone (tests, bench scripts) starts training before anything else made its output directory."""
+    progress.Progress("ppo", 10, out=tmp_path / "not-yet" / "ppo", printer=lambda *a, **k: None).update(1)
+    assert (tmp_path / "not-yet" / "ppo" / progress.PROGRESS_FILE).exists()
+
+
 def test_a_resumed_stage_counts_its_pace_from_where_it_resumed():
     clock = Clock()
     p = progress.Progress("ppo", 100, start=50, record=False, clock=clock, printer=lambda *a, **k: None)
