@@ -2,7 +2,9 @@
 breaks one fails the suite instead of the next measurement (two did: bench/ppo_vs_trl.py's Path into hub.is_local,
 bench/recipe_rehearsal.py's report). The figures are not checked here (BENCHMARKS.md holds them); that each script
 runs to its table is. Elsewhere: bench/recipe_rehearsal.py and bench/memory_model.py --resources
-(tests/test_rehearsal.py), bench/ppo_golden_trace.py's fixture (tests/test_ppo_golden.py)."""
+(tests/test_rehearsal.py), bench/ppo_golden_trace.py's fixture (tests/test_ppo_golden.py). Not in the default run
+(`python -m pytest -m bench`): bench/storage_overhead.py here and bench/gpu_smoke.sh (tests/test_gpu_smoke.py),
+whole flows each, for which CI's 30 minutes have no room today."""
 
 import os
 import subprocess
@@ -75,6 +77,7 @@ def test_method_sweep_tries_a_setting_on_a_finished_run(flow_run, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.bench  # two whole flows (~150 s): outside the default run, which CI must finish in 30 minutes
 def test_storage_overhead_runs_local_and_s3_and_compares(tmp_path):
     out = _run([sys.executable, str(BENCH / "storage_overhead.py"), "--config", _smallest_config(tmp_path / "s.toml"),
                 "--rounds", "1"], timeout=900)
