@@ -68,6 +68,9 @@ def prepare(args) -> tuple[Path, object]:
     if args.size == "tiny":  # a tiny random judge agrees with itself across the two orders on ~1 pair in 12
         raw["data"]["prompts"]["max_rows"], raw["rlaif"]["num_prompts"] = 256, 240
         raw["ppo"]["steps"] = 6  # a tiny step takes a fraction of a second: room for the kill before the end
+        # The full-size floor (20 GB: bench/memory_model.py) is not what tiny stand-ins need (<1 GB): with it the
+        # rehearsal refused to start on a machine with less room (CI, after the suite's other runs).
+        raw["run"]["min_free_disk_gb"] = config.RunSection.model_fields["min_free_disk_gb"].default
     path = work / "rehearsal.toml"
     path.write_text(config.dump_toml(raw))
     return path, config.load(path)
@@ -110,7 +113,7 @@ def run_flow(args: list[str], env: dict, log: Path, store: Path | None = None) -
         peak.running = False
     run_id = RUN_ID.search(log.read_text())
     return {"rc": proc.returncode, "run_id": run_id.group(1) if run_id else None, "seconds": time.time() - started,
-            "peak": peak.peak, "kill": kill}
+            "peak": peak.peak, "kill": kill, "log": str(log)}
 
 
 def kill_ppo_after_checkpoint(flow_pid: int, run_dir: Path) -> dict | None:
@@ -139,7 +142,7 @@ def check_kill(first: dict, steps: int) -> list[str]:
     kill = first["kill"]
     if kill is None:
         return [f"the kill did not land: PPO's stage process was never seen after its step-{KILL_AFTER_STEP} "
-                f"checkpoint (run {first['run_id']}, exit code {first['rc']})"]
+                f"checkpoint (run {first['run_id']}, exit code {first['rc']}){why_it_ended(first)}"]
     problems = [] if kill["step"] < steps else [
         f"the kill landed after PPO's last checkpoint (step {kill['step']} of {steps}): nothing was left to resume"]
     if "rlhf_lib.stages.ppo" not in kill["cmdline"]:
@@ -149,6 +152,14 @@ def check_kill(first: dict, steps: int) -> list[str]:
     if (Path(kill["attempt_dir"]) / "result.json").exists():
         problems.append(f"the killed PPO attempt finished anyway: {kill['attempt_dir']}/result.json")
     return problems
+
+
+def why_it_ended(run: dict) -> str:
+    """A failed run's own last words (its log's last lines), for a failure message; empty when it succeeded."""
+    if run["rc"] == 0 or not Path(run["log"]).exists():
+        return ""
+    lines = [line.strip() for line in Path(run["log"]).read_text(errors="replace").splitlines() if line.strip()]
+    return f"; {run['log']} ends: " + " | ".join(lines[-4:])
 
 
 def resumed_ppo(store: Path, run_id: str) -> tuple[dict, str]:

@@ -149,6 +149,29 @@ def test_a_kill_that_missed_fails_the_rehearsal():
     assert "succeeded although" in check_kill({"kill": ppo, "rc": 0, "run_id": "1"}, 2)[0]
 
 
+def test_a_run_that_failed_before_the_kill_says_why(tmp_path):
+    """A run that died before PPO (e.g. refused in start) is reported with its own last words, not just an exit code."""
+    log = tmp_path / "run.log"
+    log.write_text("Workflow starting\n\n[start] run.storage_root: only 3.0 GB free under /tmp, run.min_free_disk_gb "
+                   "is 20.0\nStep failure\n")
+    problem = _rehearsal().check_kill({"kill": None, "rc": 1, "run_id": "7", "log": str(log)}, steps=2)[0]
+    assert "the kill did not land" in problem and "only 3.0 GB free" in problem and str(log) in problem
+
+
+def test_the_tiny_rehearsal_asks_for_the_disk_tiny_stand_ins_need(tmp_path):
+    """CI's failure: the tiny rehearsal kept the full-size recipe's 20 GB floor and its run was refused in `start`
+    on a machine with less room. The tiny rehearsal asks for the default; the full-size one keeps the recipe's."""
+    import argparse
+
+    from rlhf_lib import config
+
+    args = argparse.Namespace(size="tiny", work=str(tmp_path), config=str(ROOT / "configs" / "opt-1.3b-rehearsal.toml"),
+                              gpus=0)
+    _, cfg = _rehearsal().prepare(args)
+    assert cfg.run.min_free_disk_gb == config.RunSection.model_fields["min_free_disk_gb"].default <= 1
+    assert config.load(args.config).run.min_free_disk_gb == 20
+
+
 def test_a_peak_above_the_memory_model_by_more_than_a_quarter_fails_the_rehearsal():
     check_peaks = _rehearsal().check_peaks
     row = {"step": "ppo_train", "run": "resumed", "predicted_gb": 10.0}
