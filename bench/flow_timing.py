@@ -4,6 +4,7 @@
     python bench/flow_timing.py --config configs/compare.toml --plot docs/over_optimisation.png   # all five
     python bench/flow_timing.py --config configs/opt-1.3b.toml
     python bench/flow_timing.py --from-run RUN_ID --plot out.png   # the same report of a run made before
+    python bench/flow_timing.py --watch-card ppo_train  # also read that step's live card while it runs
 
 Runs the flow through metaflow.Runner, then reads each task's start/finish times and the run's metrics through
 the Client API, and prints a Markdown table for BENCHMARKS.md.
@@ -12,6 +13,7 @@ the Client API, and prints a Markdown table for BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -26,24 +28,58 @@ env.configure()
 import torch  # noqa: E402  (before metaflow's client, see tests/conftest.py)
 
 
+def watch_new_run(step: str):
+    """Start watching `step`'s card in the run about to start (the first RLHFFlow run newer than the latest now);
+    returns (the states list the watcher fills, the event that keeps it running)."""
+    import threading
+
+    from metaflow import Flow, namespace
+
+    from rlhf_lib import live
+
+    namespace(None)
+
+    def latest():
+        try:
+            return Flow("RLHFFlow").latest_run.id
+        except Exception:  # no run yet
+            return None
+
+    before, running = latest(), threading.Event()
+    running.set()
+
+    found: list[str] = []
+
+    def the_new_run():  # looked up until it exists (listing the runs costs), then kept
+        if not found and (newest := latest()) != before:
+            found.append(newest)
+        return found[0] if found else None
+
+    return live.watch_card(running.is_set, the_new_run, step), running
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
                       *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.toml"))
     parser.add_argument("--plot", default=None, help="write the over-optimisation curve (PNG) here")
     parser.add_argument("--from-run", default=None, help="report on this finished run instead of starting one")
-    args = parser.parse_args()
+    parser.add_argument("--watch-card", default=None, metavar="STEP",
+                        help="read STEP's card from the datastore once a second while it runs; report its states")
+    args = parser.parse_args(argv)
     from metaflow import Run, Runner, namespace
 
     if args.from_run:
         namespace(None)
         run, wall = Run(f"RLHFFlow/{args.from_run}"), None
     else:
-        started = time.time()
+        started, states = time.time(), []
+        if args.watch_card:
+            states, running = watch_new_run(args.watch_card)
         with Runner(str(ROOT / "flows" / "rlhf_flow.py"), show_output=False,
                     config=[("config", str(Path(args.config).resolve()))]) as runner:
             result = runner.run()
@@ -51,6 +87,8 @@ def main() -> None:
                 sys.exit(f"run {result.run.id} failed:\n{result.stderr[-3000:]}")
         wall = time.time() - started
         run = result.run
+        if args.watch_card:
+            running.clear()
     print(f"## `{run.data.run_config['run']['name']}` — run {run.id}\n")
     from rlhf_lib import cpu
 
@@ -62,6 +100,10 @@ def main() -> None:
     if wall is not None:
         print(f"| **whole run (wall)** | **{wall:.1f}** |")
     print()
+    if args.watch_card and not args.from_run:
+        named = [max(map(int, found)) for state in states if (found := re.findall(r": \w+ (\d+) of \d+", state))]
+        print(f"{args.watch_card}'s card read from the datastore while the step ran: {len(states)} distinct states, "
+              f"naming steps {named}\n")
     from rlhf_lib import report as reporting
 
     data = run.data

@@ -34,7 +34,8 @@ class StepCompute(FlowMutator):
         carded = {m.last_step for m in methods.REGISTRY.values() if m.card}
         for name, step in mutable_flow.steps:  # a training step's card is live while it trains (rlhf_lib/live.py)
             if name in carded | live.STEPS:
-                step.add_decorator(card, deco_kwargs=dict(type="blank", refresh_interval=live.MIN_REFRESH_S)
+                # Metaflow drops a refresh sooner than `refresh_interval` after the last: the card's own rate
+                step.add_decorator(card, deco_kwargs=dict(type="blank", refresh_interval=cfg.run.card_refresh_s)
                                    if name in live.STEPS else dict(type="blank"))
             kind = compute.step_kind(cfg, name)
             if kind is None:

@@ -20,7 +20,6 @@ from rlhf_lib.progress import PROGRESS_FILE, duration, number, read
 # steps that run them (each carries a realtime card: rlhf_lib/decorators.py).
 STAGES = {"sft", "reward", "reward_gold", *methods.names()}
 STEPS = {"sft", "reward", *(s for m in methods.REGISTRY.values() for s in m.train_steps)}
-MIN_REFRESH_S = 5  # Metaflow's own floor for a realtime card (`@card(refresh_interval=...)`)
 POLL_S = 1.0
 CURVE_POINTS = 400  # per metric, the newest: a long stage's chart stays small
 CURVE_METRICS = ("loss", "eval_loss", "reward", "score_mean", "kl", "objective/kl", "rewards/accuracies",
@@ -145,3 +144,35 @@ def watching(work: Path, stage: str, every_s: float, clock=time.monotonic):
     finally:
         stop.set()
         thread.join(timeout=30)
+
+
+def watch_card(running, run_id, step: str, every_s: float = 1.0) -> list[str]:
+    """Read `step`'s card from the datastore every `every_s` seconds while `running()` is true and the step's task
+    has not finished — as a notebook watching the run would (Metaflow's Client API). `run_id()` names the run once it
+    has started (None before). Returns a list the watcher keeps appending to: each distinct state of the card's
+    data, in order, as JSON text."""
+    import json
+
+    seen: list[str] = []
+
+    def poll():
+        from metaflow import Run, namespace
+        from metaflow.cards import get_cards
+
+        namespace(None)
+        while running():
+            time.sleep(every_s)
+            found = run_id()
+            try:
+                task = Run(f"RLHFFlow/{found}")[step].task if found else None
+                if task is None or task.finished:
+                    continue
+                for card in get_cards(task):
+                    data = json.dumps(card.get_data(), sort_keys=True)
+                    if data != "null" and (not seen or seen[-1] != data):
+                        seen.append(data)
+            except Exception:  # the step not started yet, or its card not written yet
+                continue
+
+    threading.Thread(target=poll, daemon=True, name=f"watching {step}'s card").start()
+    return seen

@@ -89,7 +89,9 @@ def flow_run(tmp_path_factory):
     # still see every output the artifacts name as its own (tests/test_flow.py).
     (store / "real").mkdir()
     (store / "link").symlink_to(store / "real")
-    cfg = write_config(store / "test.toml", {"run": {"storage_root": str(store / "link")}})
+    # Live cards redrawn every 2 s: the test profile's PPO trains for ~10 s (tests/test_flow.py reads its card while
+    # it does).
+    cfg = write_config(store / "test.toml", {"run": {"storage_root": str(store / "link"), "card_refresh_s": 2}})
     command = readme_run_command()
     argv = shlex.split(command)
     assert argv[0] == "python", command
@@ -113,35 +115,17 @@ LIVE: dict = {}
 
 
 def watch_live_card(proc, log: Path, step: str) -> list[str]:
-    """Poll the datastore, once a second while `proc` (a flow run) runs, for the card of `step`'s task while that
-    task has not finished; returns each distinct card data payload seen, in order, as JSON text."""
+    """Each distinct state of `step`'s card read from the datastore, once a second, while its task runs in `proc` (a
+    flow run whose output goes to `log`)."""
     import re
-    import threading
-    import time
 
-    from metaflow import Run, namespace
-    from metaflow.cards import get_cards
+    from rlhf_lib import live
 
-    seen: list[str] = []
+    def run_id():
+        found = re.search(r"Workflow starting \(run-id (\w+)\)", log.read_text())
+        return found.group(1) if found else None
 
-    def poll():
-        namespace(None)
-        while proc.poll() is None:
-            time.sleep(1)
-            found = re.search(r"Workflow starting \(run-id (\w+)\)", log.read_text())
-            try:
-                task = Run(f"RLHFFlow/{found.group(1)}")[step].task if found else None
-                if task is None or task.finished:
-                    continue
-                for card in get_cards(task):
-                    data = json.dumps(card.get_data(), sort_keys=True)
-                    if data != "null" and (not seen or seen[-1] != data):
-                        seen.append(data)
-            except Exception:  # the step not started yet, or its card not written yet
-                continue
-
-    threading.Thread(target=poll, daemon=True).start()
-    return seen
+    return live.watch_card(lambda: proc.poll() is None, run_id, step)
 
 
 def readme_run_command() -> str:
