@@ -7,6 +7,7 @@ Prints seconds per step and the peak memory of every stage.
     bash bench/gpu_smoke.sh                 # on a GPU machine (no internet needed); target: under 10 minutes
     bash bench/gpu_smoke.sh --tiny          # the same path at tiny sizes, on a CPU
     bash bench/gpu_smoke.sh --tiny --methods ppo   # what the test runs (every method runs in the flow tests)
+    bash bench/gpu_smoke.sh --tiny --from-run RUN_ID   # models and config, then the report of a finished run
     bash bench/gpu_smoke.sh --recipe        # the recipe rehearsal (bench/recipe_rehearsal.py) on this machine's
                                             # GPUs: the stand-ins as the hub ships them, bf16, one process per GPU
 """
@@ -102,7 +103,36 @@ def smoke_config(out: Path, policy: str, reward: str, tiny: bool, response_lengt
     return path
 
 
-def main() -> None:
+def report(run, wall: float | None, tiny: bool) -> None:
+    """Seconds per step and each stage's peak memory (from its result.json under the run's storage root)."""
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    print(f"\n## GPU smoke ({'tiny' if tiny else 'OPT-1.3B / DeBERTa-v3-base shapes'}) on {device}, run {run.id}\n")
+    print("| step | seconds | peak GPU memory (GB) | peak RSS (GB) |\n|---|---|---|---|")
+    outputs = Path(run.data.storage_root) / "RLHFFlow" / run.id
+    for step in reversed(list(run)):
+        task = step.task
+        attempts = sorted((outputs / {"ppo_train": "ppo"}.get(step.id, step.id)).glob("attempt-*/result.json"))
+        peak = json.loads(attempts[-1].read_text()).get("peak_memory", {}) if attempts else {}
+        gpu, rss = peak.get("gpu_gb"), peak.get("cpu_rss_gb")
+        print(f"| {step.id} | {(task.finished_at - task.created_at).total_seconds():.1f} | "
+              f"{'—' if gpu is None else f'{gpu:.2f}'} | {'—' if rss is None else f'{rss:.2f}'} |")
+    if wall is not None:
+        print(f"| **flow (wall)** | **{wall:.1f}** | | |")
+
+
+def run_flow(config_path: Path):
+    """The flow on the smoke config, its output shown; (the run, its wall seconds)."""
+    from metaflow import Runner
+
+    started = time.time()
+    with Runner(str(ROOT / "flows" / "rlhf_flow.py"), show_output=True, config=[("config", str(config_path))]) as runner:
+        result = runner.run()
+    if result.status != "successful":
+        sys.exit(f"[gpu-smoke] run {result.run.id} failed")
+    return result.run, time.time() - started
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU test of the same path)")
     parser.add_argument("--out", default=str(ROOT / "artifacts" / "gpu-smoke"))
@@ -110,48 +140,35 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help="comma-separated methods to run (default: every one)")
     parser.add_argument("--recipe", action="store_true",
                         help="run the recipe rehearsal (configs/opt-1.3b-rehearsal.toml) on every GPU here instead")
-    args = parser.parse_args()
+    parser.add_argument("--from-run", default=None, metavar="RUN_ID",
+                        help="build the models and the config, then report on this finished run instead of starting one")
+    args = parser.parse_args(argv)
     if args.recipe:
         import subprocess
 
         sys.exit(subprocess.call([sys.executable, str(ROOT / "bench" / "recipe_rehearsal.py"), "--gpus",
                                   str(torch.cuda.device_count())]))
-    from metaflow import Runner
-
+    from rlhf_lib import methods
     from rlhf_lib.config import dump_toml
 
     out = Path(args.out).resolve()
     started = time.time()
     policy, reward = build_models(out, args.tiny)
     print(f"[gpu-smoke] models built in {time.time() - started:.1f} s: {policy}, {reward}", flush=True)
-    from rlhf_lib import methods
-
     chosen = args.methods.split(",") if args.methods else methods.names()
     raw = json.loads(smoke_config(out, policy, reward, args.tiny, args.response_length, chosen).read_text())
     toml_path = out / "gpu-smoke.toml"
     toml_path.write_text(dump_toml(raw))
-    flow_started = time.time()
-    with Runner(str(ROOT / "flows" / "rlhf_flow.py"), show_output=True, config=[("config", str(toml_path))]) as runner:
-        result = runner.run()
-    wall = time.time() - flow_started
-    run = result.run
-    if result.status != "successful":
-        sys.exit(f"[gpu-smoke] run {run.id} failed")
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    print(f"\n## GPU smoke ({'tiny' if args.tiny else 'OPT-1.3B / DeBERTa-v3-base shapes'}) on {device}, "
-          f"run {run.id}\n")
-    print("| step | seconds | peak GPU memory (GB) | peak RSS (GB) |\n|---|---|---|---|")
-    for step in reversed(list(run)):
-        task = step.task
-        stage = {"ppo_train": "ppo"}.get(step.id, step.id)
-        attempts = sorted((out / "RLHFFlow" / run.id / stage).glob("attempt-*/result.json"))
-        peak = json.loads(attempts[-1].read_text()).get("peak_memory", {}) if attempts else {}
-        gpu = peak.get("gpu_gb")
-        rss = peak.get("cpu_rss_gb")
-        print(f"| {step.id} | {(task.finished_at - task.created_at).total_seconds():.1f} | "
-              f"{'—' if gpu is None else f'{gpu:.2f}'} | {'—' if rss is None else f'{rss:.2f}'} |")
-    print(f"| **flow (wall)** | **{wall:.1f}** | | |")
-    print(f"\n[gpu-smoke] whole smoke test {time.time() - started:.1f} s; outputs under {out}")
+    print(f"[gpu-smoke] config: {toml_path}", flush=True)
+    if args.from_run:
+        from metaflow import Run, namespace
+
+        namespace(None)
+        run, wall = Run(f"RLHFFlow/{args.from_run}"), None
+    else:
+        run, wall = run_flow(toml_path)
+    report(run, wall, args.tiny)
+    print(f"\n[gpu-smoke] whole smoke test {time.time() - started:.1f} s; outputs under {run.data.storage_root}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 (`rlhf_lib/progress.py`); while the step's task waits for it, a thread here reads what is new and redraws the
 step's realtime Metaflow card — step N of M with an ETA, the stage's curves, the newest sample generations of an
 online method, the checkpoint it would resume from — at a bounded rate: every `run.card_refresh_s` seconds at first,
-then every sixth of the time elapsed (a card refresh is a `card create` subprocess; a 10-hour stage redraws ~50
-times). Watch it in the Metaflow UI or `python flows/rlhf_flow.py card server` (docs/inspecting.md).
+then every sixth of the time elapsed (a 10-hour stage redraws ~50 times), each redraw a data update written from the
+step's own process (`write_data_update`). Watch it in the Metaflow UI or `python flows/rlhf_flow.py card server`
+(docs/inspecting.md).
 """
 
 from __future__ import annotations
@@ -104,6 +105,37 @@ class LiveCard:
                                 "No checkpoint yet: a restart begins at step 0.")
 
 
+def write_data_update(card) -> None:
+    """What `card.refresh()` has Metaflow do in a `card create --mode refresh` subprocess — save the card's data
+    update (its components' new state) to the card datastore — done from this process instead. That subprocess loads
+    the whole flow for a JSON write (about a second of CPU); on a 2-core machine each one stalled the stage's torch
+    threads (PPO took ~9 s longer with five of them). The layout is rendered by Metaflow's own subprocess, once, when
+    the stage starts; the final card as always. Built on Metaflow 2.19's card internals (requirements.txt pins it):
+    the payload is BlankCard's `refresh` with its reload token (layout unchanged), saved where `card create` saves
+    it; the flow fixture's test reads these updates from the datastore mid-step through the Client API, so a change
+    there fails the suite. Should this process's write fail, Metaflow's own refresh does it."""
+    from types import SimpleNamespace
+
+    from metaflow import current
+    from metaflow.plugins import DATASTORES
+    from metaflow.plugins.cards.card_datastore import CardDatastore
+
+    try:
+        uuid = card._default_editable_card
+        data = card._get_latest_data(uuid, final=False, mode="refresh")
+        options = card._card_creator._top_level_options
+        kind = options[options.index("--datastore") + 1]
+        storage = next(d for d in DATASTORES if d.TYPE == kind)(CardDatastore.get_storage_root(kind))
+        store = CardDatastore(SimpleNamespace(_storage_impl=storage, flow_name=current.flow_name),
+                              pathspec=f"{current.flow_name}/{current.run_id}/{current.step_name}/{current.task_id}")
+        store.save_data(uuid, "blank", {"reload_token": f"runtime-{data['component_update_ts']}",
+                                        "data": data["components"], "created_on": time.time()})
+    except Exception as err:  # noqa: BLE001 — a card is never worth a failed stage
+        print(f"[live] writing the card's data update here failed ({type(err).__name__}: {err}); "
+              f"Metaflow's card subprocess does it", flush=True)
+        card.refresh()
+
+
 def due(now: float, began: float, last: float, every_s: float) -> bool:
     """Redraw every `every_s` seconds at first, then every sixth of the time elapsed."""
     return now - last >= max(every_s, (now - began) / 6)
@@ -120,9 +152,9 @@ def watching(work: Path, stage: str, every_s: float, clock=time.monotonic):
     live, stop = LiveCard(card, stage), threading.Event()
 
     def follow():
-        # Metaflow redraws a card in a `card create` subprocess (~0.5 s of CPU); at a lower priority they starved
-        # behind a stage on both cores and Metaflow skipped the redraws (one state in a whole PPO stage): the
-        # bound on their cost is their rate (`due`).
+        # Redraws are data updates written here (`write_data_update`): Metaflow's own `card create` subprocesses
+        # cost the stage seconds each on 2 cores, and at a lower priority they starved (one state in a whole PPO
+        # stage). Their rate (`due`) bounds what the rest costs.
         offset, began, last, drawn = 0, clock(), clock(), False
         while not stop.wait(POLL_S):
             entries, offset = read(Path(work) / PROGRESS_FILE, offset)
@@ -132,7 +164,7 @@ def watching(work: Path, stage: str, every_s: float, clock=time.monotonic):
                 drawn = True
             elif entries and due(clock(), began, last, every_s):
                 live.draw()
-                card.refresh()
+                write_data_update(card)
                 last = clock()
         live.feed(read(Path(work) / PROGRESS_FILE, offset)[0])
         live.draw()

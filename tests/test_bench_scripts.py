@@ -2,9 +2,10 @@
 breaks one fails the suite instead of the next measurement (two did: bench/ppo_vs_trl.py's Path into hub.is_local,
 bench/recipe_rehearsal.py's report). The figures are not checked here (BENCHMARKS.md holds them); that each script
 runs to its table is. Elsewhere: bench/recipe_rehearsal.py and bench/memory_model.py --resources
-(tests/test_rehearsal.py), bench/ppo_golden_trace.py's fixture (tests/test_ppo_golden.py). Not in the default run
-(`python -m pytest -m bench`): bench/storage_overhead.py here and bench/gpu_smoke.sh (tests/test_gpu_smoke.py),
-whole flows each, for which CI's 30 minutes have no room today."""
+(tests/test_rehearsal.py), bench/ppo_golden_trace.py's fixture (tests/test_ppo_golden.py). The scripts that start
+whole flows (flow_timing, gpu_smoke, storage_overhead) run here on a finished run (the flow fixture's) in seconds;
+their whole runs are under `-m bench` (`python -m pytest -m bench`: storage_overhead's two flows here, gpu_smoke's
+in tests/test_gpu_smoke.py), for which CI's 30 minutes have no room."""
 
 import os
 import subprocess
@@ -59,6 +60,39 @@ def test_reward_learning_curve_and_reward_real_data_train_on_the_real_pairs(tmp_
     out = _run([sys.executable, str(BENCH / "reward_real_data.py"), "--steps", "2", "--max-length", "64",
                 "--batch-size", "2"])
     assert "| MiniLM-L6 (pretrained) |" in out
+
+
+def test_gpu_smoke_builds_its_models_and_config_and_reports_a_finished_run(flow_run, tmp_path):
+    """bench/gpu_smoke.sh's own code in seconds: the tiny models, the smoke config (validated against today's schema)
+    and the report, of the flow fixture's run (`--from-run`). What it skips is starting the run (its `run_flow`, a
+    metaflow.Runner call like flow_timing's); the whole smoke run is tests/test_gpu_smoke.py, under `-m bench`."""
+    import json
+    import re
+
+    out = _run(["bash", str(BENCH / "gpu_smoke.sh"), "--tiny", "--methods", "ppo", "--response-length", "96",
+                "--out", str(tmp_path), "--from-run", flow_run.id])
+    table = out.split("## GPU smoke", 1)[1]
+    for step in ("sft", "merge", "reward", "ppo_train", "evaluate"):
+        assert re.search(rf"\| {step} \| [\d.]+ \| — \| [\d.]+ \|", table), step  # seconds, no GPU, peak RSS
+    config = json.loads((tmp_path / "gpu-smoke.json").read_text())
+    assert config["sft"]["quantize_4bit"] is True and config["ppo"]["max_response_length"] == 96
+    assert config["run"]["methods"] == ["ppo"] and (tmp_path / "models" / "opt-policy" / "config.json").exists()
+
+
+def test_storage_overhead_replays_a_finished_run_through_s3(flow_run):
+    """bench/storage_overhead.py's own code in seconds: its S3 server, and a finished run's outputs (the flow
+    fixture's) to S3 and back through rlhf_lib.storage (`--replay-run`); and its reading of a run's figures, from the
+    fixture's real output. What it skips is starting its two flows; those run under `-m bench`."""
+    sys.path.insert(0, str(BENCH))
+    import storage_overhead
+
+    from conftest import LIVE
+
+    out = _run([sys.executable, str(BENCH / "storage_overhead.py"), "--replay-run", flow_run.id])
+    for stage in ("sft", "merge", "reward", "ppo", "evaluate"):
+        assert f"| {stage} | " in out, stage
+    assert "a lower bound of what S3 storage adds" in out
+    assert "win-rate vs SFT" in storage_overhead.figures(LIVE["output"])
 
 
 def test_flow_timing_reports_a_finished_run(flow_run, tmp_path):

@@ -159,6 +159,8 @@ def test_ppo_trains_under_a_live_card_the_datastore_shows_advancing(flow_run):
              if (found := re.findall(r"ppo: step (\d+) of \d+", state))]
     total = flow_run.data.run_config["ppo"]["steps"]
     assert len(set(steps)) >= 3 and steps == sorted(steps) and steps[0] < total, steps
+    # the updates were written from the step's own process (rlhf_lib/live.py), not by Metaflow's fallback subprocess
+    assert "[live] writing the card's data update here failed" not in LIVE["output"]
     (final,) = get_cards(flow_run["ppo_train"].task)
     # the card's components travel base64-encoded inside its HTML
     payload = re.search(r'window\.__MF_DATA__\["[^"]+"\] = "([^"]+)"', final.get()).group(1)
