@@ -72,8 +72,9 @@ def _run(config: Path, env: dict) -> tuple[float, str]:
 def _bucket(url: str):
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id="bench", aws_secret_access_key="bench",
-                      region_name="us-east-1")
+    s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                      region_name=CREDENTIALS["AWS_DEFAULT_REGION"])
     s3.create_bucket(Bucket="bench")
     return s3
 
@@ -127,16 +128,16 @@ def main() -> None:
     s3 = _bucket(url)
     base = tomllib.loads(Path(args.config).read_text())
     times: dict[str, list[float]] = {"local": [], "s3": []}
-    figures = {}
+    reported: dict[str, str] = {}  # each storage's evaluation figures (`figures`)
     try:
         for r in range(args.rounds):
             for kind in ("local", "s3"):
                 root = str(work / f"local-{r}") if kind == "local" else f"s3://bench/round-{r}"
                 cfg = work / f"{kind}-{r}.toml"
                 cfg.write_text(dump_toml({**base, "run": {**base.get("run", {}), "storage_root": root}}))
-                seconds, figures[kind] = _run(cfg, env)
+                seconds, reported[kind] = _run(cfg, env)
                 times[kind].append(seconds)
-                print(f"round {r + 1} {kind}: {seconds:.0f} s  {figures[kind]}", flush=True)
+                print(f"round {r + 1} {kind}: {seconds:.0f} s  {reported[kind]}", flush=True)
         stored = sum(o["Size"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="bench",
                                                                                          Prefix="round-0/")
                      for o in page.get("Contents", []))
@@ -148,7 +149,7 @@ def main() -> None:
     print("| storage | wall (s) | vs local | stored in S3 |\n|---|---|---|---|")
     print(f"| local disk | {local:.0f} | 1.00× | – |")
     print(f"| S3 (moto on 127.0.0.1) | {remote:.0f} | {remote / local:.2f}× | {stored / 1e6:.1f} MB |")
-    print(f"\nsame figures: {figures['local'] == figures['s3']} ({figures['s3']})")
+    print(f"\nsame figures: {reported['local'] == reported['s3']} ({reported['s3']})")
 
 
 if __name__ == "__main__":
