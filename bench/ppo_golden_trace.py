@@ -59,18 +59,15 @@ def _plain(value):
     return value
 
 
-def trace_worker(name: str) -> dict:
-    """In the trl 1.12 environment: one step of TRL's PPOTrainer.train(), traced."""
+def _tiny_models(vocab_size: int, seed: int):
+    """(tokenizer, policy, reference, value model, reward model, train prompts): tiny float64 OPTs, the reference a
+    little off the policy, seeded."""
     import torch
     from tokenizers import Tokenizer, models
     from transformers import OPTConfig, OPTForCausalLM, OPTForSequenceClassification, PreTrainedTokenizerFast
 
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import datasets
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    vocab_size, response_length, stop_at_eos, seed = TRACES[name]
-    torch.set_num_threads(1)
     torch.manual_seed(seed)
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(vocab_size - 3)}}
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
@@ -87,7 +84,52 @@ def trace_worker(name: str) -> dict:
     gen = torch.Generator().manual_seed(seed)
     queries = [torch.randint(3, vocab_size, (int(n),), generator=gen).tolist()
                for n in torch.randint(3, 7, (8,), generator=gen)]
-    train = datasets.Dataset.from_dict({"input_ids": queries})
+    return tok, policy, ref, value, reward, datasets.Dataset.from_dict({"input_ids": queries})
+
+
+def _traced_train(trainer, train_code) -> tuple[dict, list[dict]]:
+    """Run `trainer.train()` with a line tracer on `train_code` (PPOTrainer.train): the rollout's tensors once, and
+    each mini-batch's as it ends."""
+    rollout, minibatches, last = {}, [], {}
+
+    def local_trace(frame, event, arg):
+        if event != "line":
+            return local_trace
+        f = frame.f_locals
+        if "returns" in f and "advantages_gae" not in rollout:
+            rollout["advantages_gae"] = _plain(f["advantages"])  # returns = advantages + values: not yet whitened
+        if "ppo_epoch_idx" in f and "rewards" not in rollout:
+            rollout.update({k: _plain(f[k]) for k in ROLLOUT})
+        if "approxkl" not in f:  # deleted at the end of each mini-batch: the next one is new even at the same id
+            last.pop("approxkl", None)
+        elif id(f["approxkl"]) != last.get("approxkl"):
+            last["approxkl"] = id(f["approxkl"])
+            minibatches.append({k: _plain(f[k]) for k in MINIBATCH})
+        return local_trace
+
+    def global_trace(frame, event, arg):
+        if event == "call" and frame.f_code is train_code:
+            return local_trace
+        return None
+
+    sys.settrace(global_trace)
+    try:
+        trainer.train()
+    finally:
+        sys.settrace(None)
+    return rollout, minibatches
+
+
+def trace_worker(name: str) -> dict:
+    """In the trl 1.12 environment: one step of TRL's PPOTrainer.train(), traced."""
+    import torch
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    vocab_size, response_length, stop_at_eos, seed = TRACES[name]
+    torch.set_num_threads(1)
+    tok, policy, ref, value, reward, train = _tiny_models(vocab_size, seed)
     with tempfile.TemporaryDirectory() as out:
         args = PPOConfig(output_dir=out, per_device_train_batch_size=8, gradient_accumulation_steps=1,
                          num_mini_batches=2, num_ppo_epochs=2, response_length=response_length,
@@ -98,33 +140,7 @@ def trace_worker(name: str) -> dict:
                          dataloader_num_workers=0, **PPO)
         trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                              value_model=value, train_dataset=train)
-        rollout, minibatches, last = {}, [], {}
-
-        def local_trace(frame, event, arg):
-            if event != "line":
-                return local_trace
-            f = frame.f_locals
-            if "returns" in f and "advantages_gae" not in rollout:
-                rollout["advantages_gae"] = _plain(f["advantages"])  # returns = advantages + values: not yet whitened
-            if "ppo_epoch_idx" in f and "rewards" not in rollout:
-                rollout.update({k: _plain(f[k]) for k in ROLLOUT})
-            if "approxkl" not in f:  # deleted at the end of each mini-batch: the next one is new even at the same id
-                last.pop("approxkl", None)
-            elif id(f["approxkl"]) != last.get("approxkl"):
-                last["approxkl"] = id(f["approxkl"])
-                minibatches.append({k: _plain(f[k]) for k in MINIBATCH})
-            return local_trace
-
-        def global_trace(frame, event, arg):
-            if event == "call" and frame.f_code is PPOTrainer.train.__code__:
-                return local_trace
-            return None
-
-        sys.settrace(global_trace)
-        try:
-            trainer.train()
-        finally:
-            sys.settrace(None)
+        rollout, minibatches = _traced_train(trainer, PPOTrainer.train.__code__)
     lengths = rollout["sequence_lengths"]
     if stop_at_eos:
         assert len(set(lengths)) > 2 and min(lengths) < response_length - 2, f"lengths too alike: {lengths}"

@@ -2,8 +2,8 @@
 
 A row names the method's settings (a config section of the same name: `RunConfig.<name>` is derived from the
 registry, rlhf_lib/config.py), its stage module (`rlhf_lib.stages.<stage>`: `python -m` runnable alone, writes
-`result.json`), what it needs upstream, whether it samples from the policy while it trains (online: it takes a
-reward function) and keeps its adapter at each checkpoint (snapshots: its over-optimisation curve), whether it
+`result.json`), what it needs upstream (an online method — one that samples from the policy while it trains —
+needs the reward), whether it keeps its adapter at each checkpoint (snapshots: its over-optimisation curve), whether it
 runs as a multi-node gang, the extra artifacts it keeps, the plot of its training curves, whether it has a card of
 its own, and its own `start` checks. Everything that loops over methods — the config, `start`'s checks, the steps'
 resources, the pipeline, the evaluation, the report, the cards, the notebook and the tests — asks this table.
@@ -48,7 +48,6 @@ class Method:
     settings: type[Section] | None  # its config section `<name>` (None: it has no settings)
     doc: str  # the config section's one-line description
     needs: tuple[str, ...]  # a subset of NEEDS
-    online: bool  # samples from the policy while it trains: takes a reward function
     snapshots: bool = False  # keeps its adapter at every checkpoint (DIR/snapshots): its over-optimisation curve
     gang: bool = False  # may run as one job across run.nodes machines (`@parallel`, see the module doc)
     stage: str = ""  # module under rlhf_lib.stages (default: the name), or a full dotted module path
@@ -173,7 +172,7 @@ def _ppo_plan(cfg) -> str:
 
 
 register(Method("ppo", "PPO", PPOSection, "PPO against the reward model.", ("sft_model", "reward", "prompts"),
-                online=True, snapshots=True, gang=True, extras=("value_head_path",),
+                snapshots=True, gang=True, extras=("value_head_path",),
                 plot="rlhf_lib.report:plot_ppo", card=True, check=_ppo_checks, plan=_ppo_plan))
 
 
@@ -188,8 +187,7 @@ class DPOSection(TrainerSection):
     lora: LoraSection = Field(default_factory=LoraSection, description="The fresh DPO adapter on the merged SFT model.")
 
 
-register(Method("dpo", "DPO", DPOSection, "DPO on the preference pairs.", ("sft_model", "preference"),
-                online=False))
+register(Method("dpo", "DPO", DPOSection, "DPO on the preference pairs.", ("sft_model", "preference")))
 
 
 # ------------------------------------------------------------------ ReST
@@ -219,7 +217,7 @@ class RestSection(TrainerSection):
 
 
 register(Method("rest", "ReST", RestSection, "ReST (Grow/Improve) against the reward model.",
-                ("sft_model", "reward", "prompts"), online=True, snapshots=True, extras=("iterations", "grown_sets"),
+                ("sft_model", "reward", "prompts"), snapshots=True, extras=("iterations", "grown_sets"),
                 plot="rlhf_lib.report:plot_rest"))
 
 
@@ -237,6 +235,6 @@ class RLOOSection(OnlineSection):
 
 
 register(Method("grpo", "GRPO", GRPOSection, "GRPO (TRL GRPOTrainer) against the reward.",
-                ("sft_model", "reward", "prompts"), online=True, snapshots=True))
+                ("sft_model", "reward", "prompts"), snapshots=True))
 register(Method("rloo", "RLOO", RLOOSection, "RLOO (TRL RLOOTrainer) against the reward.",
-                ("sft_model", "reward", "prompts"), online=True, snapshots=True))
+                ("sft_model", "reward", "prompts"), snapshots=True))

@@ -102,8 +102,6 @@ class Workspace:
     """One attempt (`attempt`, Metaflow's retry count) of one stage (`stage`, the output directory's name) of one
     run, on one node of a gang (`node`; node 0 is the one that writes)."""
 
-    remote = False
-
     def __init__(self, cfg: RunConfig, run_id: str, stage: str, attempt: int = 0, node: int = 0):
         self.cfg, self.run_id, self.stage, self.attempt, self.node = cfg, str(run_id), stage, attempt, node
         self.uri = attempt_uri(cfg, run_id, stage, attempt)
@@ -214,8 +212,6 @@ class LocalWorkspace(Workspace):
 
 
 class S3Workspace(Workspace):
-    remote = True
-
     @property
     def scratch(self) -> Path:
         return storage.scratch_root() / FLOW_NAME / self.run_id / self.stage / f"attempt-{self.attempt}"

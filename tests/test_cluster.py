@@ -572,18 +572,8 @@ print("RESULT " + json.dumps(result))
 ZOMBIE_STEPS = 30
 
 
-@pytest.mark.slow
-def test_an_attempt_given_up_for_dead_cannot_change_what_the_next_one_reads(s3_env, tiny_policy, tmp_path):
-    """Attempt 0 of a PPO task stops answering (SIGSTOP: a partitioned or frozen pod Kubernetes gives up on) after
-    its first checkpoint; attempt 1 starts on another machine and downloads that checkpoint (slowly: its S3 reads go
-    through a proxy that delays them); while it downloads, attempt 0 comes back (SIGCONT) and goes on writing
-    checkpoints — into its own prefix only, and deleting none now that attempt 1 has started and marked them as
-    being read — and its own result. Attempt 1 ends with the stats of an uninterrupted run, and its result (what
-    Metaflow records) names attempt 1's outputs."""
-    import boto3
-
-    from faulty_proxy import FaultyProxy
-
+def _zombie_stage(s3_env, tiny_policy, tmp_path) -> tuple[str, str, Path]:
+    """(the PPO stage's inputs as JSON, its S3 storage root, its config file): a tiny reward model and prompts."""
     from rlhf_lib import models
     from rlhf_lib.config import DatasetSource, TinyModelSpec
     from rlhf_lib.data import lake
@@ -598,25 +588,63 @@ def test_an_attempt_given_up_for_dead_cannot_change_what_the_next_one_reads(s3_e
         "ppo": {"steps": ZOMBIE_STEPS, "save_freq": 5, "keep_checkpoints": 2, "batch_size": 8, "mini_batch_size": 4,
                 "ppo_epochs": 2, "min_response_length": 4, "max_response_length": 12, "stop_at_eos": False,
                 "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}})
+    return inputs, root, cfg
+
+
+def _slow_checkpoint_reads(s3_env):
+    """A proxy in front of the S3 server that delays each read of a checkpoint's files by a second."""
+    from faulty_proxy import FaultyProxy
+
     upstream = s3_env["METAFLOW_S3_ENDPOINT_URL"].removeprefix("http://").split(":")
-    slow = FaultyProxy(upstream[0], int(upstream[1]), delay=1.0,
+    return FaultyProxy(upstream[0], int(upstream[1]), delay=1.0,
                        match=lambda line: line.startswith(b"GET") and b"/checkpoints/step-" in line)
 
-    def start(attempt: int, endpoint: str | None = None):  # each attempt on its own "machine" (scratch, lock)
-        log = open(tmp_path / f"attempt-{attempt}.log", "w")
-        code = ZOMBIE.format(root=str(ROOT), cfg=str(cfg), inputs=inputs, attempt=attempt)
-        env = {**os.environ, "RLHF_SCRATCH_DIR": str(tmp_path / f"machine-{attempt}"), "OMP_NUM_THREADS": "1"}
-        if endpoint:
-            env["METAFLOW_S3_ENDPOINT_URL"] = endpoint
-        return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+def _start_attempt(tmp_path: Path, code: str, attempt: int, endpoint: str | None = None) -> subprocess.Popen:
+    """One attempt of the task on its own "machine" (scratch directory, lock), logging to attempt-N.log."""
+    log = open(tmp_path / f"attempt-{attempt}.log", "w")
+    env = {**os.environ, "RLHF_SCRATCH_DIR": str(tmp_path / f"machine-{attempt}"), "OMP_NUM_THREADS": "1"}
+    if endpoint:
+        env["METAFLOW_S3_ENDPOINT_URL"] = endpoint
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _complete_checkpoints(s3, bucket: str, prefix: str) -> list[int]:
+    """The steps of the checkpoints under `prefix` that carry their COMPLETE marker."""
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for o in page.get("Contents", [])]
+    return sorted(int(k.split("/step-")[1].split("/")[0]) for k in keys if k.endswith("/COMPLETE"))
+
+
+def _assert_same_stats(stats: list[dict], reference: list[dict]) -> None:
+    for a, b in zip(stats, reference):
+        for key, value in b.items():
+            if isinstance(value, float):
+                assert math.isclose(a[key], value, rel_tol=1e-4, abs_tol=1e-4), (a["step"], key, a[key], value)
+
+
+@pytest.mark.slow
+def test_an_attempt_given_up_for_dead_cannot_change_what_the_next_one_reads(s3_env, tiny_policy, tmp_path):
+    """Attempt 0 of a PPO task stops answering (SIGSTOP: a partitioned or frozen pod Kubernetes gives up on) after
+    its first checkpoint; attempt 1 starts on another machine and downloads that checkpoint (slowly: its S3 reads go
+    through a proxy that delays them); while it downloads, attempt 0 comes back (SIGCONT) and goes on writing
+    checkpoints — into its own prefix only, and deleting none now that attempt 1 has started and marked them as
+    being read — and its own result. Attempt 1 ends with the stats of an uninterrupted run, and its result (what
+    Metaflow records) names attempt 1's outputs."""
+    import boto3
+
+    inputs, root, cfg = _zombie_stage(s3_env, tiny_policy, tmp_path)
+    slow = _slow_checkpoint_reads(s3_env)
+
+    def start(attempt: int, endpoint: str | None = None):
+        return _start_attempt(tmp_path, ZOMBIE.format(root=str(ROOT), cfg=str(cfg), inputs=inputs, attempt=attempt),
+                              attempt, endpoint)
 
     s3 = boto3.client("s3", endpoint_url=s3_env["METAFLOW_S3_ENDPOINT_URL"], **_boto_credentials())
     prefix = "z/RLHFFlow/77/ppo"
 
     def complete(attempt: int) -> list[int]:
-        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
-            Bucket=s3_env["BUCKET"], Prefix=f"{prefix}/attempt-{attempt}/checkpoints/") for o in page.get("Contents", [])]
-        return sorted(int(k.split("/step-")[1].split("/")[0]) for k in keys if k.endswith("/COMPLETE"))
+        return _complete_checkpoints(s3, s3_env["BUCKET"], f"{prefix}/attempt-{attempt}/checkpoints/")
 
     zombie = start(0)
     deadline = time.time() + 600
@@ -634,8 +662,7 @@ def test_an_attempt_given_up_for_dead_cannot_change_what_the_next_one_reads(s3_e
     assert successor.wait(timeout=900) == 0, (tmp_path / "attempt-1.log").read_text()[-3000:]
     assert zombie.wait(timeout=900) == 0, (tmp_path / "attempt-0.log").read_text()[-3000:]
     log0, log1 = (tmp_path / "attempt-0.log").read_text(), (tmp_path / "attempt-1.log").read_text()
-    result0 = json.loads(log0.split("RESULT ", 1)[1].splitlines()[0])
-    result1 = json.loads(log1.split("RESULT ", 1)[1].splitlines()[0])
+    result0, result1 = (json.loads(log.split("RESULT ", 1)[1].splitlines()[0]) for log in (log0, log1))
     slow.close()
     adopted = result1["resumed_from_step"]
     assert adopted >= 5 and f"continuing from {root}/RLHFFlow/77/ppo/attempt-0/checkpoints/step-{adopted:06d}" in log1
@@ -654,7 +681,4 @@ def test_an_attempt_given_up_for_dead_cannot_change_what_the_next_one_reads(s3_e
                       ) == result1
     # Attempt 1 ends exactly where an uninterrupted run ends: the zombie is one.
     assert len(result1["stats"]) == len(result0["stats"]) == ZOMBIE_STEPS
-    for a, b in zip(result1["stats"], result0["stats"]):
-        for key, value in b.items():
-            if isinstance(value, float):
-                assert math.isclose(a[key], value, rel_tol=1e-4, abs_tol=1e-4), (a["step"], key, a[key], value)
+    _assert_same_stats(result1["stats"], result0["stats"])

@@ -80,15 +80,15 @@ def test_the_flows_graph_is_the_registry():
 
 def test_every_method_of_the_registry_is_in_every_report():
     cfg = config.load(TEST_CONFIG)
-    outcomes, rows = {}, {"sft": {"mean_score": 0.0, "perplexity": 2.0}}
+    outcomes, rows = {}, {"sft": {"proxy_score": 0.0, "perplexity": 2.0}}
     for i, name in enumerate(methods.names()):
         outcomes[name] = {**pipeline.skipped_outcome(cfg, methods.get(name)), "status": methods.DONE,
                           "model_path": f"/x/{name}/merged", "stats": [{"step": 1, "loss": 1.0, "score_mean": 0.1,
                                                                          "kl": 0.0, "beta": 0.2,
                                                                          "response_length_mean": 3.0}],
                           "config": {"kl_target": 6.0}, "resumed_from_step": 0}
-        rows[name] = {"mean_score": 1.0 + i, "win_rate_vs_sft": 0.6, "gold_win_rate_vs_sft": 0.55,
-                      "kl_vs_sft": 0.1, "kl_vs_sft_per_sequence": 2.0, "perplexity": 3.0, "over_optimised": False}
+        rows[name] = {"proxy_score": 1.0 + i, "proxy_win_rate": 0.6, "gold_win_rate": 0.55,
+                      "kl_per_token": 0.1, "kl_per_sequence": 2.0, "perplexity": 3.0, "over_optimised": False}
     outcomes["rest"]["iterations"] = [{"mean_reward_all": 0.0, "mean_reward_kept": 1.0, "kept_fraction": 0.5}]
     data = _run_data(cfg, outcomes, rows)
     summary = report.summary(data)
@@ -131,9 +131,9 @@ def test_the_steps_that_route_or_skip_load_no_ml_library():
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
-# ------------------------------------------------------------------ a sixth method, added as the next engineer would
+# ------------------------------------------------------------------ a new method, added as the next engineer would
 
-TOY_STAGE = '''"""Toy: a sixth method for tests/test_registry.py. It keeps the SFT model as it is."""
+TOY_STAGE = '''"""Toy: one more method for tests/test_registry.py. It keeps the SFT model as it is."""
 
 import shutil
 
@@ -162,7 +162,7 @@ def _toy_checks(cfg) -> list[str]:
     return [] if cfg.toy.keep_sft else ["toy.keep_sft = false: the toy method can only keep the SFT model"]
 
 
-register(Method("toy", "Toy", ToySection, "A toy method: the SFT model as it is.", ("sft_model",), online=False,
+register(Method("toy", "Toy", ToySection, "A toy method: the SFT model as it is.", ("sft_model",),
                 check=_toy_checks, plan=lambda cfg: "toy: the SFT model as it is"))
 '''
 TOY_STEP = '''
@@ -174,7 +174,13 @@ TOY_STEP = '''
         pipeline.method_step(self, "toy", current)
         self.next(self.evaluate)
 '''
-FAN_OUT = "self.next(self.ppo, self.dpo, self.rest, self.grpo, self.rloo)"
+
+
+def _fan_out() -> str:
+    """`reward`'s fan-out as the flow writes it, from the registry: a toy method's step joins it."""
+    from rlhf_lib import methods
+
+    return "self.next(" + ", ".join(f"self.{name}" for name in methods.names()) + ")"
 
 
 def _copy_of_the_project(tmp_path: Path) -> Path:
@@ -198,7 +204,7 @@ def _in(tree: Path, code: str, env: dict | None = None) -> str:
 
 
 @pytest.mark.slow
-def test_a_sixth_method_is_its_module_its_row_and_one_flow_step(tmp_path):
+def test_a_new_method_is_its_module_its_row_and_one_flow_step(tmp_path):
     """In a copy of the project, a toy method gets a stage module, a registry row (settings, check, plan) and one
     flow step (with its name in `reward`'s fan-out) — nothing else is edited — and it is in the config, `start`'s
     checks, the run, the report, the card and the notebook; without its flow step the graph test fails."""
@@ -210,8 +216,9 @@ def test_a_sixth_method_is_its_module_its_row_and_one_flow_step(tmp_path):
     (tree / "rlhf_lib" / "stages" / "toy.py").write_text(TOY_STAGE)
     with open(tree / "rlhf_lib" / "methods.py", "a") as fh:
         fh.write(TOY_ROW)
-    flow = (tree / "flows" / "rlhf_flow.py").read_text()
-    with_step = flow.replace(FAN_OUT, FAN_OUT[:-1] + ", self.toy)").replace(
+    flow, fan_out = (tree / "flows" / "rlhf_flow.py").read_text(), _fan_out()
+    assert fan_out in flow  # else the toy step would silently stay out of the graph
+    with_step = flow.replace(fan_out, fan_out[:-1] + ", self.toy)").replace(
         "    # ---------------------------------------------------------------- judging", TOY_STEP.lstrip("\n") +
         "\n    # ---------------------------------------------------------------- judging")
     (tree / "flows" / "rlhf_flow.py").write_text(with_step)
@@ -255,7 +262,7 @@ def test_a_sixth_method_is_its_module_its_row_and_one_flow_step(tmp_path):
     assert '"toy"' in _card_content(card)
     _run_notebook_shows(tree, "toy", env)
 
-    (tree / "flows" / "rlhf_flow.py").write_text(flow.replace(FAN_OUT, FAN_OUT[:-1] + ", self.toy)"))
+    (tree / "flows" / "rlhf_flow.py").write_text(flow.replace(_fan_out(), _fan_out()[:-1] + ", self.toy)"))
     assert subprocess.run(graph_test, cwd=tree, capture_output=True, timeout=300).returncode != 0  # no toy step
 
 

@@ -83,7 +83,7 @@ class StageRun:
         print(f"[{self.name}] {message}", flush=True)
 
 
-def _terminated(signum, frame):
+def _terminated(signum, _frame):
     raise SystemExit(128 + signum)
 
 
