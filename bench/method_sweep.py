@@ -93,9 +93,9 @@ def main() -> None:
             eval_inputs = pipeline.evaluation_inputs(data, base, {method.name: result["model_path"]}, {})
             report = stage("rlhf_lib.stages.evaluate", cfg, out / "evaluate", eval_inputs)["eval_report"]
             row = report[method.name]
-            gold = row.get("gold_win_rate_vs_sft")
-            print(f"| {text} | {row['win_rate_vs_sft']:.3f} | {'—' if gold is None else f'{gold:.3f}'} | "
-                  f"{row['kl_vs_sft_per_sequence']:.2f} | {row['kl_vs_sft']:.3f} | {row['perplexity']:.2f} | "
+            gold = row.get("gold_win_rate")
+            print(f"| {text} | {row['proxy_win_rate']:.3f} | {'—' if gold is None else f'{gold:.3f}'} | "
+                  f"{row['kl_per_sequence']:.2f} | {row['kl_per_token']:.3f} | {row['perplexity']:.2f} | "
                   f"{seconds:.0f} |", flush=True)
     finally:
         if not args.work:

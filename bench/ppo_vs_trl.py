@@ -96,7 +96,8 @@ def worker_ours(inputs: dict, steps: int) -> dict:
     import torch
 
     from rlhf_lib import config, scoring
-    from rlhf_lib.stages.ppo import losses, rollout, trainer
+    from rlhf_lib import sampling
+    from rlhf_lib.stages.ppo import losses, trainer
 
     torch.set_num_threads(1)
     raw = config.load(ROOT / "configs" / "tiny.toml").model_dump()
@@ -119,8 +120,8 @@ def worker_ours(inputs: dict, steps: int) -> dict:
     for step in range(steps):
         batch_prompts = prompts[step * BATCH:(step + 1) * BATCH]
         t0 = time.perf_counter()
-        batch = rollout.generate(policy, tokenizer, batch_prompts, [RESPONSE_LENGTH] * BATCH, stop_at_eos=False,
-                                 max_prompt_length=64)
+        batch = sampling.TransformersSampler(policy, tokenizer).sample(
+            batch_prompts, [RESPONSE_LENGTH] * BATCH, stop_at_eos=False, max_prompt_length=64)
         t1 = time.perf_counter()
         batch.scores = trainer.score_rollout(reward, tokenizer, batch_prompts, batch, shared)
         trainer.ppo_step(policy, optimizer, batch, kl_ctl, p, shuffle_seed=step)

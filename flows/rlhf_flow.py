@@ -108,10 +108,10 @@ class RLHFFlow(FlowSpec):
     @step
     def rlaif(self):
         """AI feedback: a judge model ranks pairs of SFT answers under the constitution (when configured)."""
-        from rlhf_lib import pipeline
+        from rlhf_lib import methods, pipeline
 
         cfg = pipeline.config_from_flow(self.config, self.storage_root)
-        self.rlaif_status = pipeline.SKIPPED
+        self.rlaif_status = methods.SKIPPED
         self.rlaif_metrics = {}
         if pipeline.uses_ai_feedback(cfg):
             result = pipeline.run_stage(cfg, "rlaif", current.run_id, {

@@ -557,6 +557,14 @@ def save_snapshot(adapter_model, output: Path, step: int, checkpoint_uri: str | 
     return path
 
 
+def snapshot_then_checkpoint(adapter_model, output: Path, step: int, checkpoint_uri: str | None, save_checkpoint):
+    """The snapshot of `step` first, then the checkpoint (`save_checkpoint()`): a checkpoint then implies its step's
+    point of the over-optimisation curve — a kill between the two replays the step from the previous checkpoint and
+    rewrites the same snapshot. (HF-Trainer stages keep this order with `hf.snapshot_callback`.)"""
+    save_snapshot(adapter_model, output, step, checkpoint_uri)
+    return save_checkpoint()
+
+
 def complete_snapshots(directory: str | Path | None, say: str = "") -> list[tuple[int, Path]]:
     """(step, directory) of every complete snapshot (`step-N` whose marker names N) in a local directory, oldest
     first; one without its marker (cut off while it was written or copied) is skipped, and said when `say` names

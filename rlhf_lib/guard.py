@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 
+from rlhf_lib.metrics import GOLD_SCORE, GOLD_WIN_RATE, KL_PER_SEQUENCE as KL, PROXY_SCORE, PROXY_WIN_RATE
+
 MIN_FIT_POINTS = 3  # checkpoints past SFT needed to fit two parameters with a residual left
 FALL_FRACTION = 0.1  # gold below its best by more than this share of its range: it has turned down
 PEAK_REACH = 4.0  # a fitted peak past this many times the largest measured KL is an extrapolation, not a finding
@@ -23,17 +25,17 @@ PEAK_REACH = 4.0  # a fitted peak past this many times the largest measured KL i
 
 def gold_value(point: dict, sft: dict) -> float | None:
     """A curve point's gold gain over SFT (see the module doc); None when the gold judge said nothing."""
-    if point.get("gold_score") is not None and sft.get("gold_score") is not None:
-        return point["gold_score"] - sft["gold_score"]
-    if point.get("gold_win_rate") is not None:
-        return point["gold_win_rate"] - 0.5
+    if point.get(GOLD_SCORE) is not None and sft.get(GOLD_SCORE) is not None:
+        return point[GOLD_SCORE] - sft[GOLD_SCORE]
+    if point.get(GOLD_WIN_RATE) is not None:
+        return point[GOLD_WIN_RATE] - 0.5
     return None
 
 
 def proxy_value(point: dict, sft: dict) -> float:
-    if point.get("proxy_score") is not None and sft.get("proxy_score") is not None:
-        return point["proxy_score"] - sft["proxy_score"]
-    return point["proxy_win_rate"] - 0.5
+    if point.get(PROXY_SCORE) is not None and sft.get(PROXY_SCORE) is not None:
+        return point[PROXY_SCORE] - sft[PROXY_SCORE]
+    return point[PROXY_WIN_RATE] - 0.5
 
 
 def distance(kl: float) -> float:
@@ -85,7 +87,7 @@ def over_optimised_after(curve: list[dict]) -> int | None:
 
 def peak_in_reach(fitted: dict | None, curve: list[dict]) -> bool:
     """The fit has a peak, at most PEAK_REACH times the largest KL measured."""
-    far = max(p["kl_per_sequence"] for p in curve)
+    far = max(p[KL] for p in curve)
     return bool(fitted and fitted["peak_kl"] is not None and fitted["peak_kl"] <= PEAK_REACH * far)
 
 
@@ -93,8 +95,8 @@ def recommend(curve: list[dict], kl_budget: float = 0.0) -> dict:
     """The checkpoint to ship: the best gold within `kl_budget` nats per sequence (0: no budget); the least KL
     among equals. Returns its curve point (step 0 is SFT)."""
     sft = curve[0]
-    allowed = [p for p in curve if not kl_budget or p["kl_per_sequence"] <= kl_budget] or [sft]
-    scored = [(gold_value(p, sft), -p["kl_per_sequence"], -p["step"], p) for p in allowed]
+    allowed = [p for p in curve if not kl_budget or p[KL] <= kl_budget] or [sft]
+    scored = [(gold_value(p, sft), -p[KL], -p["step"], p) for p in allowed]
     scored = [s for s in scored if s[0] is not None] or [(0.0, 0.0, 0, sft)]
     return max(scored, key=lambda s: s[:3])[3]
 
@@ -102,13 +104,13 @@ def recommend(curve: list[dict], kl_budget: float = 0.0) -> dict:
 def guard(curve: list[dict], kl_budget: float = 0.0) -> dict:
     """The guard's verdict on one method's curve: the fit, the flag, the recommended checkpoint, in words too."""
     sft = curve[0]
-    fitted = fit([(p["kl_per_sequence"], gold_value(p, sft)) for p in curve[1:]])
+    fitted = fit([(p[KL], gold_value(p, sft)) for p in curve[1:]])
     after = over_optimised_after(curve)
     best = recommend(curve, kl_budget)
     last = curve[-1]
     words = [f"recommended: step {best['step']}" + (" (SFT: no checkpoint beats it by the gold judge)"
                                                      if best["step"] == 0 else "")
-             + f", KL {best['kl_per_sequence']:.2f} nats/seq" + (f" within the budget {kl_budget:g}" if kl_budget
+             + f", KL {best[KL]:.2f} nats/seq" + (f" within the budget {kl_budget:g}" if kl_budget
                                                                  else "")]
     if after is not None:
         words.append(f"over-optimised after step {after}: gold fell since while the proxy kept rising")

@@ -17,12 +17,12 @@ import contextlib
 import shutil
 from pathlib import Path
 
-from rlhf_lib import compute, launch, live, methods, storage, tracking, workspace
+from rlhf_lib import compute, launch, live, methods, metrics, storage, tracking, workspace
 from rlhf_lib.config import AI_FEEDBACK, RunConfig, config_from_flow, validate
 from rlhf_lib.launch import Nodes
 from rlhf_lib.methods import DONE, OUTCOME_KEYS, SKIPPED
 from rlhf_lib.stages import contract
-from rlhf_lib.workspace import FLOW_NAME, OriginUnreachable, Workspace, stage_uri  # noqa: F401 (re-exported)
+from rlhf_lib.workspace import Workspace
 
 ONE_NODE, GANG = "one_node", "gang"  # a gang method's two routes (the `<name>_layout` artifact)
 
@@ -52,10 +52,6 @@ def judge_costs(cfg: RunConfig) -> list[str]:
     return [proxy, gold]
 
 
-class RunCannotStart(Exception):
-    """`start` found problems the project diagnosed; Metaflow shows the message alone (see `start`)."""
-
-
 def start(config_value, datastore_type: str | None) -> dict:
     """The `start` step: resolve where outputs go, check everything that could fail an hour in, say what the run
     will do. Returns the artifacts to store. A problem found here stops the run with the diagnosis alone, not a
@@ -64,7 +60,7 @@ def start(config_value, datastore_type: str | None) -> dict:
 
     from rlhf_lib import env, preflight
 
-    class CannotStart(MetaflowException, RunCannotStart):
+    class CannotStart(MetaflowException):  # Metaflow shows the message alone, no traceback
         headline = "The run cannot start"
 
     try:
@@ -367,7 +363,7 @@ def evaluation_inputs(artifacts, cfg: RunConfig, policies: dict[str, str], snaps
 
 def add_stage_seconds(report: dict, seconds: dict[str, float]) -> dict:
     """The report with each method's stage wall time (seconds inside the stage, not waiting for a turn)."""
-    return {name: {**row, **({"stage_seconds": seconds[name]} if name in seconds else {})}
+    return {name: {**row, **({metrics.STAGE_SECONDS: seconds[name]} if name in seconds else {})}
             for name, row in report.items()}
 
 

@@ -16,7 +16,7 @@ if "ipykernel" not in sys.modules:  # cards render in a headless task; a noteboo
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from rlhf_lib import guard, methods  # noqa: E402
+from rlhf_lib import guard, methods, metrics  # noqa: E402
 
 
 def _curve(curves: dict, *keys: str) -> tuple[list, list]:
@@ -96,36 +96,20 @@ def plot_rest(name: str, run_data):
     return fig
 
 
-EVAL_COLUMNS = (("mean_score", "proxy score"), ("mean_gold_score", "gold score"),
-                ("win_rate_vs_sft", "proxy win-rate vs SFT"), ("gold_win_rate_vs_sft", "gold win-rate vs SFT"),
-                ("kl_vs_sft", "KL/token"), ("kl_vs_sft_per_sequence", "KL/sequence"), ("perplexity", "perplexity"),
-                ("stage_seconds", "stage s"), ("over_optimised", "over-optimised?"))
-
-
-def _cell(value) -> str:
-    if isinstance(value, bool):
-        return "YES" if value else "no"
-    if isinstance(value, (int, float)):
-        return f"{value:.3f}"
-    return "—" if value is None else str(value)
-
-
 def eval_table(eval_report: dict) -> tuple[list[str], list[list]]:
-    """(headers, rows) of the evaluation report: one row per model, SFT first, methods side by side."""
-    keys = [k for k, _ in EVAL_COLUMNS if any(k in row for row in eval_report.values())]
-    labels = dict(EVAL_COLUMNS)
-    rows = [[name] + [_eval_cell(vals, k) for k in keys] for name, vals in eval_report.items()]
-    return ["model"] + [labels[k] for k in keys], rows
+    """(headers, rows) of the evaluation report: one row per model, SFT first, methods side by side; a column per
+    metric of the table (rlhf_lib/metrics.py) that some row has."""
+    shown = [m for m in metrics.TABLE if any(m.key in row for row in eval_report.values())]
+    rows = [[name] + [_eval_cell(vals, m) for m in shown] for name, vals in eval_report.items()]
+    return ["model"] + [m.label for m in shown], rows
 
 
-def _eval_cell(row: dict, key: str) -> str:
-    if key == "over_optimised":  # one answer from both flags: at the end, and along the way (the guard's)
+def _eval_cell(row: dict, metric: metrics.Metric) -> str:
+    if metric.key == metrics.OVER_OPTIMISED:  # one answer from both flags: at the end, and along the way (the guard's)
         after = _over_optimised_after(row)
-        words = (["YES"] if row.get("over_optimised") else []) + ([f"after step {after}"] if after is not None else [])
-        return ", ".join(words) or _cell(row.get(key))
-    if key == "stage_seconds" and row.get(key) is not None:
-        return f"{row[key]:.1f}"
-    return _cell(row.get(key))
+        words = (["YES"] if row.get(metric.key) else []) + ([f"after step {after}"] if after is not None else [])
+        return ", ".join(words) or metric.show(row.get(metric.key))
+    return metric.show(row.get(metric.key))
 
 
 def _over_optimised_after(row: dict) -> int | None:
@@ -134,7 +118,7 @@ def _over_optimised_after(row: dict) -> int | None:
 
 
 def over_optimisation_note(eval_report: dict) -> str:
-    flagged = [m for m, row in eval_report.items() if row.get("over_optimised")]
+    flagged = [m for m, row in eval_report.items() if row.get(metrics.OVER_OPTIMISED)]
     turned = [f"{m} after step {_over_optimised_after(row)}" for m, row in eval_report.items()
               if _over_optimised_after(row) is not None]
     notes = []
@@ -201,9 +185,9 @@ def plot_over_optimisation(eval_report: dict):
               (axes[0][1], guard.proxy_value, "proxy (the reward optimised)"))
     for i, (name, curve, verdict) in enumerate(curves):
         colour = colours[i % len(colours)]
-        points = sorted(curve, key=lambda p: p["kl_per_sequence"])
+        points = sorted(curve, key=lambda p: p[metrics.KL_PER_SEQUENCE])
         for ax, value, _ in panels:
-            xy = [(guard.distance(p["kl_per_sequence"]), value(p, curve[0])) for p in points]
+            xy = [(guard.distance(p[metrics.KL_PER_SEQUENCE]), value(p, curve[0])) for p in points]
             xy = [(x, y) for x, y in xy if y is not None]
             if xy:  # the recommended step goes in the legend: labels inside the axes would overlap
                 label = f"{name} (★ step {verdict['recommended_step']})" if verdict else name
@@ -225,7 +209,7 @@ def plot_over_optimisation(eval_report: dict):
 def _mark_guard(ax, curve: list[dict], verdict: dict, colour: str) -> None:
     """The fitted gold curve, its peak and the recommended checkpoint, on the gold panel."""
     fitted = verdict.get("fit")
-    far = max(p["kl_per_sequence"] for p in curve)
+    far = max(p[metrics.KL_PER_SEQUENCE] for p in curve)
     if fitted:
         peak = guard.peak_in_reach(fitted, curve)
         reach = max(far, fitted["peak_kl"] if peak else 0.0) * 1.1
@@ -237,7 +221,7 @@ def _mark_guard(ax, curve: list[dict], verdict: dict, colour: str) -> None:
     best = verdict["recommended"]
     y = guard.gold_value(best, curve[0])
     if y is not None:
-        x = guard.distance(best["kl_per_sequence"])
+        x = guard.distance(best[metrics.KL_PER_SEQUENCE])
         ax.plot([x], [y], marker="*", markersize=13, color=colour, markeredgecolor="black", zorder=5)
 
 
@@ -248,8 +232,11 @@ def guard_lines(eval_report: dict) -> list[str]:
 
 def guard_table(eval_report: dict) -> tuple[list[str], list[list]]:
     """(headers, rows): each online method at its last and at its recommended checkpoint, by both judges."""
-    headers = ["method", "last step", "proxy win (last)", "gold win (last)", "recommended step",
-               "proxy win (recommended)", "gold win (recommended)", "KL/sequence (recommended)", "over-optimised after"]
+    proxy, gold, kl = (metrics.BY_KEY[k] for k in (metrics.PROXY_WIN_RATE, metrics.GOLD_WIN_RATE,
+                                                   metrics.KL_PER_SEQUENCE))
+    headers = ["method", "last step", f"{proxy.label} (last)", f"{gold.label} (last)", "recommended step",
+               f"{proxy.label} (recommended)", f"{gold.label} (recommended)", f"{kl.label} (recommended)",
+               "over-optimised after"]
     rows = []
     for name, row in eval_report.items():
         verdict = row.get("guard")
@@ -257,17 +244,16 @@ def guard_table(eval_report: dict) -> tuple[list[str], list[list]]:
             continue
         last, best = row["curve"][-1], verdict["recommended"]
         after = verdict["over_optimised_after"]
-        rows.append([name, last["step"], _cell(last["proxy_win_rate"]), _cell(last.get("gold_win_rate")),
-                     best["step"], _cell(best["proxy_win_rate"]), _cell(best.get("gold_win_rate")),
-                     _cell(best["kl_per_sequence"]), "—" if after is None else f"step {after}"])
+        rows.append([name, last["step"], proxy.show(last[proxy.key]), gold.show(last.get(gold.key)), best["step"],
+                     proxy.show(best[proxy.key]), gold.show(best.get(gold.key)), kl.show(best[kl.key]),
+                     "—" if after is None else f"step {after}"])
     return headers, rows
 
 
 def curve_table(eval_report: dict) -> tuple[list[str], list[list]]:
-    """(headers, rows): every checkpoint of every online method, with its KL from SFT and both win-rates."""
-    headers = ["method", "step", "KL/sequence", "proxy win-rate", "gold win-rate", "proxy score", "gold score"]
-    rows = [[name, p["step"], _cell(p["kl_per_sequence"]), _cell(p["proxy_win_rate"]), _cell(p.get("gold_win_rate")),
-             _cell(p["proxy_score"]), _cell(p.get("gold_score"))]
+    """(headers, rows): every checkpoint of every online method, with the curve's metrics (rlhf_lib/metrics.py)."""
+    headers = ["method", "step"] + [m.label for m in metrics.CURVE]
+    rows = [[name, p["step"]] + [m.show(p.get(m.key)) for m in metrics.CURVE]
             for name, row in eval_report.items() for p in row.get("curve") or []]
     return headers, rows
 
@@ -286,8 +272,7 @@ def stages_table(run_data) -> tuple[list[str], list[list]]:
     for name in methods.names():
         status = getattr(run_data, f"{name}_status", None)
         row = report.get(name)
-        metric = (f"win-rate vs SFT {row['win_rate_vs_sft']:.2f} proxy / {_cell(row.get('gold_win_rate_vs_sft'))} gold"
-                  if row else status)
+        metric = metrics.summary_figures(row, report.get("sft", {})) if row else status
         rows.append([name, getattr(run_data, f"{name}_model_path", None),
                      getattr(run_data, f"{name}_checkpoint_dir", None), metric])
     return ["stage", "outputs", "checkpoints", "metric"], rows
@@ -359,16 +344,11 @@ def summary(run_data) -> str:
         if status != methods.DONE:
             lines.append(f"  {method:<18} {status}")
             continue
-        row = report[method]
-        gold = row.get("gold_win_rate_vs_sft")
         lines.append(f"  {method + ' model':<18} {getattr(run_data, f'{method}_model_path')}")
-        lines.append(f"  {'':<18} win-rate vs SFT {row['win_rate_vs_sft']:.2f} (proxy), "
-                     f"{'—' if gold is None else f'{gold:.2f}'} (gold: {run_data.gold_judge}); "
-                     f"mean score {report['sft']['mean_score']:.2f} -> {row['mean_score']:.2f}; "
-                     f"KL {row['kl_vs_sft_per_sequence']:.2f} nats/sequence"
-                     + ("; OVER-OPTIMISED" if row.get("over_optimised") else ""))
-        if row.get("guard"):
-            lines.append(f"  {'':<18} {row['guard']['note']}")
+        lines.append(f"  {'':<18} {metrics.summary_figures(report[method], report['sft'])} "
+                     f"(gold judge: {run_data.gold_judge})")
+        if report[method].get("guard"):
+            lines.append(f"  {'':<18} {report[method]['guard']['note']}")
             lines.append(f"  {'':<18} recommended checkpoint: {getattr(run_data, f'{method}_recommended_path', None)}")
     lines.append("  evaluation card    python flows/rlhf_flow.py card view evaluate")
     return "\n".join(lines)

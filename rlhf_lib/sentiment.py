@@ -59,14 +59,14 @@ def mean_logprobs(model_ref: str, prompts: list[str], completions: list[str]) ->
     """Mean log-probability per token of each continuation given its opening, under a frozen causal LM."""
     import torch
 
-    from rlhf_lib import models, rl
+    from rlhf_lib import models, sampling
 
     if model_ref not in _MODELS:
         _MODELS[model_ref] = models.policy_on_device(model_ref, device="cpu")
     model, tokenizer = _MODELS[model_ref]
     tokens = [torch.tensor(tokenizer(c, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id])
               for c in completions]
-    return [float(lp.mean()) for lp in rl.response_logprobs(model, tokenizer, prompts, tokens)]
+    return [float(lp.mean()) for lp in sampling.answer_logprobs(model, tokenizer, prompts, tokens)]
 
 
 def gold(prompts: list[str], completions: list[str], reference_model: str | None = None, **kwargs) -> list[float]:

@@ -7,6 +7,7 @@ WANDB_API_KEY from the environment itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from rlhf_lib.config import RunConfig
@@ -51,3 +52,19 @@ def init_wandb(cfg: RunConfig, stage: str, config: dict | None = None):
         dir=wandb_dir,
         config=config if config is not None else cfg.model_dump(),
     )
+
+
+@contextlib.contextmanager
+def wandb_run(cfg: RunConfig, stage: str, config: dict | None = None, enabled: bool = True):
+    """The W&B lifecycle of a stage that logs by itself: a run for the block (None when W&B is disabled, or when
+    `enabled` is False: another process of the stage logs), finished when the block ends, marked failed (exit code
+    1) when it raises."""
+    run = init_wandb(cfg, stage, config) if enabled else None
+    try:
+        yield run
+    except BaseException:
+        if run is not None:
+            run.finish(exit_code=1)
+        raise
+    if run is not None:
+        run.finish()

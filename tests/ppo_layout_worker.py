@@ -47,13 +47,14 @@ def main() -> None:
     torch.set_default_dtype(torch.float64)
 
     from rlhf_lib.config import PPOSection
-    from rlhf_lib.stages.ppo import losses, rollout, trainer
+    from rlhf_lib import sampling
+    from rlhf_lib.stages.ppo import losses, trainer
 
     data = torch.load(rollout_path, weights_only=True)
     policy = build_policy(data["model_path"])
     b = len(data["input_ids"]) // world
     rows = slice(rank * b, (rank + 1) * b)
-    batch = rollout.RolloutBatch(data["input_ids"][rows], data["attention_mask"][rows], data["response_mask"][rows],
+    batch = sampling.RolloutBatch(data["input_ids"][rows], data["attention_mask"][rows], data["response_mask"][rows],
                                  int(data["prompt_length"]), data["scores"][rows])
     p = PPOSection(batch_size=len(data["input_ids"]), mini_batch_size=mini, gradient_accumulation_steps=accumulation,
                    ppo_epochs=2, learning_rate=1e-3, init_kl_coef=0.2, kl_target=6.0, kl_horizon=100)

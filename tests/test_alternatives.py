@@ -6,8 +6,8 @@ import torch
 from rlhf_lib import config, judges
 from rlhf_lib.config import ConfigError
 from rlhf_lib.data import formatting, sample
-from rlhf_lib.stages import dpo, rest
-from rlhf_lib.stages.evaluate import over_optimised
+from rlhf_lib.stages import preference, rest
+from rlhf_lib.metrics import over_optimised
 
 # ---------------------------------------------------------------- gold judge: the sample data's rule
 
@@ -110,10 +110,22 @@ def test_rest_threshold_schedule_must_increase(bad, needle):
 def test_preference_pair_becomes_prompt_and_two_completions():
     row = {"chosen": sample.hh_format("What is up?", "The sky, thank you!"),
            "rejected": sample.hh_format("What is up?", "Ugh. The sky.")}
-    assert dpo.preference_to_dpo(row) == {"prompt": "Question: What is up?\n\nAnswer:",
+    assert preference.pair(row, "qa") == {"prompt": "Question: What is up?\n\nAnswer:",
                                           "chosen": " The sky, thank you!", "rejected": " Ugh. The sky."}
     other = {"chosen": row["chosen"], "rejected": sample.hh_format("Something else?", "No.")}
-    assert dpo.preference_to_dpo(other) is None
+    assert preference.pair(other, "qa") is None
+
+
+def test_preference_text_follows_the_runs_prompt_format():
+    """`data.prompt_format = "plain"`: the pairs (and the reward model's texts) are the transcript's words without
+    the turn markers or the Question/Answer template, the last answer continuing the text."""
+    row = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Where is Paris?\n\nAssistant: In France.",
+           "rejected": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Where is Paris?\n\nAssistant: No idea."}
+    assert preference.pair(row, "plain") == {"prompt": "Hi\n\nHello.\n\nWhere is Paris?", "chosen": " In France.",
+                                             "rejected": " No idea."}
+    assert formatting.preference_text(row["chosen"], "plain") == "Hi\n\nHello.\n\nWhere is Paris? In France."
+    assert formatting.preference_text(row["chosen"], "qa") == formatting.hh_to_qa(row["chosen"])
+    assert preference.pair(row, "qa")["prompt"].endswith("Question: Where is Paris?\n\nAnswer:")
 
 
 def test_multi_turn_transcript_keeps_the_break_between_turns():

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, S3_CREDENTIALS, one_node_steps, write_config
+from conftest import ROOT, S3_CREDENTIALS, one_node_steps, smoke_sections, write_config
 from rlhf_lib import methods
 from rlhf_lib.launch import stage_process
 
@@ -52,6 +52,7 @@ SMALL = {"run": {"cpu_threads": 1, "retries": 1, "local_retries": 1},
          "rest": {"grow_steps": 1, "prompts_per_grow": 8, "max_steps": 3, "thresholds": [0.5]},
          "grpo": {"max_steps": 4, "save_steps": 2, "batch_size": 8}, "rloo": {"max_steps": 4, "save_steps": 2,
                                                                              "batch_size": 8}}
+SMALL.update(smoke_sections(SMALL))  # a method added to the registry since: a few steps
 STEPS = one_node_steps()
 
 

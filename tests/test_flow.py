@@ -62,15 +62,15 @@ def test_ppo_raises_mean_reward(flow_run):
 def test_evaluate_report(flow_run):
     report = flow_run.data.eval_report
     assert list(report) == ["sft"] + methods.names()
-    assert set(report["sft"]) >= {"mean_score", "mean_gold_score", "perplexity"}
+    assert set(report["sft"]) >= {"proxy_score", "gold_score", "perplexity"}
     for method in methods.names():
-        assert set(report[method]) >= {"mean_score", "mean_gold_score", "win_rate_vs_sft", "gold_win_rate_vs_sft",
-                                       "over_optimised", "kl_vs_sft", "kl_vs_sft_per_sequence", "perplexity",
+        assert set(report[method]) >= {"proxy_score", "gold_score", "proxy_win_rate", "gold_win_rate",
+                                       "over_optimised", "kl_per_token", "kl_per_sequence", "perplexity",
                                        "stage_seconds"}, method
         assert report[method]["stage_seconds"] > 0
     assert flow_run.data.gold_judge == "rule"
-    assert report["ppo"]["mean_score"] > report["sft"]["mean_score"]
-    assert report["ppo"]["win_rate_vs_sft"] > 0.5
+    assert report["ppo"]["proxy_score"] > report["sft"]["proxy_score"]
+    assert report["ppo"]["proxy_win_rate"] > 0.5
     for online in [m.name for m in methods.REGISTRY.values() if m.snapshots]:  # the curve: SFT, every snapshot
         curve = report[online]["curve"]
         assert curve[0] == {**curve[0], "step": 0, "kl_per_sequence": 0.0, "proxy_win_rate": 0.5}
@@ -78,6 +78,12 @@ def test_evaluate_report(flow_run):
         assert {"proxy_win_rate", "gold_win_rate", "kl_per_sequence", "proxy_score", "gold_score"} <= set(curve[-1])
     for offline in [m.name for m in methods.REGISTRY.values() if not m.snapshots]:
         assert "curve" not in report[offline]  # no samples of its own while it trains
+    # One vocabulary: every figure of a row and of a curve point is a metric of the table (rlhf_lib/metrics.py).
+    from rlhf_lib import metrics
+
+    for row in report.values():
+        assert set(row) - {"curve", "guard"} <= set(metrics.BY_KEY)
+        assert all(set(p) == {"step"} | {m.key for m in metrics.CURVE} for p in row.get("curve") or [])
     samples = flow_run.data.eval_samples
     assert samples and {"prompt", "sft_answer", "sft_score", "ppo_score", "sft_gold_score"} <= set(samples[0])
     assert {f"{m}_answer" for m in methods.names()} <= set(samples[0])

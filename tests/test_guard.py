@@ -105,11 +105,11 @@ def test_the_report_table_says_over_optimised_when_either_flag_does():
     from rlhf_lib import report
 
     eval_report = {
-        "sft": {"mean_score": 1.0},
-        "ppo": {"mean_score": 5.0, "over_optimised": False, "stage_seconds": 76.6,
+        "sft": {"proxy_score": 1.0},
+        "ppo": {"proxy_score": 5.0, "over_optimised": False, "stage_seconds": 76.6,
                 "guard": {"over_optimised_after": 60}},
-        "dpo": {"mean_score": 3.0, "over_optimised": True},
-        "grpo": {"mean_score": 5.5, "over_optimised": False, "guard": {"over_optimised_after": None}},
+        "dpo": {"proxy_score": 3.0, "over_optimised": True},
+        "grpo": {"proxy_score": 5.5, "over_optimised": False, "guard": {"over_optimised_after": None}},
     }
     headers, rows = report.eval_table(eval_report)
     column = {row[0]: row[headers.index("over-optimised?")] for row in rows}

@@ -18,17 +18,17 @@ WORKER = str(ROOT / "tests" / "ppo_layout_worker.py")
 def fixed_rollout(tiny_policy, tmp_path_factory):
     """A global batch of 8 rollouts (sampled once, responses of different lengths, stopped at EOS) and scores."""
     from rlhf_lib import models
-    from rlhf_lib.stages.ppo import rollout
+    from rlhf_lib import sampling
 
     tokenizer = models.load_tokenizer(tiny_policy)
     model = models.load_causal_lm(tiny_policy).eval()
     torch.manual_seed(3)
     prompts = [f"Question: What is {w}?\n\nAnswer:" for w in ("big", "the capital of Peru", "red", "ice", "a cow",
                                                                "two plus two", "the sun", "rain")]
-    batch = rollout.generate(model, tokenizer, prompts, [6, 9, 12, 5, 12, 7, 10, 8], stop_at_eos=True,
-                             max_prompt_length=32)
+    batch = sampling.TransformersSampler(model, tokenizer).sample(
+        prompts, [6, 9, 12, 5, 12, 7, 10, 8], stop_at_eos=True, max_prompt_length=32)
     assert batch.response_mask.sum(1).unique().numel() > 2  # lengths really differ
-    path = tmp_path_factory.mktemp("layout") / "rollout.pt"
+    path = tmp_path_factory.mktemp("layout") / "sampling.pt"
     torch.save({"model_path": tiny_policy, "input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                 "response_mask": batch.response_mask, "prompt_length": batch.prompt_length,
                 "scores": torch.randn(8, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2},
@@ -92,8 +92,8 @@ def test_old_logprobs_from_generation_equal_a_full_forward(tiny_policy):
 
     from rlhf_lib import models
     from rlhf_lib.config import LoraSection
-    from rlhf_lib.stages.ppo import rollout
-    from rlhf_lib.stages.ppo.trainer import PolicyWithValueHead, _forward_response, _score_rollout
+    from rlhf_lib import sampling
+    from rlhf_lib.stages.ppo.trainer import PolicyWithValueHead, _score_rollout
 
     torch.manual_seed(0)
     tokenizer = models.load_tokenizer(tiny_policy)
@@ -105,10 +105,11 @@ def test_old_logprobs_from_generation_equal_a_full_forward(tiny_policy):
             if "lora_B" in name or "v_head" in name:
                 param.normal_(0, 0.05)
     prompts = ["Question: What is big?\n\nAnswer:", "Question: What is the capital of Peru today?\n\nAnswer:"] * 2
-    batch = rollout.generate(policy, tokenizer, prompts, [7, 12, 16, 9], stop_at_eos=True, max_prompt_length=32)
+    batch = sampling.TransformersSampler(policy, tokenizer).sample(
+        prompts, [7, 12, 16, 9], stop_at_eos=True, max_prompt_length=32)
     assert batch.old is not None
     with torch.no_grad():
-        logprobs, values, entropy = _forward_response(policy, batch.input_ids, batch.attention_mask,
+        logprobs, values, entropy = sampling.response_logprobs(policy, batch.input_ids, batch.attention_mask,
                                                       batch.prompt_length, with_entropy=True)
     mask = batch.response_mask.bool()
     assert mask.sum() > 20
@@ -119,11 +120,11 @@ def test_old_logprobs_from_generation_equal_a_full_forward(tiny_policy):
     scored = _score_rollout(policy, batch, chunk=2)
     assert scored["logprobs"] is batch.old["logprobs"] and "ref_logprobs" in scored
 
-    tempered = rollout.generation_config(policy.lm, tokenizer, 16, stop_at_eos=True)
+    tempered = sampling.generation_config(policy.lm, tokenizer, 16, stop_at_eos=True)
     tempered.temperature = 0.7
-    assert not rollout.samples_from_policy(tempered)
-    other = rollout.generate(policy, tokenizer, prompts, [7, 12, 16, 9], stop_at_eos=True, max_prompt_length=32,
-                             config=tempered)
+    assert not sampling.samples_from_policy(tempered)
+    other = sampling.TransformersSampler(policy, tokenizer).sample(
+        prompts, [7, 12, 16, 9], stop_at_eos=True, max_prompt_length=32, config=tempered)
     assert other.old is None
     scored = _score_rollout(policy, other, chunk=2)
     assert {"logprobs", "values", "entropy", "ref_logprobs"} <= scored.keys()
@@ -135,7 +136,7 @@ def test_reward_sharing_the_policys_tokenizer_scores_token_ids_as_it_scores_text
     from transformers import AutoModelForSequenceClassification
 
     from rlhf_lib import models, scoring
-    from rlhf_lib.stages.ppo import rollout
+    from rlhf_lib import sampling
 
     tokenizer = models.load_tokenizer(tiny_policy)
     torch.manual_seed(0)
@@ -148,9 +149,9 @@ def test_reward_sharing_the_policys_tokenizer_scores_token_ids_as_it_scores_text
     assert not reward.shares_tokenizer(models.load_tokenizer(tiny_policy).__class__.from_pretrained(tiny_policy,
                                                                                                     pad_token="</s>"))
     prompts = ["Question: What is big?\n\nAnswer:", "Question: What is the capital of Peru today?\n\nAnswer:"] * 3
-    batch = rollout.generate(models.load_causal_lm(tiny_policy).eval(), tokenizer, prompts, [4, 9, 12, 6, 3, 10],
-                             stop_at_eos=True, max_prompt_length=32)
-    texts = rollout.decode_responses(tokenizer, batch)
+    batch = sampling.TransformersSampler(models.load_causal_lm(tiny_policy).eval(), tokenizer).sample(
+        prompts, [4, 9, 12, 6, 3, 10], stop_at_eos=True, max_prompt_length=32)
+    texts = sampling.decode_responses(tokenizer, batch)
     by_ids, by_text = reward.score_ids(batch.input_ids, batch.attention_mask), reward(prompts, texts)
     same = [i for i, (p, t) in enumerate(zip(prompts, texts))
             if tokenizer(p + t)["input_ids"] == batch.input_ids[i][batch.attention_mask[i].bool()].tolist()]

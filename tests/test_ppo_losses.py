@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from rlhf_lib.stages.ppo import losses, rollout
+from rlhf_lib import sampling
+from rlhf_lib.stages.ppo import losses
 
 T = torch.tensor
 
@@ -90,16 +91,17 @@ def test_masked_whiten_ignores_padding():
 
 def test_response_mask_lengths_and_eos():
     responses = T([[5, 2, 7, 8], [5, 6, 7, 8]])
-    m = rollout.response_mask(responses, [4, 3], eos_token_id=2, stop_at_eos=True)
+    m = sampling.response_mask(responses, [4, 3], eos_token_id=2, stop_at_eos=True)
     assert m.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]  # EOS is kept as the last action, the rest dropped
-    m = rollout.response_mask(responses, [4, 3], eos_token_id=2, stop_at_eos=False)
+    m = sampling.response_mask(responses, [4, 3], eos_token_id=2, stop_at_eos=False)
     assert m.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]  # the seed's mode: EOS is just another token
 
 
 def test_left_padding_does_not_change_response_logprobs(tiny_policy):
     """A short prompt left-padded in a batch scores its response exactly as it does alone."""
     from rlhf_lib import models
-    from rlhf_lib.stages.ppo.trainer import PolicyWithValueHead, _forward_response
+    from rlhf_lib.sampling import response_logprobs
+    from rlhf_lib.stages.ppo.trainer import PolicyWithValueHead
 
     tok = models.load_tokenizer(tiny_policy, padding_side="left")
     policy = PolicyWithValueHead(models.load_causal_lm(tiny_policy), 32).eval()
@@ -112,9 +114,9 @@ def test_left_padding_does_not_change_response_logprobs(tiny_policy):
     ids = torch.cat([enc["input_ids"], response.repeat(2, 1)], 1)
     am = torch.cat([enc["attention_mask"], torch.ones_like(response.repeat(2, 1))], 1)
     with torch.no_grad():
-        batched, values, _ = _forward_response(policy, ids, am, P)
+        batched, values, _ = response_logprobs(policy, ids, am, P)
         alone_ids = torch.cat([tok(prompts[:1], return_tensors="pt")["input_ids"], response], 1)
-        alone, alone_values, _ = _forward_response(policy, alone_ids, torch.ones_like(alone_ids),
+        alone, alone_values, _ = response_logprobs(policy, alone_ids, torch.ones_like(alone_ids),
                                                    alone_ids.shape[1] - response.shape[1])
     torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(values[0], alone_values[0], atol=1e-5, rtol=1e-5)
@@ -128,7 +130,7 @@ def test_rollout_samples_from_the_policy_itself_when_eos_is_ignored(tiny_policy)
     model, tokenizer = models.load_causal_lm(tiny_policy).eval(), models.load_tokenizer(tiny_policy)
     enc = tokenizer(["Question: What sound does a cow make?\n\nAnswer:"] * 16, return_tensors="pt", padding=True)
     torch.manual_seed(0)
-    config = rollout.generation_config(model, tokenizer, 24, stop_at_eos=False)
+    config = sampling.generation_config(model, tokenizer, 24, stop_at_eos=False)
     config.output_scores, config.return_dict_in_generate = True, True
     out = model.generate(**enc, generation_config=config)
     P = enc["input_ids"].shape[1]
@@ -143,6 +145,6 @@ def test_rollout_samples_from_the_policy_itself_when_eos_is_ignored(tiny_policy)
     torch.testing.assert_close(sampled_lp, policy_lp, atol=1e-4, rtol=1e-4)
 
     # The rollout keeps every token up to each drawn length, EOS or not.
-    batch = rollout.generate(model, tokenizer, ["Question: Hi?\n\nAnswer:"] * 4, [5, 9, 12, 3],
-                             stop_at_eos=False, max_prompt_length=32)
+    batch = sampling.TransformersSampler(model, tokenizer).sample(
+        ["Question: Hi?\n\nAnswer:"] * 4, [5, 9, 12, 3], stop_at_eos=False, max_prompt_length=32)
     assert batch.response_mask.sum(1).tolist() == [5, 9, 12, 3]

@@ -30,5 +30,5 @@ def test_ppo_and_grpo_rewarded_by_the_rule_beat_sft_by_it(flow_run, tmp_path):
     assert report["gold_judge"] == "rule" and report["proxy"] == f"reward function {RULE}"
     for method in ("ppo", "grpo"):
         row = report["eval_report"][method]
-        assert row["win_rate_vs_sft"] > 0.5 and row["gold_win_rate_vs_sft"] > 0.5, (method, row)
-        assert row["mean_score"] > report["eval_report"]["sft"]["mean_score"], (method, row)
+        assert row["proxy_win_rate"] > 0.5 and row["gold_win_rate"] > 0.5, (method, row)
+        assert row["proxy_score"] > report["eval_report"]["sft"]["proxy_score"], (method, row)

@@ -98,4 +98,4 @@ def test_the_client_api_snippet_runs_outside_the_checkout(flow_run, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "win_rate_vs_sft" in proc.stdout and "'ppo'" in proc.stdout
+    assert "proxy_win_rate" in proc.stdout and "'ppo'" in proc.stdout

@@ -59,6 +59,27 @@ def hh_to_qa(text: str) -> str:
     return _HH_TURN.sub(lambda m: "\n\nQuestion: " if m.group(1) == "Human" else ANSWER_MARKER + " ", text).strip()
 
 
+def preference_pair(transcript: str, fmt: str = QA) -> tuple[str, str] | None:
+    """An hh-rlhf transcript as (prompt, completion) in the run's prompt format: the completion is the last
+    Assistant turn (with its leading space), the prompt everything before it — `qa`: in the `Question/Answer`
+    layout, ending at the last `Answer:`; `plain`: the turns' text without their markers, a paragraph each. None when
+    the transcript has no Assistant turn to complete."""
+    if fmt != PLAIN:
+        return split_prompt_completion(hh_to_qa(transcript))
+    head, marker, tail = transcript.rpartition("\n\nAssistant: ")
+    if not marker:
+        return None
+    return _HH_TURN.sub("\n\n", head).strip(), " " + tail.strip()
+
+
+def preference_text(transcript: str, fmt: str = QA) -> str:
+    """A whole hh-rlhf transcript as the reward model scores it: the prompt and its completion, in the run's format."""
+    if fmt != PLAIN:
+        return hh_to_qa(transcript)
+    pair = preference_pair(transcript, fmt)
+    return _HH_TURN.sub("\n\n", transcript).strip() if pair is None else pair[0] + pair[1]
+
+
 def reward_text(prompt_text: str, response: str) -> str:
     """What the reward model scores: the decoded query + response, as in the seed."""
     return prompt_text + response

@@ -22,41 +22,14 @@ Writes DIR/eval_report.json, DIR/eval_samples.json and DIR/result.json.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
-from rlhf_lib import guard, rl
+from rlhf_lib import guard, metrics, sampling
 from rlhf_lib.stages import contract
 
 BASELINE = "sft"
-
-
-def perplexity(model, tokenizer, prompts: list[str], answers: list[str]) -> float:
-    """exp(mean NLL per answer token) of held-out answers given their prompts."""
-    responses = [tokenizer(" " + a.strip(), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-                 for a in answers]
-    responses = [torch.cat([r, torch.tensor([tokenizer.eos_token_id])]) for r in responses]
-    lps = rl.response_logprobs(model, tokenizer, prompts, responses)
-    total = sum(float(lp.sum()) for lp in lps)
-    count = sum(len(lp) for lp in lps)
-    return math.exp(-total / max(count, 1))
-
-
-def win_rate(scores: torch.Tensor, baseline: torch.Tensor) -> float:
-    """Fraction of prompts where `scores` beats the baseline; ties count half."""
-    wins = (scores > baseline).float() + 0.5 * (scores == baseline).float()
-    return float(wins.mean())
-
-
-# Proxy win-rate this far above a coin flip while the gold judge's stays at or below it: the policy is
-# pleasing the reward model it optimised, not the preference behind it (Gao et al. 2022).
-OVEROPT_PROXY_MARGIN = 0.05
-
-
-def over_optimised(proxy_win_rate: float, gold_win_rate: float | None) -> bool:
-    return gold_win_rate is not None and proxy_win_rate > 0.5 + OVEROPT_PROXY_MARGIN and gold_win_rate <= 0.5
 
 
 class GoldJudge:
@@ -92,33 +65,30 @@ class GoldJudge:
 
     def win_rate(self, questions, answers, baseline_answers, scores, baseline_scores) -> float:
         if scores is not None:
-            return win_rate(scores, baseline_scores)
+            return metrics.win_rate(scores, baseline_scores)
         labels, _ = self.judge.compare(questions, answers, baseline_answers, self.calibrate)
-        return float(((labels == 1).float() + 0.5 * (labels == 0).float()).mean())
+        return metrics.share_won(labels == 1, labels == 0)
 
 
 class Judged:
-    """One policy's answers to the held-out prompts, scored by both judges and compared with SFT's."""
+    """One policy's answers to the held-out prompts, scored by both judges: what its metrics are computed from
+    (rlhf_lib/metrics.py)."""
 
     def __init__(self, model, tokenizer, prompts, questions, proxy, gold, seed: int, max_new_tokens: int):
         self.model, self.tokenizer = model, tokenizer
-        self.answers, self.tokens = rl.sample_answers(model, tokenizer, prompts, max_new_tokens, seed)
+        self.answers, self.tokens = sampling.sample_answers(sampling.TransformersSampler(model, tokenizer), prompts,
+                                                            max_new_tokens, seed)
         self.scores = proxy(prompts, self.answers).cpu()
         self.gold_scores = gold.scores(prompts, self.answers)
         self.prompts, self.questions = prompts, questions
 
-    def versus(self, sft: "Judged", gold: GoldJudge) -> dict:
-        """Win-rates over SFT by both judges and KL(self ‖ SFT) on this policy's own answers."""
-        own = rl.response_logprobs(self.model, self.tokenizer, self.prompts, self.tokens)
-        ref = rl.response_logprobs(sft.model, sft.tokenizer, self.prompts, self.tokens)
-        seq_kl = [float((a - b).sum()) for a, b in zip(own, ref)]
-        n = len(self.answers)
-        return {"win_rate_vs_sft": win_rate(self.scores, sft.scores[:n]),
-                "gold_win_rate_vs_sft": gold.win_rate(self.questions, self.answers, sft.answers[:n],
-                                                      self.gold_scores, None if sft.gold_scores is None
-                                                      else sft.gold_scores[:n]),
-                "kl_vs_sft": sum(seq_kl) / max(sum(len(a) for a in own), 1),
-                "kl_vs_sft_per_sequence": sum(seq_kl) / max(len(seq_kl), 1)}
+    def first(self, n: int) -> "Judged":
+        """The same judged answers, of the first n prompts only."""
+        part = object.__new__(Judged)
+        part.__dict__.update(self.__dict__, answers=self.answers[:n], tokens=self.tokens[:n], scores=self.scores[:n],
+                             gold_scores=None if self.gold_scores is None else self.gold_scores[:n],
+                             prompts=self.prompts[:n], questions=self.questions[:n])
+        return part
 
 
 def snapshots(directory: str | None) -> list[tuple[int, Path]]:
@@ -132,16 +102,14 @@ def snapshots(directory: str | None) -> list[tuple[int, Path]]:
 def curve(method: str, snaps: list[tuple[int, Path]], sft_ref: str, sft: Judged, proxy, gold: GoldJudge, cfg,
           progress=None) -> list[dict]:
     """The over-optimisation curve of one method: SFT (step 0, KL 0), then every saved snapshot, scored on the
-    first eval.curve_prompts prompts."""
+    first eval.curve_prompts prompts (the curve's metrics: rlhf_lib/metrics.py)."""
     from peft import PeftModel
 
     from rlhf_lib import models
 
     n = min(cfg.eval.curve_prompts, len(sft.answers))
-    prompts, questions = sft.prompts[:n], sft.questions[:n]
-    points = [{"step": 0, "kl_per_sequence": 0.0, "kl_per_token": 0.0, "proxy_win_rate": 0.5,
-               "gold_win_rate": 0.5, "proxy_score": float(sft.scores[:n].mean()),
-               "gold_score": None if sft.gold_scores is None else float(sft.gold_scores[:n].mean())}]
+    first = sft.first(n)
+    points = [metrics.curve_origin(metrics.Judging(first, sft, gold))]
     base, tokenizer = models.policy_on_device(sft_ref, cfg.run.trust_remote_code)
     model = None
     for step, path in snaps:
@@ -151,14 +119,11 @@ def curve(method: str, snaps: list[tuple[int, Path]], sft_ref: str, sft: Judged,
         else:
             model.load_adapter(str(path), adapter_name=name)
             model.set_adapter(name)
-        judged = Judged(model, tokenizer, prompts, questions, proxy, gold, cfg.run.seed, cfg.eval.max_new_tokens)
-        vs = judged.versus(sft, gold)
-        points.append({"step": step, "kl_per_sequence": vs["kl_vs_sft_per_sequence"], "kl_per_token": vs["kl_vs_sft"],
-                       "proxy_win_rate": vs["win_rate_vs_sft"], "gold_win_rate": vs["gold_win_rate_vs_sft"],
-                       "proxy_score": float(judged.scores.mean()),
-                       "gold_score": None if judged.gold_scores is None else float(judged.gold_scores.mean())})
-        print(f"[evaluate] {method} step {step}: KL {points[-1]['kl_per_sequence']:.2f} nats/seq, win-rate over SFT "
-              f"{points[-1]['proxy_win_rate']:.2f} proxy / {points[-1]['gold_win_rate']:.2f} gold", flush=True)
+        judged = Judged(model, tokenizer, first.prompts, first.questions, proxy, gold, cfg.run.seed,
+                        cfg.eval.max_new_tokens)
+        points.append(point := metrics.curve_point(metrics.Judging(judged, sft, gold), step))
+        print(f"[evaluate] {method} step {step}: " + ", ".join(
+            f"{m.label} {m.show(point[m.key])}" for m in metrics.CURVE), flush=True)
         if progress is not None:
             progress.advance()
     del model, base
@@ -182,25 +147,20 @@ def judge_policies(run: contract.StageRun, policies: dict[str, str], prompts, qu
 
     cfg, e = run.cfg, run.cfg.eval
     held_out = list(lake.stream(run.inputs["sft_eval"], ["question", "response"]))
+    perplexity_on = ([formatting.prompt(r["question"], cfg.data.prompt_format) for r in held_out],
+                     [r["response"] for r in held_out])
     judged: dict[str, Judged] = {}
     report: dict[str, dict] = {}
     for name in [BASELINE] + [n for n in policies if n != BASELINE]:  # one load per policy
         model, tokenizer = models.policy_on_device(policies[name], cfg.run.trust_remote_code)
         judged[name] = j = Judged(model, tokenizer, prompts, questions, proxy, gold, cfg.run.seed, e.max_new_tokens)
-        row = {"mean_score": float(j.scores.mean())}
-        if j.gold_scores is not None:
-            row["mean_gold_score"] = float(j.gold_scores.mean())
-        if name != BASELINE:
-            vs = j.versus(judged[BASELINE], gold)
-            row.update(vs, over_optimised=over_optimised(vs["win_rate_vs_sft"], vs["gold_win_rate_vs_sft"]))
-        row["perplexity"] = perplexity(model, tokenizer, [formatting.prompt(r["question"], cfg.data.prompt_format)
-                                                          for r in held_out],
-                                       [r["response"] for r in held_out])
+        report[name] = row = metrics.row(metrics.Judging(j, judged[BASELINE], gold, perplexity_on),
+                                         baseline=name == BASELINE)
         if name != BASELINE:
             j.model = None  # keep SFT's model only: the KL reference
             del model
-        report[name] = row
-        run.say(f"{name}: mean score {row['mean_score']:.3f}, perplexity {row['perplexity']:.2f}")
+        run.say(f"{name}: " + ", ".join(f"{metrics.BY_KEY[k].label} {metrics.BY_KEY[k].show(v)}"
+                                        for k, v in row.items()))
         if progress is not None:
             progress.advance()
     return judged, report
@@ -217,16 +177,16 @@ def sample_rows(judged: dict[str, Judged], prompts: list[str], shown: int) -> li
 def log_to_wandb(cfg, report: dict, samples: list[dict]) -> None:
     from rlhf_lib import tracking
 
-    wandb_run = tracking.init_wandb(cfg, "evaluate")
-    if wandb_run is None:
-        return
-    import wandb
+    with tracking.wandb_run(cfg, "evaluate") as wandb_run:
+        if wandb_run is None:
+            return
+        import wandb
 
-    wandb_run.summary.update({f"{m}/{k}": v for m, vals in report.items() for k, v in vals.items()
-                              if not isinstance(v, list)})
-    if samples:
-        wandb_run.log({"samples": wandb.Table(columns=list(samples[0]), data=[list(s.values()) for s in samples])})
-    wandb_run.finish()
+        wandb_run.summary.update({f"{m}/{k}": v for m, vals in report.items() for k, v in vals.items()
+                                  if not isinstance(v, list)})
+        if samples:
+            wandb_run.log({"samples": wandb.Table(columns=list(samples[0]),
+                                                  data=[list(s.values()) for s in samples])})
 
 
 def main(argv: list[str] | None = None) -> Path:

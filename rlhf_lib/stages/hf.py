@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_lib import checkpoints, precision, storage
+from rlhf_lib.stages import contract
 from rlhf_lib.stages.contract import is_main_process
 
 
@@ -179,3 +180,14 @@ def save_trained(trainer, tokenizer, directory: Path) -> bool:
     tokenizer.save_pretrained(directory)
     (Path(directory) / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing here needs it
     return True
+
+
+def finish_adapter(stage, trainer, tokenizer, sft_model: str, resumed_from: str | None, **finish) -> Path:
+    """The tail of an HF-Trainer method: save the trained adapter (every process: saving synchronises them), then on
+    the main process merge it and write the result (`contract.finish_policy`, with `finish`), naming the checkpoint
+    the training resumed from."""
+    adapter_dir = stage.out / "adapter"
+    if save_trained(trainer, tokenizer, adapter_dir):
+        contract.finish_policy(stage, adapter_dir, sft_model, resumed_from=resumed_from,
+                               resumed_from_step=checkpoints.step_of(resumed_from) or 0, **finish)
+    return stage.out

@@ -19,10 +19,9 @@ def main(argv: list[str] | None = None) -> Path:
     base_model, adapter = run.paths
     merged = models.merge_adapter(base_model, adapter, run.out / "merged", run.cfg.run.trust_remote_code)
     if contract.is_main_process():
-        wandb_run = tracking.init_wandb(run.cfg, "merge")
-        if wandb_run is not None:
-            wandb_run.summary.update({"merged_path": str(merged.resolve()), "adapter_path": adapter})
-            wandb_run.finish()
+        with tracking.wandb_run(run.cfg, "merge") as wandb_run:
+            if wandb_run is not None:
+                wandb_run.summary.update({"merged_path": str(merged.resolve()), "adapter_path": adapter})
         result = contract.write_result(run, merged_path=str(merged.resolve()), base_model=base_model,
                                        adapter_path=adapter, dtype=str(models.compute_dtype()).removeprefix("torch."))
         run.say(f"merged model: {merged.resolve()}  ({result})")

@@ -53,14 +53,15 @@ def improve_schedule(grow_steps: int, n_thresholds: int) -> list[tuple[int, int]
 
 def grow(policy, tokenizer, reward, prompts: list[str], cfg, iteration: int) -> list[dict]:
     """One Grow: sampled completions of a fresh draw of prompts, each with its reward (`rlhf_lib.scoring.Reward`)."""
-    from rlhf_lib import rl
+    from rlhf_lib import sampling
 
     r = cfg.rest
     rng = random.Random(f"rest-grow-{cfg.run.seed}-{iteration}")
     chosen = rng.sample(prompts, min(r.prompts_per_grow, len(prompts)))
     repeated = [p for p in chosen for _ in range(r.samples_per_prompt)]
     policy.eval()
-    answers, _ = rl.sample_answers(policy, tokenizer, repeated, r.max_new_tokens, seed=cfg.run.seed + iteration)
+    answers, _ = sampling.sample_answers(sampling.TransformersSampler(policy, tokenizer), repeated, r.max_new_tokens,
+                                          seed=cfg.run.seed + iteration)
     scores = reward(repeated, answers).cpu()
     return [{"prompt": p, "response": a, "reward": float(s)} for p, a, s in zip(repeated, answers, scores)]
 
@@ -188,9 +189,10 @@ def train(run: contract.StageRun, policy, tokenizer, reward, prompts, state: dic
             wandb_run.log({f"rest/{k}": v for k, v in record.items() if isinstance(v, (int, float))},
                           step=index + 1)
         if contract.is_main_process():
-            # The snapshot first: a checkpoint implies its point of the curve (trainer.py in stages/ppo says why).
-            checkpoints.save_snapshot(policy, run.out, index + 1, run.args.checkpoint_uri)
-            _save(run.out / "checkpoints", index + 1, policy, state, mirror=storage.mirror_of(run.args.checkpoint_uri))
+            checkpoints.snapshot_then_checkpoint(
+                policy, run.out, index + 1, run.args.checkpoint_uri,
+                lambda: _save(run.out / "checkpoints", index + 1, policy, state,
+                              mirror=storage.mirror_of(run.args.checkpoint_uri)))
     checkpoints.UPLOADS.wait()
 
 
@@ -201,15 +203,13 @@ def main(argv: list[str] | None = None) -> Path:
     policy, tokenizer, reward, prompts = setup(run)
     state = resume(run, policy)
     resumed_from = state["improves_done"]
-    wandb_run = tracking.init_wandb(run.cfg, "rest")
-    train(run, policy, tokenizer, reward, prompts, state, wandb_run)
+    with tracking.wandb_run(run.cfg, "rest") as wandb_run:
+        train(run, policy, tokenizer, reward, prompts, state, wandb_run)
     if not contract.is_main_process():
         return run.out
     adapter_dir = run.out / "adapter"
     policy.save_pretrained(adapter_dir, safe_serialization=True)
     tokenizer.save_pretrained(adapter_dir)
-    if wandb_run is not None:
-        wandb_run.finish()
     iterations = state["iterations"]
     contract.finish_policy(
         run, adapter_dir, run.paths[0], snapshots=True, reward=reward.describe(), grown_sets=state["grown"],

@@ -3,10 +3,10 @@
     python -m rlhf_lib.stages.reward --config run.json --output DIR \\
         --input base_model=PATH_OR_ID --input train=LAKE_URI --input eval=LAKE_URI
 
-hh-rlhf transcripts (`\\n\\nHuman: …\\n\\nAssistant: …`) are rewritten in the policy's `Question: …\\n\\nAnswer: …`
-layout before training, because PPO will ask this model to score exactly that layout. Held-out accuracy is the
-fraction of eval pairs whose chosen text scores above the rejected one. Writes DIR/model (safetensors +
-tokenizer) and DIR/result.json.
+hh-rlhf transcripts (`\\n\\nHuman: …\\n\\nAssistant: …`) are rewritten in the policy's prompt format before
+training (`data.prompt_format`: the seed's `Question: …\\n\\nAnswer: …`, or plain text), because PPO will ask this
+model to score exactly that layout. Held-out accuracy is the fraction of eval pairs whose chosen text scores
+above the rejected one. Writes DIR/model (safetensors + tokenizer) and DIR/result.json.
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ from rlhf_lib.stages import contract, hf
 def _setup_datasets(cfg, train_uri: str, eval_uri: str, part: tuple[int, int] | None = None):
     from rlhf_lib.data import formatting, lake
 
+    fmt = cfg.data.prompt_format  # a string in the closure: `datasets` fingerprints the map by pickling it
+
     def to_pair(row):
-        return {"chosen": formatting.hh_to_qa(row["chosen"]), "rejected": formatting.hh_to_qa(row["rejected"])}
+        return {"chosen": formatting.preference_text(row["chosen"], fmt),
+                "rejected": formatting.preference_text(row["rejected"], fmt)}
 
     cols, bs = ["chosen", "rejected"], cfg.data.stream_batch_size
     train = lake.to_hf_dataset(train_uri, cols, bs, to_pair)
@@ -37,9 +40,10 @@ def pairwise_accuracy(model, tokenizer, pairs, max_length: int, batch_size: int 
 
     chosen = score_texts(model, tokenizer, [p["chosen"] for p in pairs], max_length, batch_size)
     rejected = score_texts(model, tokenizer, [p["rejected"] for p in pairs], max_length, batch_size)
+    from rlhf_lib.metrics import share_won
+
     margin = chosen - rejected
-    correct = (margin > 0).float() + 0.5 * (margin == 0).float()
-    return {"accuracy": float(correct.mean()), "mean_margin": float(margin.mean()), "pairs": len(pairs),
+    return {"accuracy": share_won(margin > 0, margin == 0), "mean_margin": float(margin.mean()), "pairs": len(pairs),
             "ties": int((margin == 0).sum())}
 
 

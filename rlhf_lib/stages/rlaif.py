@@ -24,11 +24,12 @@ from rlhf_lib.stages import contract
 
 def sample_pairs(model, tokenizer, rows: list[dict], max_new_tokens: int, seed: int, fmt: str = "qa") -> list[dict]:
     """Two sampled completions per prompt row; pairs whose two answers are the same text are left out."""
-    from rlhf_lib import rl
+    from rlhf_lib import sampling
     from rlhf_lib.data import formatting
 
     prompts = [formatting.rl_prompt(r, fmt) for r in rows for _ in range(2)]
-    answers, _ = rl.sample_answers(model, tokenizer, prompts, max_new_tokens, seed=seed)
+    sampler = sampling.TransformersSampler(model, tokenizer)
+    answers, _ = sampling.sample_answers(sampler, prompts, max_new_tokens, seed=seed)
     pairs = []
     for i, row in enumerate(rows):
         x, y = answers[2 * i].strip(), answers[2 * i + 1].strip()
@@ -108,10 +109,9 @@ def main(argv: list[str] | None = None) -> Path:
                "kept_fraction": len(judged) / max(len(pairs), 1), "position_bias": bias,
                "orders_agree_uncalibrated": raw_agree, "train_pairs": train_set["rows"],
                "eval_pairs": eval_set["rows"], "agreement_with_rule": agreement_with_rule(cfg, pairs, labels)}
-    wandb_run = tracking.init_wandb(cfg, "rlaif")
-    if wandb_run is not None:
-        wandb_run.summary.update({k: v for k, v in metrics.items() if v is not None})
-        wandb_run.finish()
+    with tracking.wandb_run(cfg, "rlaif") as wandb_run:
+        if wandb_run is not None:
+            wandb_run.summary.update({k: v for k, v in metrics.items() if v is not None})
     result = contract.write_result(run, train=train_set, eval=eval_set, judge_model=judge_ref,
                                    constitution=str(a.constitution_path), metrics=metrics)
     run.say(f"kept {len(judged)} of {len(pairs)} judged pairs (position bias {bias:.3f}); train {train_set['uri']}, "

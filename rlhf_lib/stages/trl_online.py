@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf_lib import checkpoints, precision, progress
+from rlhf_lib import precision, progress
 from rlhf_lib.stages import contract, hf
 
 
@@ -92,16 +92,11 @@ def run(name: str, argv: list[str] | None, trainer_class, config_class, section_
     train_out, resume = hf.train_resumable(trainer, name, stage.args.resume_from, out, stage.args.checkpoint_uri,
                                            progress_callback=reporting)
 
-    adapter_dir = out / "adapter"
-    if not hf.save_trained(trainer, tokenizer, adapter_dir):
-        return adapter_dir
     stats = hf.log_history_stats(trainer.state.log_history)
     first, last = quarter_means(stats, "reward")
     metrics = {"train_loss": train_out.training_loss, "steps": trainer.state.global_step,
                "reward_first_quarter": first, "reward_last_quarter": last, "prompts": len(train_ds),
                "curves": hf.log_history_summary(trainer.state.log_history),
                "precision": precision.record(trainer.model)}
-    contract.finish_policy(stage, adapter_dir, sft_model, snapshots=True, reward=reward.describe(), metrics=metrics,
-                           stats=stats, resumed_from=resume, resumed_from_step=checkpoints.step_of(resume) or 0,
-                           summary=f"mean reward first quarter {first} -> last quarter {last}")
-    return out
+    return hf.finish_adapter(stage, trainer, tokenizer, sft_model, resume, snapshots=True, reward=reward.describe(),
+                             metrics=metrics, stats=stats, summary=f"mean reward first quarter {first} -> last quarter {last}")

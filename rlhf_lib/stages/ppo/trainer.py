@@ -45,10 +45,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlhf_lib import checkpoints, precision, rl, storage
+from rlhf_lib import checkpoints, precision, rl, sampling, storage
 from rlhf_lib.data import lake
 from rlhf_lib.stages import contract
-from rlhf_lib.stages.ppo import losses, rollout
+from rlhf_lib.stages.ppo import losses
 
 STATE_FILE = "training_state.pt"
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -95,7 +95,7 @@ class PolicyWithValueHead(nn.Module):
         return self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)
 
 
-class PromptSampler:
+class PromptOrder:
     """Deterministic, resumable prompt order: a seeded permutation per epoch; the cursor is the data position.
 
     With several processes, each takes its own slice of every global batch."""
@@ -196,31 +196,12 @@ class Layout:
             p.grad = g.view_as(p).clone()
 
 
-def _trim_left_padding(input_ids, attention_mask, P: int):
-    """Drop the leading columns that are padding in every row (prompts are left-padded to the batch's longest):
-    the same logits and values for every real token, less to compute for a mini-batch of shorter prompts."""
-    first = int(attention_mask[:, :P].any(0).long().argmax()) if P else 0
-    return input_ids[:, first:], attention_mask[:, first:], P - first
-
-
-def _forward_response(policy: PolicyWithValueHead, input_ids, attention_mask, P: int, with_entropy=False):
-    """Log-probs of the response tokens and the values of the states that emitted them. The LM head runs on the
-    response positions only (`logits_to_keep`), not on the prompt's."""
-    input_ids, attention_mask, P = _trim_left_padding(input_ids, attention_mask, P)
-    T = input_ids.shape[1] - P
-    logits, values = policy(input_ids, attention_mask, logits_to_keep=T + 1)
-    logits = logits[:, :-1]  # positions P-1 .. P+T-2: the ones that emit response tokens 0 .. T-1
-    logprobs = rl.logprobs_from_logits(logits, input_ids[:, P:])
-    entropy = rl.entropy_from_logits(logits) if with_entropy else None
-    return logprobs, values[:, P - 1:-1], entropy
-
-
 # A forward pass without gradients keeps no activations: it takes this many mini-batches of rows at once.
 NO_GRAD_CHUNK_MINIBATCHES = 4
 
 
 @torch.no_grad()
-def _score_rollout(policy, batch: rollout.RolloutBatch, chunk: int) -> dict[str, torch.Tensor]:
+def _score_rollout(policy, batch: sampling.RolloutBatch, chunk: int) -> dict[str, torch.Tensor]:
     """Reference log-probs (adapter off), and — unless generation already gave them — the policy's old log-probs,
     values and entropy, in chunks to bound memory."""
     ids_all, am_all, P = batch.input_ids, batch.attention_mask, batch.prompt_length
@@ -229,10 +210,10 @@ def _score_rollout(policy, batch: rollout.RolloutBatch, chunk: int) -> dict[str,
     for i in range(0, len(ids_all), chunk):
         ids, am = ids_all[i:i + chunk], am_all[i:i + chunk]
         if not batch.old:
-            lp, v, ent = _forward_response(policy, ids, am, P, with_entropy=True)
+            lp, v, ent = sampling.response_logprobs(policy, ids, am, P, with_entropy=True)
             parts["logprobs"].append(lp), parts["values"].append(v), parts["entropy"].append(ent)
         with policy.lm.disable_adapter():
-            parts["ref_logprobs"].append(_forward_response(policy, ids, am, P)[0])
+            parts["ref_logprobs"].append(sampling.response_logprobs(policy, ids, am, P)[0])
     return {**(batch.old or {}), **{k: torch.cat(v) for k, v in parts.items()}}
 
 
@@ -259,11 +240,11 @@ def minibatch_objective(logprobs, values, old_logprobs, old_values, advantages, 
 
 def minibatch_loss(policy, ids, am, P, old_logprobs, old_values, advantages, returns, mask, tokens, p):
     """The loss of one micro-batch (a forward of the policy, then `minibatch_objective`) and its stats."""
-    logprobs, values, _ = _forward_response(policy, ids, am, P)
+    logprobs, values, _ = sampling.response_logprobs(policy, ids, am, P)
     return minibatch_objective(logprobs, values, old_logprobs, old_values, advantages, returns, mask, tokens, p)
 
 
-def ppo_step(policy, optimizer, batch: rollout.RolloutBatch, kl_ctl, p, *, layout: Layout = Layout(),
+def ppo_step(policy, optimizer, batch: sampling.RolloutBatch, kl_ctl, p, *, layout: Layout = Layout(),
              shuffle_seed: int = 0) -> dict[str, float]:
     """PPO on one rollout batch (this process's slice of the global batch): rewards with the KL penalty, GAE,
     then ppo_epochs passes of optimizer steps over mini_batch_size x gradient_accumulation_steps rollouts of the
@@ -333,13 +314,13 @@ def step_stats_of(scores, kl, mask, entropy, step_stats: list[torch.Tensor], bet
     }, len(g_scores)
 
 
-def score_rollout(reward, tokenizer, prompts: list[str], batch: rollout.RolloutBatch, shared_tokenizer: bool
+def score_rollout(reward, tokenizer, prompts: list[str], batch: sampling.RolloutBatch, shared_tokenizer: bool
                   ) -> torch.Tensor:
     """The reward of each rollout: from its token ids when the reward model shares the policy's tokenizer, else
     from the decoded text through the reward's own tokenizer (or function)."""
     if shared_tokenizer:
         return reward.score_ids(batch.input_ids, batch.attention_mask)
-    return reward(prompts, rollout.decode_responses(tokenizer, batch))
+    return reward(prompts, sampling.decode_responses(tokenizer, batch))
 
 
 def shuffle_seed(run_seed: int, step: int) -> int:
@@ -376,7 +357,7 @@ def _save_weights(policy: PolicyWithValueHead, directory: Path) -> None:
               directory / VALUE_HEAD_FILE)
 
 
-def save_checkpoint(root: Path, step: int, policy, optimizer, kl_ctl, sampler, length_gen, stats, keep: int,
+def save_checkpoint(root: Path, step: int, policy, optimizer, kl_ctl, prompt_order, length_gen, stats, keep: int,
                     mirror: str | None = None, rng_by_rank: list[dict] | None = None) -> Path:
     """A checkpoint of everything the loop holds. `rng_by_rank`: every process's RNG states (each samples its own
     rollouts from its own stream), rank 0's alone when None."""
@@ -385,7 +366,7 @@ def save_checkpoint(root: Path, step: int, policy, optimizer, kl_ctl, sampler, l
     def write(tmp: Path) -> None:
         _save_weights(policy, tmp)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "kl_ctl": kl_ctl.state_dict(),
-                    "sampler": sampler.state_dict(), "length_rng": length_gen.get_state(), "rng": rng_by_rank[0],
+                    "sampler": prompt_order.state_dict(), "length_rng": length_gen.get_state(), "rng": rng_by_rank[0],
                     "rng_by_rank": rng_by_rank, "stats": stats}, tmp / STATE_FILE)
 
     return checkpoints.save(root, step, write, keep=keep, mirror=mirror)
@@ -404,7 +385,7 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def _restore(state: dict, policy, optimizer, kl_ctl, sampler, length_gen, layout: Layout = Layout()) -> None:
+def _restore(state: dict, policy, optimizer, kl_ctl, prompt_order, length_gen, layout: Layout = Layout()) -> None:
     """Put a checkpoint back; each process takes its own RNG states when the checkpoint has one per process of this
     layout (else rank 0's: a different layout samples differently anyway)."""
     from rlhf_lib import models
@@ -413,7 +394,7 @@ def _restore(state: dict, policy, optimizer, kl_ctl, sampler, length_gen, layout
     policy.v_head.load_state_dict(state["value_head"])
     optimizer.load_state_dict(state["optimizer"])
     kl_ctl.load_state_dict(state["kl_ctl"])
-    sampler.load_state_dict(state["sampler"])
+    prompt_order.load_state_dict(state["sampler"])
     length_gen.set_state(state["length_rng"])
     by_rank = state.get("rng_by_rank") or []
     _set_rng_state(by_rank[layout.rank] if len(by_rank) == layout.world else state["rng"])
@@ -453,8 +434,8 @@ class Run:
         self.shared_tokenizer = isinstance(self.reward, scoring.ModelReward) and \
             self.reward.shares_tokenizer(self.tokenizer)
         prompts = lake.rl_prompts(prompts_uri, self.cfg.data.stream_batch_size, self.cfg.data.prompt_format)
-        self.sampler = PromptSampler(prompts, self.cfg.run.seed,
-                                     self.layout.rank, self.layout.world)
+        self.prompt_order = PromptOrder(prompts, self.cfg.run.seed, self.layout.rank, self.layout.world)
+        self.sampler = sampling.TransformersSampler(self.policy, self.tokenizer)  # what generates the rollouts
         self.optimizer = torch.optim.Adam(_trainable_parameters(self.policy), lr=self.p.learning_rate)
         self.kl_ctl = (losses.AdaptiveKLController(self.p.init_kl_coef, self.p.kl_target, self.p.kl_horizon)
                        if self.p.adaptive_kl else losses.FixedKLController(self.p.init_kl_coef))
@@ -476,7 +457,7 @@ def resume(run: Run) -> None:
                                      run.stage.args.checkpoint_uri)
     if found:
         path, state = found
-        _restore(state, run.policy, run.optimizer, run.kl_ctl, run.sampler, run.length_gen, run.layout)
+        _restore(state, run.policy, run.optimizer, run.kl_ctl, run.prompt_order, run.length_gen, run.layout)
         run.start_step, run.stats = state["step"], list(state["stats"])
         run.accelerator.print(f"[ppo] resumed from step {run.start_step} ({path})")
     run.policy.eval()
@@ -486,20 +467,21 @@ def rollout_step(run: Run, step: int, samples: list | None = None) -> dict:
     """One PPO step: a rollout of this process's share of the global batch, scored, then the update. `samples`: a
     list to put this step's first two (prompt, response, score) in, for the live card."""
     p, rank, b = run.p, run.layout.rank, run.local_batch
-    prompts = run.sampler.next_batch(b)
+    prompts = run.prompt_order.next_batch(b)
     # Lengths are drawn for the global batch, then sliced: the same lengths whatever the layout.
-    lengths = rollout.sample_lengths(p.batch_size, p.min_response_length, p.max_response_length,
+    lengths = sampling.sample_lengths(p.batch_size, p.min_response_length, p.max_response_length,
                                      run.length_gen)[rank * b:(rank + 1) * b]
-    batch = rollout.generate(run.policy, run.tokenizer, prompts, lengths, stop_at_eos=p.stop_at_eos,
-                             max_prompt_length=p.max_prompt_length)
+    batch = run.sampler.sample(prompts, lengths, stop_at_eos=p.stop_at_eos, max_prompt_length=p.max_prompt_length)
     batch.scores = score_rollout(run.reward, run.tokenizer, prompts, batch, run.shared_tokenizer)
     if samples is not None:
         P = batch.prompt_length
         samples += [{"prompt": prompts[i], "response": run.tokenizer.decode(
             batch.input_ids[i, P:][batch.response_mask[i].bool()], skip_special_tokens=True),
             "score": round(float(batch.scores[i]), 3)} for i in range(min(2, len(prompts)))]
-    return {"step": step + 1, **ppo_step(run.policy, run.optimizer, batch, run.kl_ctl, p, layout=run.layout,
-                                         shuffle_seed=shuffle_seed(run.cfg.run.seed, step))}
+    stats = ppo_step(run.policy, run.optimizer, batch, run.kl_ctl, p, layout=run.layout,
+                     shuffle_seed=shuffle_seed(run.cfg.run.seed, step))
+    run.sampler.policy_changed()  # the adapter moved in this process; an engine elsewhere would load a saved one
+    return {"step": step + 1, **stats}
 
 
 def train(run: Run, wandb_run) -> None:
@@ -523,25 +505,23 @@ def train(run: Run, wandb_run) -> None:
         if (step + 1) % p.save_freq == 0 or step + 1 == p.steps:
             rng_by_rank = run.layout.gather_objects(_rng_state())  # every process's: each samples its own rollouts
             if run.accelerator.is_main_process:
-                # The snapshot first: a checkpoint implies its step's point of the curve (a kill between the two
-                # then replays the step from the previous checkpoint, and rewrites the same snapshot).
-                checkpoints.save_snapshot(run.policy.lm, out, step + 1, run.stage.args.checkpoint_uri)
-                save_checkpoint(out / "checkpoints", step + 1, run.policy, run.optimizer, run.kl_ctl, run.sampler,
-                                run.length_gen, run.stats, p.keep_checkpoints,
-                                mirror=storage.mirror_of(run.stage.args.checkpoint_uri), rng_by_rank=rng_by_rank)
+                checkpoints.snapshot_then_checkpoint(
+                    run.policy.lm, out, step + 1, run.stage.args.checkpoint_uri,
+                    lambda: save_checkpoint(out / "checkpoints", step + 1, run.policy, run.optimizer, run.kl_ctl,
+                                            run.prompt_order, run.length_gen, run.stats, p.keep_checkpoints,
+                                            mirror=storage.mirror_of(run.stage.args.checkpoint_uri),
+                                            rng_by_rank=rng_by_rank))
                 progress.note(checkpoint=str(checkpoints.step_dir(out / "checkpoints", step + 1)), step=step + 1)
     run.accelerator.wait_for_everyone()
 
 
-def finish(run: Run, wandb_run) -> None:
+def finish(run: Run) -> None:
     """On the main process: the adapter and value head, the merged model, the result — once every checkpoint and
     snapshot is stored (the other processes have finished: nothing waits for the uploads at a collective)."""
     checkpoints.UPLOADS.wait()
     out, stats = run.stage.out, run.stats
     _save_weights(run.policy, out)
     run.tokenizer.save_pretrained(out / "adapter")
-    if wandb_run is not None:
-        wandb_run.finish()
     quarter = max(1, len(stats) // 4)
     first_q = float(np.mean([s["score_mean"] for s in stats[:quarter]])) if stats else math.nan
     last_q = float(np.mean([s["score_mean"] for s in stats[-quarter:]])) if stats else math.nan
@@ -561,9 +541,9 @@ def main(argv: list[str] | None = None) -> Path:
     run = Run(contract.start("ppo", argv, "sft_model", "prompts"))
     run.describe()
     # W&B first: whatever randomness its start-up uses must not come after the restored RNG state.
-    wandb_run = tracking.init_wandb(run.cfg, "ppo") if run.accelerator.is_main_process else None
-    resume(run)
-    train(run, wandb_run)
+    with tracking.wandb_run(run.cfg, "ppo", enabled=run.accelerator.is_main_process) as wandb_run:
+        resume(run)
+        train(run, wandb_run)
     if run.accelerator.is_main_process:
-        finish(run, wandb_run)
+        finish(run)
     return run.stage.out
