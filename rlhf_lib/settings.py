@@ -30,14 +30,14 @@ class OptimSection(Section):
     lr_scheduler: str = Field("linear", description="HF scheduler name.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     max_steps: int = Field(400, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(8, ge=1, description="Per-device batch size (pairs for reward and dpo).")
+    batch_size: int = Field(8, ge=1, description="Per-device batch size: the examples the stage trains on (texts, pairs, or samples).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     save_steps: int = Field(100, ge=1, description="Checkpoint every N steps.")
     logging_steps: int = Field(10, ge=1, description="Log every N steps.")
 
 
 class TrainerSection(OptimSection):
-    """The HF-Trainer stages that train on a fixed dataset (sft, reward, dpo, rest's Improve)."""
+    """The HF-Trainer stages that train on a fixed dataset (sft, reward, the preference methods, rest's Improve)."""
 
     max_length: int = Field(512, ge=16, description="Tokens per training sequence (per text of a pair).")
     eval_steps: int = Field(100, ge=1, description="Evaluate on the held-out split every N steps.")

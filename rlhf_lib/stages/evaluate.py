@@ -1,7 +1,7 @@
 """Did alignment work? Compare SFT with every aligned policy on held-out prompts, with numbers.
 
     python -m rlhf_lib.stages.evaluate --config run.json --output DIR --input policy_sft=DIR \\
-        --input policy_ppo=DIR [--input policy_<method>=DIR …] --input reward_model=DIR \\
+        [--input policy_<method>=DIR …] --input reward_model=DIR \\
         --input prompts=LAKE_URI --input sft_eval=LAKE_URI [--input snapshots_<method>=DIR …]
 
 For every policy: answers to the same held-out prompts (never used in training) with the same decoding and
@@ -10,10 +10,10 @@ reward_function=function:module:fn`) and by a *gold* judge none of them trained 
 sample data's rule, a second reward model trained on the other half of the pairs, a judge LM under the
 constitution, or a function); perplexity on held-out SFT answers. For every aligned policy also: win-rate over SFT
 by both judges (ties count half), an over-optimisation flag (proxy up, gold not), and KL(policy ‖ SFT) on the
-policy's own answers, per token and per sequence.
+policy's own answers, per token and per sequence. Each figure is a row of the metric table (rlhf_lib/metrics.py).
 
-The over-optimisation curve (Gao et al. 2022): `snapshots_<method>` is a directory of `step-N` adapters an online
-method saved as it trained; each is put on the SFT model and scored the same way on the first
+The over-optimisation curve (Gao et al. 2022): `snapshots_<method>` is a directory of `step-N` adapters a method
+saved as it trained; each is put on the SFT model and scored the same way on the first
 `eval.curve_prompts` prompts, so the report shows *where* along the KL axis a method's proxy win-rate parts from
 its gold one, not only where it ended.
 Optional inputs: gold_reward_model=DIR, gold_judge_model=REF.
