@@ -161,7 +161,7 @@ def test_argo_workflow_asks_each_step_for_what_it_uses(s3_env, tmp_path):
         want = getattr(cfg.resources, kind)
         assert _requests(templates[step]) == {"gpu": gpus[kind], "cpu": want.cpu, "memory_mb": want.memory_mb,
                                               "disk_mb": want.disk_mb, "shared_memory_mb": want.shared_memory_mb}, step
-    for step in ("rlaif", "dpo", "rest", "grpo", "rloo"):  # skipped here: the least there is
+    for step in ["rlaif"] + [m for m in methods.names() if m not in cfg.run.methods]:  # skipped: the least there is
         assert _requests(templates[step]) == KUBERNETES_FLOOR, step
     assert "container" in templates["ppo-train"] and "JobSet" not in json.dumps(templates["ppo-train"])
     jobsets = [name for name, t in templates.items() if "JobSet" in json.dumps(t.get("resource", {}))]
