@@ -14,8 +14,9 @@ Steps:
     rest    ReST: Grow samples scored by the reward, Improve on the best          } finishes at once, `skipped`
     grpo    GRPO: groups of samples, advantages relative to the group (TRL)      }
     rloo    RLOO: REINFORCE with a leave-one-out baseline (TRL)                  }
+    kto     KTO: answers labelled desirable or not, SFT as reference (TRL)       }
     evaluate  SFT vs every method on held-out prompts: proxy and gold win-rates, KL, perplexity, samples, and the
-              over-optimisation curve of every online method
+              over-optimisation curve of every method that kept snapshots
     end     print where everything is
 
 GPUs, CPUs, memory, disk and retries of each step come from the config (rlhf_lib/compute.py, `[resources]`),
@@ -138,7 +139,7 @@ class RLHFFlow(FlowSpec):
         self.reward_config = cfg.reward.model_dump()
         self.gold_reward_model_path = gold["model_path"] if gold else None
         self.gold_reward_metrics = gold["metrics"] if gold else {}
-        self.next(self.ppo, self.dpo, self.rest, self.grpo, self.rloo)
+        self.next(self.ppo, self.dpo, self.rest, self.grpo, self.rloo, self.kto)
 
     # ---------------------------------------------------------------- the methods: one registry row each
 
@@ -218,6 +219,14 @@ class RLHFFlow(FlowSpec):
         from rlhf_lib import pipeline
 
         pipeline.method_step(self, "rloo", current)
+        self.next(self.evaluate)
+
+    @step
+    def kto(self):
+        """KTO: a fresh LoRA adapter on the merged SFT model, trained on answers labelled desirable or not."""
+        from rlhf_lib import pipeline
+
+        pipeline.method_step(self, "kto", current)
         self.next(self.evaluate)
 
     # ---------------------------------------------------------------- judging

@@ -238,3 +238,21 @@ register(Method("grpo", "GRPO", GRPOSection, "GRPO (TRL GRPOTrainer) against the
                 ("sft_model", "reward", "prompts"), snapshots=True))
 register(Method("rloo", "RLOO", RLOOSection, "RLOO (TRL RLOOTrainer) against the reward.",
                 ("sft_model", "reward", "prompts"), snapshots=True))
+
+
+# ------------------------------------------------------------------ KTO
+
+
+class KTOSection(TrainerSection):
+    beta: float = Field(0.1, gt=0, description="KTO's beta: how strongly the policy is tied to the reference (the SFT model).")
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field("kto", description="TRL KTO loss: `kto` (the paper's) or `apo_zero_unpaired`.")
+    desirable_weight: float = Field(1.0, gt=0, description="Weight of the desirable (chosen) answers' loss.")
+    undesirable_weight: float = Field(1.0, gt=0, description="Weight of the undesirable (rejected) answers' loss.")
+    batch_size: int = Field(8, ge=2, description="Answers per device per optimizer step; KTO's reference point (the KL to SFT) is estimated from mismatched answers within a batch, so at least 2.")
+    learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate.")
+    max_steps: int = Field(200, ge=1, description="Optimizer steps.")
+    lora: LoraSection = Field(default_factory=LoraSection, description="The fresh KTO adapter on the merged SFT model.")
+
+
+register(Method("kto", "KTO", KTOSection, "KTO on the preference answers, each labelled desirable or undesirable.",
+                ("sft_model", "preference"), snapshots=True))
