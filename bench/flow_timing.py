@@ -122,10 +122,10 @@ def print_evaluation(data, plot: str | None) -> None:
     headers, rows = reporting.curve_table(data.eval_report)
     if not rows:
         return
-    print("\nOver-optimisation curve (every saved checkpoint of each online method vs SFT):\n")
+    print("\nOver-optimisation curve (every saved checkpoint of each method that keeps snapshots, vs SFT):\n")
     print(markdown_table(headers, rows))
     headers, rows = reporting.guard_table(data.eval_report)
-    print("\nThe guard (rlhf_lib/guard.py): each online method at its last and its recommended checkpoint:\n")
+    print("\nThe guard (rlhf_lib/guard.py): each method with a curve at its last and its recommended checkpoint:\n")
     print(markdown_table(headers, rows))
     print("\n" + "\n".join(f"- {line}" for line in reporting.guard_lines(data.eval_report)))
     if plot:

@@ -1,4 +1,4 @@
-"""The over-optimisation guard: from an online method's curve (every saved checkpoint judged by the proxy and the gold
+"""The over-optimisation guard: from a method's curve (every saved checkpoint judged by the proxy and the gold
 judge against its KL from SFT), when to stop and which checkpoint to ship.
 
 - The fit: Gao et al. (2022)'s form for RL, gold(d) = d(α − β·ln d), d = √KL(checkpoint ‖ SFT), on the gold judge's

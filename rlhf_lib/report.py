@@ -174,8 +174,8 @@ def plot_method(name: str, run_data):
 
 
 def plot_over_optimisation(eval_report: dict):
-    """Gao et al. (2022) for every online method: each saved checkpoint's gain over SFT by the gold judge (left) and
-    by the proxy it optimised (right) against √KL(checkpoint ‖ SFT), points joined in order of KL; on the gold
+    """Gao et al. (2022) for every method with a curve: each saved checkpoint's gain over SFT by the gold judge (left)
+    and by the proxy it optimised (right) against √KL(checkpoint ‖ SFT), points joined in order of KL; on the gold
     panel the fitted d(α − β ln d), its peak (dotted), and the guard's recommended checkpoint (a star, labelled
     with its step in the legend). A proxy that keeps climbing while the gold turns down is over-optimisation."""
     curves = [(n, r["curve"], r.get("guard")) for n, r in eval_report.items() if r.get("curve")]
@@ -226,12 +226,12 @@ def _mark_guard(ax, curve: list[dict], verdict: dict, colour: str) -> None:
 
 
 def guard_lines(eval_report: dict) -> list[str]:
-    """The guard's verdict on each online method, one line each (rlhf_lib/guard.py)."""
+    """The guard's verdict on each method with a curve, one line each (rlhf_lib/guard.py)."""
     return [f"{name}: {row['guard']['note']}" for name, row in eval_report.items() if row.get("guard")]
 
 
 def guard_table(eval_report: dict) -> tuple[list[str], list[list]]:
-    """(headers, rows): each online method at its last and at its recommended checkpoint, by both judges."""
+    """(headers, rows): each method with a curve at its last and at its recommended checkpoint, by both judges."""
     proxy, gold, kl = (metrics.BY_KEY[k] for k in (metrics.PROXY_WIN_RATE, metrics.GOLD_WIN_RATE,
                                                    metrics.KL_PER_SEQUENCE))
     headers = ["method", "last step", f"{proxy.label} (last)", f"{gold.label} (last)", "recommended step",
@@ -251,7 +251,7 @@ def guard_table(eval_report: dict) -> tuple[list[str], list[list]]:
 
 
 def curve_table(eval_report: dict) -> tuple[list[str], list[list]]:
-    """(headers, rows): every checkpoint of every online method, with the curve's metrics (rlhf_lib/metrics.py)."""
+    """(headers, rows): every checkpoint of every method with a curve, with the curve's metrics (metrics.py)."""
     headers = ["method", "step"] + [m.label for m in metrics.CURVE]
     rows = [[name, p["step"]] + [m.show(p.get(m.key)) for m in metrics.CURVE]
             for name, row in eval_report.items() for p in row.get("curve") or []]

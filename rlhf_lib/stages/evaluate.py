@@ -92,7 +92,7 @@ class Judged:
 
 
 def snapshots(directory: str | None) -> list[tuple[int, Path]]:
-    """(step, adapter dir) of every complete `step-N` snapshot an online method saved, oldest first; one without
+    """(step, adapter dir) of every complete `step-N` snapshot a method saved, oldest first; one without
     its marker is skipped, and said."""
     from rlhf_lib import checkpoints
 
