@@ -98,6 +98,7 @@ def worker_ours(inputs: dict, steps: int) -> dict:
     from rlhf_lib import config, scoring
     from rlhf_lib import sampling
     from rlhf_lib.stages.ppo import losses, trainer
+    from rlhf_lib.stages.ppo import policy as policy_module
 
     torch.set_num_threads(1)
     raw = config.load(ROOT / "configs" / "tiny.toml").model_dump()
@@ -109,9 +110,9 @@ def worker_ours(inputs: dict, steps: int) -> dict:
     cfg = config.validate(raw)
     p = cfg.ppo
     device = torch.device("cpu")
-    policy, tokenizer = trainer._setup_policy(cfg, inputs["policy"], device)
+    policy, tokenizer = policy_module.setup_policy(cfg, inputs["policy"], device)
     reward = scoring.ModelReward(inputs["reward"], 512, device=device)
-    optimizer = torch.optim.Adam(trainer._trainable_parameters(policy), lr=p.learning_rate)
+    optimizer = torch.optim.Adam(policy_module.trainable_parameters(policy), lr=p.learning_rate)
     shared = reward.shares_tokenizer(tokenizer)
     assert shared, "the bench's reward model shares the policy's tokenizer"
     kl_ctl = losses.FixedKLController(p.init_kl_coef)

@@ -35,7 +35,7 @@ REMOTE_COMMANDS = ("argo-workflows", "step-functions", "airflow", "kubernetes", 
 IDLE_RESOURCES = {"cpu": 1, "memory": 512, "shared_memory": None, "disk": 1024}
 
 
-def step_kind(cfg: RunConfig, step: str) -> str | None:
+def step_kind_this_run(cfg: RunConfig, step: str) -> str | None:
     """`train`, `infer`, `light` for a step that runs a stage; `idle` for one with nothing to do this run (a method
     not in run.methods, rlaif without AI feedback); None for the steps that only route (start, a gang's routing
     and joins, end)."""
@@ -44,10 +44,10 @@ def step_kind(cfg: RunConfig, step: str) -> str | None:
     for method in methods.REGISTRY.values():
         if step in method.train_steps:
             return TRAIN if method.name in cfg.run.methods else IDLE
-    return stage_kind(step) if step in CHAIN_STEPS else None
+    return kind_when_running(step) if step in CHAIN_STEPS else None
 
 
-def stage_kind(stage: str) -> str:
+def kind_when_running(stage: str) -> str:
     """The kind of step a stage runs in when it runs: `infer` for the stages that only run models
     (SINGLE_PROCESS_STAGES, one process on one GPU), `light` for data, `train` for the rest."""
     if stage == "data":

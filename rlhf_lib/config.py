@@ -223,7 +223,7 @@ class RunConfig(Section):
         return self
 
     @property
-    def gold_judge(self) -> str:
+    def resolved_gold_judge(self) -> str:
         """The independent judge `evaluate` uses: `auto` resolved against the data sources."""
         if self.eval.gold_judge != "auto":
             return self.eval.gold_judge

@@ -37,7 +37,7 @@ class StepCompute(FlowMutator):
                 # Metaflow drops a refresh sooner than `refresh_interval` after the last: the card's own rate
                 step.add_decorator(card, deco_kwargs=dict(type="blank", refresh_interval=cfg.run.card_refresh_s)
                                    if name in live.STEPS else dict(type="blank"))
-            kind = compute.step_kind(cfg, name)
+            kind = compute.step_kind_this_run(cfg, name)
             if kind is None:
                 continue
             step.add_decorator(resources, deco_kwargs=compute.step_resources(cfg, kind))
@@ -55,7 +55,7 @@ class StepCompute(FlowMutator):
         cfg = config_from_flow(configs["config"])
         gang_steps = {m.gang_step for m in methods.REGISTRY.values() if m.gang}
         for name, step in mutable_flow.steps:
-            kind = compute.step_kind(cfg, name)
+            kind = compute.step_kind_this_run(cfg, name)
             placement = compute.step_placement(cfg, kind) if kind else {}
             if name in gang_steps:  # the JobSet's MF_MASTER_PORT: without a port Metaflow writes the string "None"
                 placement["port"] = cfg.run.master_port

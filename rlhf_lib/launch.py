@@ -25,7 +25,7 @@ from rlhf_lib.compute import stage_gpus
 from rlhf_lib.stages.contract import RESULT_FILE
 
 
-ACCELERATE = "accelerate.commands.launch"  # the launchers a stage may run under (accelerate_command)
+ACCELERATE = "accelerate.commands.launch"  # the launchers a stage may run under (stage_command)
 TORCHRUN = "torch.distributed.run"
 
 
@@ -86,11 +86,12 @@ class Nodes:
         return cls(parallel.num_nodes, parallel.node_index, parallel.main_ip, int(given))
 
 
-def accelerate_command(stage: str, stage_args: list[str], num_gpus: int, nodes: Nodes | None = None,
-                       module: str | None = None) -> list[str]:
+def stage_command(stage: str, stage_args: list[str], num_gpus: int, nodes: Nodes | None = None,
+                  module: str | None = None) -> list[str]:
     """The command that runs a stage (module `rlhf_lib.stages.<stage>` unless `module` names another) on
-    `num_gpus` GPUs (0: the CPU): accelerate on one machine; across several, accelerate's multi-machine launch on
-    GPUs, torch.distributed.run (gloo) on CPUs (accelerate wants mpirun for multi-node CPU)."""
+    `num_gpus` GPUs (0: the CPU): plain python for one process; accelerate for several GPUs of one machine; across
+    machines, accelerate's multi-machine launch on GPUs, torch.distributed.run (gloo) on CPUs (accelerate wants mpirun
+    for multi-node CPU)."""
     gpus = stage_gpus(stage, num_gpus)
     module = ["-m", module or f"rlhf_lib.stages.{stage}", *stage_args]
     if nodes is not None and nodes.count > 1:
@@ -232,12 +233,12 @@ def launch(stage: str, config_json: str, output: Path, inputs: dict[str, str], *
     if checkpoint_uri:
         stage_args += ["--checkpoint-uri", checkpoint_uri]
     stage_args += extra_args or []
-    cmd = accelerate_command(stage, stage_args, gpus, nodes=nodes, module=module)
+    cmd = stage_command(stage, stage_args, gpus, nodes=nodes, module=module)
     log_path = output / "stage.log"
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     child_env = {**os.environ, **(env or {})}
     used = stage_gpus(stage, gpus)
-    if (nodes is None or nodes.count == 1) and used <= 1:  # accelerate_command: no launcher, one process
+    if (nodes is None or nodes.count == 1) and used <= 1:  # stage_command: no launcher, one process
         child_env.update(single_process_env(used))
     if gpus == 0:  # run.gpus = 0 means the CPU, even on a machine that has GPUs
         child_env["CUDA_VISIBLE_DEVICES"] = ""

@@ -38,7 +38,7 @@ def judge_costs(cfg: RunConfig) -> list[str]:
         pref = cfg.data.preference
         n = None if pref.source == AI_FEEDBACK else lake.train_rows(pref, cfg.data.sample_rows)
         pairs = "the judged pairs" if pref.source == AI_FEEDBACK else (f"{n} pairs" if n is not None else "the pairs")
-        if cfg.gold_judge == "reward_model":
+        if cfg.resolved_gold_judge == "reward_model":
             half = f"{(n + 1) // 2} of {n} pairs" if n is not None else "half of the pairs"
             proxy = (f"proxy reward model: {half} (the even-numbered); the other half trains the gold reward model "
                      f"(eval.gold_judge = \"reward_model\"). For all of them in the proxy, choose eval.gold_judge "
@@ -48,7 +48,7 @@ def judge_costs(cfg: RunConfig) -> list[str]:
     gold = {"rule": "gold judge: the sample data's rule (rlhf_lib/judges.py), computed from the text; no training",
             "reward_model": "gold judge: a second reward model on the other half of the pairs, another seed",
             "judge_model": f"gold judge: {cfg.eval.gold_judge_model} under the constitution, both answer orders",
-            "function": f"gold judge: the function {cfg.eval.gold_function}"}[cfg.gold_judge]
+            "function": f"gold judge: the function {cfg.eval.gold_function}"}[cfg.resolved_gold_judge]
     return [proxy, gold]
 
 
@@ -95,7 +95,7 @@ def check_machine(cfg: RunConfig, stage: str, work: Path) -> int:
     """What this stage's own machine (its pod, on a cluster) must have before the stage writes anything: the GPUs
     its step asked for, and the disk. Returns the GPUs the stage gets (0: the CPU, with every GPU hidden from it).
     Fails in seconds naming the key, instead of training on the CPU for hours or dying on a full disk."""
-    kind = compute.stage_kind(stage)  # the step's GPUs and disk (rlhf_lib/compute.py)
+    kind = compute.kind_when_running(stage)  # the step's GPUs and disk (rlhf_lib/compute.py)
     gpus = compute.step_gpus(cfg, kind)
     if gpus:
         visible = launch.visible_gpus()
@@ -202,7 +202,7 @@ def reward_models(cfg: RunConfig, run_id: str, origin_run_id: str | None, inputs
     """The proxy reward model (none when reward.function is the proxy) and, when the gold judge is a second reward
     model, that one too: trained on the other half of the pairs with another seed, so the methods never optimise
     what judges them."""
-    gold_rm = cfg.gold_judge == "reward_model"
+    gold_rm = cfg.resolved_gold_judge == "reward_model"
     proxy = None
     if cfg.reward.function:
         print(f"[reward] the online methods optimise the function {cfg.reward.function}: no proxy reward model",
@@ -355,7 +355,7 @@ def evaluation_inputs(artifacts, cfg: RunConfig, policies: dict[str, str], snaps
               **{f"snapshots_{m}": directory for m, directory in snapshots.items()}}
     if artifacts.gold_reward_model_path:
         inputs["gold_reward_model"] = artifacts.gold_reward_model_path
-    if cfg.gold_judge == "judge_model":
+    if cfg.resolved_gold_judge == "judge_model":
         inputs["gold_judge_model"] = judge_ref(cfg.eval.gold_judge_model, artifacts.policy_base,
                                                getattr(artifacts, "model_revisions", None))
     return inputs

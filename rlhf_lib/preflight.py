@@ -63,7 +63,7 @@ def data_sources(cfg: RunConfig) -> list[str]:
 
 
 def needs_reward_model(cfg: RunConfig) -> bool:
-    return not cfg.reward.function or cfg.gold_judge == "reward_model"
+    return not cfg.reward.function or cfg.resolved_gold_judge == "reward_model"
 
 
 def model_refs(cfg: RunConfig) -> list[tuple[str, str]]:
@@ -73,7 +73,7 @@ def model_refs(cfg: RunConfig) -> list[tuple[str, str]]:
         refs.append(("reward_model.model", cfg.reward_model.model))
     if cfg.data.preference.source == AI_FEEDBACK:
         refs.append(("rlaif.judge_model", cfg.rlaif.judge_model))
-    if cfg.gold_judge == "judge_model":
+    if cfg.resolved_gold_judge == "judge_model":
         refs.append(("eval.gold_judge_model", cfg.eval.gold_judge_model))
     return refs
 
@@ -94,7 +94,7 @@ def loadable_models(cfg: RunConfig) -> list[str]:
 
 def constitution(cfg: RunConfig) -> list[str]:
     """A judge model needs its constitution."""
-    judged = cfg.data.preference.source == AI_FEEDBACK or cfg.gold_judge == "judge_model"
+    judged = cfg.data.preference.source == AI_FEEDBACK or cfg.resolved_gold_judge == "judge_model"
     if judged and not cfg.rlaif.constitution_path.is_file():
         return [f"rlaif.constitution: {str(cfg.rlaif.constitution_path)!r} does not exist; point it at a text file "
                 f"of principles (the default is configs/constitution.txt)"]
@@ -107,7 +107,7 @@ def reward_functions(cfg: RunConfig) -> list[str]:
 
     problems = []
     for key, spec in (("reward.function", cfg.reward.function),
-                      ("eval.gold_function", cfg.eval.gold_function if cfg.gold_judge == "function" else "")):
+                      ("eval.gold_function", cfg.eval.gold_function if cfg.resolved_gold_judge == "function" else "")):
         problem = scoring.check_function(spec) if spec else None
         if problem:
             problems.append(f"{key}: {problem}; it must be `module:function` taking (prompts, completions) and "

@@ -23,7 +23,7 @@ def build_policy(model_path: str):
 
     from rlhf_lib import models
     from rlhf_lib.config import LoraSection
-    from rlhf_lib.stages.ppo.trainer import PolicyWithValueHead
+    from rlhf_lib.stages.ppo.policy import PolicyWithValueHead
 
     torch.manual_seed(0)
     base = models.load_causal_lm(model_path).double()
@@ -49,6 +49,8 @@ def main() -> None:
     from rlhf_lib.config import PPOSection
     from rlhf_lib import sampling
     from rlhf_lib.stages.ppo import losses, trainer
+    from rlhf_lib.stages.ppo.processes import Processes
+    from rlhf_lib.stages.ppo import policy as policy_module
 
     data = torch.load(rollout_path, weights_only=True)
     policy = build_policy(data["model_path"])
@@ -58,9 +60,9 @@ def main() -> None:
                                  int(data["prompt_length"]), data["scores"][rows])
     p = PPOSection(batch_size=len(data["input_ids"]), mini_batch_size=mini, gradient_accumulation_steps=accumulation,
                    ppo_epochs=2, learning_rate=1e-3, init_kl_coef=0.2, kl_target=6.0, kl_horizon=100)
-    optimizer = torch.optim.Adam(trainer._trainable_parameters(policy), lr=p.learning_rate)
+    optimizer = torch.optim.Adam(policy_module.trainable_parameters(policy), lr=p.learning_rate)
     kl_ctl = losses.AdaptiveKLController(p.init_kl_coef, p.kl_target, p.kl_horizon)
-    stats = trainer.ppo_step(policy, optimizer, batch, kl_ctl, p, layout=trainer.Layout(rank, world), shuffle_seed=7)
+    stats = trainer.ppo_step(policy, optimizer, batch, kl_ctl, p, processes=Processes(rank, world), shuffle_seed=7)
     if rank == 0:
         params = {n: q.detach().clone() for n, q in policy.named_parameters() if q.requires_grad}
         torch.save({"params": params, "stats": stats, "beta": kl_ctl.value}, out_path)

@@ -23,11 +23,11 @@ def test_one_process_runs_plainly_and_several_under_accelerate():
     import sys
 
     for gpus in (0, 1):  # one process: no launcher, accelerate's settings in its environment instead
-        cmd = launch.accelerate_command("sft", ["--config", "x"], num_gpus=gpus)
+        cmd = launch.stage_command("sft", ["--config", "x"], num_gpus=gpus)
         assert cmd == [sys.executable, "-m", "rlhf_lib.stages.sft", "--config", "x"]
     assert launch.single_process_env(0)["ACCELERATE_USE_CPU"] == "true"
     assert launch.single_process_env(1)["ACCELERATE_MIXED_PRECISION"] == "no"  # the stage's plan decides
-    cmd = launch.accelerate_command("sft", ["--config", "x"], num_gpus=8)
+    cmd = launch.stage_command("sft", ["--config", "x"], num_gpus=8)
     assert "accelerate.commands.launch" in cmd and cmd[cmd.index("--num_processes") + 1] == "8"
     assert "--multi_gpu" in cmd and cmd[cmd.index("--mixed_precision") + 1] == "no"
 
@@ -53,17 +53,17 @@ def test_stage_runs_alone_and_writes_result(tiny_policy, tmp_path):
 def test_model_only_stages_run_once_on_one_gpu():
     """merge, rlaif and evaluate do no gradient sync: one process on one GPU, not one per GPU doing the same."""
     for stage in ("merge", "rlaif", "evaluate"):
-        cmd = launch.accelerate_command(stage, [], num_gpus=8)
+        cmd = launch.stage_command(stage, [], num_gpus=8)
         assert "accelerate.commands.launch" not in cmd and cmd[1:3] == ["-m", f"rlhf_lib.stages.{stage}"], stage
 
 
 def test_multi_node_commands():
     nodes = launch.Nodes(count=2, index=1, main_ip="10.0.0.5", port=29400)
-    cpu = launch.accelerate_command("ppo", ["--x"], num_gpus=0, nodes=nodes)
+    cpu = launch.stage_command("ppo", ["--x"], num_gpus=0, nodes=nodes)
     assert cpu[1:3] == ["-m", "torch.distributed.run"]
     assert cpu[cpu.index("--nnodes") + 1] == "2" and cpu[cpu.index("--node_rank") + 1] == "1"
     assert cpu[cpu.index("--master_addr") + 1] == "10.0.0.5" and cpu[-2:] == ["rlhf_lib.stages.ppo", "--x"]
-    gpu = launch.accelerate_command("ppo", [], num_gpus=4, nodes=nodes)
+    gpu = launch.stage_command("ppo", [], num_gpus=4, nodes=nodes)
     assert gpu[gpu.index("--num_processes") + 1] == "8" and gpu[gpu.index("--machine_rank") + 1] == "1"
     assert gpu[gpu.index("--main_process_ip") + 1] == "10.0.0.5"
     # Every node derives the same rendezvous port from the run id.

@@ -93,7 +93,8 @@ def test_old_logprobs_from_generation_equal_a_full_forward(tiny_policy):
     from rlhf_lib import models
     from rlhf_lib.config import LoraSection
     from rlhf_lib import sampling
-    from rlhf_lib.stages.ppo.trainer import PolicyWithValueHead, _score_rollout
+    from rlhf_lib.stages.ppo.policy import PolicyWithValueHead
+    from rlhf_lib.stages.ppo.trainer import _score_rollout
 
     torch.manual_seed(0)
     tokenizer = models.load_tokenizer(tiny_policy)

@@ -101,7 +101,7 @@ def test_left_padding_does_not_change_response_logprobs(tiny_policy):
     """A short prompt left-padded in a batch scores its response exactly as it does alone."""
     from rlhf_lib import models
     from rlhf_lib.sampling import response_logprobs
-    from rlhf_lib.stages.ppo.trainer import PolicyWithValueHead
+    from rlhf_lib.stages.ppo.policy import PolicyWithValueHead
 
     tok = models.load_tokenizer(tiny_policy, padding_side="left")
     policy = PolicyWithValueHead(models.load_causal_lm(tiny_policy), 32).eval()

@@ -39,7 +39,7 @@ class GoldJudge:
     def __init__(self, cfg, inputs: dict[str, str]):
         from rlhf_lib import judges, scoring
 
-        self.kind, trust = cfg.gold_judge, cfg.run.trust_remote_code
+        self.kind, trust = cfg.resolved_gold_judge, cfg.run.trust_remote_code
         self.reward = None
         if self.kind == "reward_model":
             ref = inputs.get("gold_reward_model")

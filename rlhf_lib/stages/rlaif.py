@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> Path:
     labels, bias, raw_agree = judge_pairs(run, judge_ref, pairs)
     judged = judged_pairs(pairs, labels)
     # One held-out pair, and at least two to train on for each reward model (the gold one takes half of them).
-    needed = 1 + (4 if cfg.gold_judge == "reward_model" else 2)
+    needed = 1 + (4 if cfg.resolved_gold_judge == "reward_model" else 2)
     if len(judged) < needed:
         raise SystemExit(f"[rlaif] the judge's two orders agreed on {len(judged)} of {len(pairs)} pairs: too few to "
                          f"train the reward model(s) (this run needs {needed}). Raise rlaif.num_prompts or use a "

@@ -35,165 +35,25 @@ DIR/result.json.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from rlhf_lib import checkpoints, precision, rl, sampling, storage
+from rlhf_lib import checkpoints, precision, sampling, storage
 from rlhf_lib.data import lake
 from rlhf_lib.stages import contract
 from rlhf_lib.stages.ppo import losses
+from rlhf_lib.stages.ppo.policy import VALUE_HEAD_FILE, save_weights, setup_policy, trainable_parameters
+from rlhf_lib.stages.ppo.processes import Processes
+from rlhf_lib.stages.ppo.prompts import PromptOrder
 
 STATE_FILE = "training_state.pt"
-VALUE_HEAD_FILE = "value_head.safetensors"
-
-
-class PolicyWithValueHead(nn.Module):
-    """A causal LM (with its LoRA adapter) and a scalar value head on its last hidden state.
-
-    The last hidden state is taken by a hook on the LM's decoder, so it is there both in a forward pass and during
-    generation (where the rollout takes the values from it, with no second pass)."""
-
-    def __init__(self, lm: nn.Module, hidden_size: int):
-        super().__init__()
-        self.lm = lm
-        self.v_head = nn.Linear(hidden_size, 1)
-        nn.init.zeros_(self.v_head.weight)
-        nn.init.zeros_(self.v_head.bias)
-        self._hidden: list[torch.Tensor] | None = None
-        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-        base.get_decoder().register_forward_hook(self._keep_hidden)
-
-    def _keep_hidden(self, module, args, output) -> None:
-        if self._hidden is not None:
-            self._hidden.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
-
-    @contextlib.contextmanager
-    def capturing(self):
-        """Within: every forward of the decoder appends its last hidden state to the yielded list."""
-        self._hidden = []
-        try:
-            yield self._hidden
-        finally:
-            self._hidden = None
-
-    def forward(self, input_ids, attention_mask, logits_to_keep: int = 0):
-        """(logits of the last `logits_to_keep` positions, all of them when 0; the value of every position)."""
-        with self.capturing() as hidden:
-            out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=rl.position_ids(attention_mask), logits_to_keep=logits_to_keep)
-        return out.logits, self.value(hidden[-1])
-
-    def value(self, hidden: torch.Tensor) -> torch.Tensor:
-        """V(s) from last hidden states [..., H], computed in the value head's own precision (fp32 under a bf16 LM)."""
-        return self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)
-
-
-class PromptOrder:
-    """Deterministic, resumable prompt order: a seeded permutation per epoch; the cursor is the data position.
-
-    With several processes, each takes its own slice of every global batch."""
-
-    def __init__(self, prompts: list[str], seed: int, rank: int = 0, world: int = 1):
-        self.prompts, self.seed, self.rank, self.world = prompts, seed, rank, world
-        self.epoch, self.cursor = 0, 0
-        self._order = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> list[int]:
-        return torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-
-    def next_batch(self, batch_size: int) -> list[str]:
-        global_batch = []
-        while len(global_batch) < batch_size * self.world:
-            if self.cursor >= len(self._order):
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self._order = self._permutation(self.epoch)
-            global_batch.append(self._order[self.cursor])
-            self.cursor += 1
-        mine = global_batch[self.rank * batch_size:(self.rank + 1) * batch_size]
-        return [self.prompts[i] for i in mine]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
-        self._order = self._permutation(self.epoch)
-
-
-# ------------------------------------------------------------------ setup
-
-
-def _setup_policy(cfg, sft_model: str, device):
-    from rlhf_lib import models
-
-    base, tokenizer = models.policy_on_device(sft_model, cfg.run.trust_remote_code, padding_side="left", device=device)
-    lm = models.attach_lora(base, cfg.ppo.lora)
-    hidden = getattr(base.config, "word_embed_proj_dim", None) or base.config.hidden_size
-    policy = PolicyWithValueHead(lm, hidden).to(device)
-    policy.eval()
-    return policy, tokenizer
-
-
-def _trainable_parameters(policy: PolicyWithValueHead) -> list[nn.Parameter]:
-    return [p for p in policy.parameters() if p.requires_grad]
 
 
 # ------------------------------------------------------------------ one PPO step
-
-
-@dataclass(frozen=True)
-class Layout:
-    """This process's place in the global batch: `world` processes, this one `rank`, each holding a consecutive
-    slice of every global rollout batch (rank r: rows [r*b, (r+1)*b) for b rollouts per process)."""
-
-    rank: int = 0
-    world: int = 1
-
-    def reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """The sum of `x` over every process (a new tensor; `x` itself on one process)."""
-        if self.world == 1:
-            return x
-        import torch.distributed as dist
-
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """`x` of every process, concatenated in rank order along the first dimension."""
-        if self.world == 1:
-            return x
-        import torch.distributed as dist
-
-        parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    def gather_objects(self, obj) -> list:
-        """`obj` of every process, in rank order (picklable objects, e.g. RNG states)."""
-        if self.world == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def sum_gradients(self, params: list[nn.Parameter]) -> None:
-        """Sum each parameter's gradient over every process (one collective for all of them)."""
-        if self.world == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = self.reduce(torch.cat([g.reshape(-1) for g in grads]))
-        for p, g in zip(params, flat.split([g.numel() for g in grads])):
-            p.grad = g.view_as(p).clone()
 
 
 # A forward pass without gradients keeps no activations: it takes this many mini-batches of rows at once.
@@ -217,12 +77,12 @@ def _score_rollout(policy, batch: sampling.RolloutBatch, chunk: int) -> dict[str
     return {**(batch.old or {}), **{k: torch.cat(v) for k, v in parts.items()}}
 
 
-def advantages_and_returns(scores, old: dict, mask, kl_coef: float, p, layout: Layout = Layout()):
+def advantages_and_returns(scores, old: dict, mask, kl_coef: float, p, processes: Processes = Processes()):
     """Per-token rewards (score on the last token, -beta * KL on every token), GAE advantages whitened over the
     global batch, and returns. Returns (advantages, returns, per-token KL)."""
     rewards, kl = losses.per_token_rewards(scores, old["logprobs"], old["ref_logprobs"], mask, kl_coef)
     advantages, returns = losses.gae(rewards, old["values"], mask, p.gamma, p.lam)
-    return losses.masked_whiten(advantages, mask, reduce=layout.reduce), returns, kl
+    return losses.masked_whiten(advantages, mask, reduce=processes.reduce), returns, kl
 
 
 STAT_KEYS = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac")
@@ -244,7 +104,7 @@ def minibatch_loss(policy, ids, am, P, old_logprobs, old_values, advantages, ret
     return minibatch_objective(logprobs, values, old_logprobs, old_values, advantages, returns, mask, tokens, p)
 
 
-def ppo_step(policy, optimizer, batch: sampling.RolloutBatch, kl_ctl, p, *, layout: Layout = Layout(),
+def ppo_step(policy, optimizer, batch: sampling.RolloutBatch, kl_ctl, p, *, processes: Processes = Processes(),
              shuffle_seed: int = 0) -> dict[str, float]:
     """PPO on one rollout batch (this process's slice of the global batch): rewards with the KL penalty, GAE,
     then ppo_epochs passes of optimizer steps over mini_batch_size x gradient_accumulation_steps rollouts of the
@@ -252,21 +112,21 @@ def ppo_step(policy, optimizer, batch: sampling.RolloutBatch, kl_ctl, p, *, layo
     ids, am, P, scores = batch.input_ids, batch.attention_mask, batch.prompt_length, batch.scores
     old = _score_rollout(policy, batch, p.mini_batch_size * NO_GRAD_CHUNK_MINIBATCHES)
     mask = batch.response_mask.to(old["values"].dtype)
-    advantages, returns, kl = advantages_and_returns(scores, old, mask, kl_ctl.value, p, layout)
+    advantages, returns, kl = advantages_and_returns(scores, old, mask, kl_ctl.value, p, processes)
 
     b = len(ids)
-    first = layout.rank * b  # this process's rows in the global batch
+    first = processes.rank * b  # this process's rows in the global batch
     step_size = p.mini_batch_size * p.gradient_accumulation_steps  # global rollouts per optimizer step
-    params = _trainable_parameters(policy)
+    params = trainable_parameters(policy)
     generator = torch.Generator().manual_seed(shuffle_seed)
     step_stats: list[torch.Tensor] = []
     early_stopped = False
     for _ in range(p.ppo_epochs):
-        order = torch.randperm(b * layout.world, generator=generator)
+        order = torch.randperm(b * processes.world, generator=generator)
         for start in range(0, len(order), step_size):
             members = order[start:start + step_size]
             mine = members[(members >= first) & (members < first + b)] - first
-            tokens = layout.reduce(mask[mine].sum())  # the step's tokens on every process: the loss's denominator
+            tokens = processes.reduce(mask[mine].sum())  # the step's tokens on every process: the loss's denominator
             sums = torch.zeros(len(STAT_KEYS), dtype=mask.dtype, device=mask.device)
             for micro in members.split(p.mini_batch_size):
                 idx = micro[(micro >= first) & (micro < first + b)] - first
@@ -277,32 +137,32 @@ def ppo_step(policy, optimizer, batch: sampling.RolloutBatch, kl_ctl, p, *, layo
                                                     tokens, p)
                 loss.backward()
                 sums += contribution
-            layout.sum_gradients(params)
+            processes.sum_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
             step_stats.append(sums)
-            if p.early_stopping and float(layout.reduce(sums[3])) > 1.5 * p.target_kl:
+            if p.early_stopping and float(processes.reduce(sums[3])) > 1.5 * p.target_kl:
                 early_stopped = True  # every process sees the same global approx-KL, so all stop together
                 break
         if early_stopped:
             break
 
-    stats, samples = step_stats_of(scores, kl, mask, old["entropy"], step_stats, kl_ctl.value, layout)
+    stats, samples = step_stats_of(scores, kl, mask, old["entropy"], step_stats, kl_ctl.value, processes)
     stats = {**stats, "early_stopped": early_stopped, "samples": samples}  # samples: the global batch
     kl_ctl.update(stats["kl"], samples)
     return stats
 
 
-def step_stats_of(scores, kl, mask, entropy, step_stats: list[torch.Tensor], beta: float, layout: Layout
+def step_stats_of(scores, kl, mask, entropy, step_stats: list[torch.Tensor], beta: float, processes: Processes
                   ) -> tuple[dict, int]:
     """A PPO step's stats over the global batch — score, KL, beta, entropy, length, and each optimizer step's loss
     statistics (STAT_KEYS) averaged — and the global batch's size."""
-    per_step = layout.reduce(torch.stack(step_stats)).mean(0)  # each optimizer step's global means, averaged
+    per_step = processes.reduce(torch.stack(step_stats)).mean(0)  # each optimizer step's global means, averaged
     local = torch.stack([scores.float(), kl.sum(1).float(), mask.sum(1).float()], dim=1)
-    gathered = layout.gather(local.to(mask.device)).cpu()
+    gathered = processes.gather(local.to(mask.device)).cpu()
     g_scores, g_kl, g_len = gathered[:, 0], gathered[:, 1], gathered[:, 2]
-    ent = layout.reduce(torch.stack([(entropy * mask).sum(), mask.sum()]).float())
+    ent = processes.reduce(torch.stack([(entropy * mask).sum(), mask.sum()]).float())
     return {
         "score_mean": float(g_scores.mean()),
         "score_std": float(g_scores.std()) if len(g_scores) > 1 else 0.0,
@@ -349,14 +209,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_weights(policy: PolicyWithValueHead, directory: Path) -> None:
-    from safetensors.torch import save_file
-
-    policy.lm.save_pretrained(directory / "adapter", safe_serialization=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in policy.v_head.state_dict().items()},
-              directory / VALUE_HEAD_FILE)
-
-
 def save_checkpoint(root: Path, step: int, policy, optimizer, kl_ctl, prompt_order, length_gen, stats, keep: int,
                     mirror: str | None = None, rng_by_rank: list[dict] | None = None) -> Path:
     """A checkpoint of everything the loop holds. `rng_by_rank`: every process's RNG states (each samples its own
@@ -364,7 +216,7 @@ def save_checkpoint(root: Path, step: int, policy, optimizer, kl_ctl, prompt_ord
     rng_by_rank = rng_by_rank or [_rng_state()]
 
     def write(tmp: Path) -> None:
-        _save_weights(policy, tmp)
+        save_weights(policy, tmp)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "kl_ctl": kl_ctl.state_dict(),
                     "sampler": prompt_order.state_dict(), "length_rng": length_gen.get_state(), "rng": rng_by_rank[0],
                     "rng_by_rank": rng_by_rank, "stats": stats}, tmp / STATE_FILE)
@@ -385,7 +237,8 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def _restore(state: dict, policy, optimizer, kl_ctl, prompt_order, length_gen, layout: Layout = Layout()) -> None:
+def _restore(state: dict, policy, optimizer, kl_ctl, prompt_order, length_gen,
+             processes: Processes = Processes()) -> None:
     """Put a checkpoint back; each process takes its own RNG states when the checkpoint has one per process of this
     layout (else rank 0's: a different layout samples differently anyway)."""
     from rlhf_lib import models
@@ -397,14 +250,14 @@ def _restore(state: dict, policy, optimizer, kl_ctl, prompt_order, length_gen, l
     prompt_order.load_state_dict(state["sampler"])
     length_gen.set_state(state["length_rng"])
     by_rank = state.get("rng_by_rank") or []
-    _set_rng_state(by_rank[layout.rank] if len(by_rank) == layout.world else state["rng"])
+    _set_rng_state(by_rank[processes.rank] if len(by_rank) == processes.world else state["rng"])
 
 
 # ------------------------------------------------------------------ the recipe: setup, resume, train, finish
 
 
-class Run:
-    """Everything one PPO stage holds: its config, process layout, policy, reward, prompt order, optimizer, KL
+class PPORun:
+    """Everything one PPO stage holds: its config, processes, policy, reward, prompt order, optimizer, KL
     controller, the response-length generator, and the stats so far."""
 
     def __init__(self, stage: contract.StageRun):
@@ -421,22 +274,22 @@ class Run:
         # The process group (its timeout from run.process_group_timeout_s) and this process's device.
         timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=self.cfg.run.process_group_timeout_s))
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
-        self.layout = Layout(self.accelerator.process_index, self.accelerator.num_processes)
+        self.processes = Processes(self.accelerator.process_index, self.accelerator.num_processes)
         from rlhf_lib.methods import ppo_batch_problem
 
-        problem = ppo_batch_problem(self.p.batch_size, self.layout.world)
+        problem = ppo_batch_problem(self.p.batch_size, self.processes.world)
         if problem:
             raise SystemExit(problem)
-        self.local_batch = self.p.batch_size // self.layout.world
-        self.policy, self.tokenizer = _setup_policy(self.cfg, self.sft_model, self.accelerator.device)
+        self.local_batch = self.p.batch_size // self.processes.world
+        self.policy, self.tokenizer = setup_policy(self.cfg, self.sft_model, self.accelerator.device)
         self.reward = scoring.load_reward(stage.inputs, self.p.reward_max_length, self.cfg.run.trust_remote_code,
                                           self.accelerator.device)
         self.shared_tokenizer = isinstance(self.reward, scoring.ModelReward) and \
             self.reward.shares_tokenizer(self.tokenizer)
         prompts = lake.rl_prompts(prompts_uri, self.cfg.data.stream_batch_size, self.cfg.data.prompt_format)
-        self.prompt_order = PromptOrder(prompts, self.cfg.run.seed, self.layout.rank, self.layout.world)
+        self.prompt_order = PromptOrder(prompts, self.cfg.run.seed, self.processes.rank, self.processes.world)
         self.sampler = sampling.TransformersSampler(self.policy, self.tokenizer)  # what generates the rollouts
-        self.optimizer = torch.optim.Adam(_trainable_parameters(self.policy), lr=self.p.learning_rate)
+        self.optimizer = torch.optim.Adam(trainable_parameters(self.policy), lr=self.p.learning_rate)
         self.kl_ctl = (losses.AdaptiveKLController(self.p.init_kl_coef, self.p.kl_target, self.p.kl_horizon)
                        if self.p.adaptive_kl else losses.FixedKLController(self.p.init_kl_coef))
         self.length_gen = torch.Generator().manual_seed(self.cfg.run.seed)
@@ -444,29 +297,29 @@ class Run:
         self.start_step = 0
 
     def describe(self) -> None:
-        p, rank, b = self.p, self.layout.rank, self.local_batch
-        self.stage.say(f"rank {rank}/{self.layout.world}: prompts [{rank * b}, {(rank + 1) * b}) of each global batch "
-                       f"of {p.batch_size}; optimizer steps of {p.mini_batch_size * p.gradient_accumulation_steps} "
+        p, rank, b = self.p, self.processes.rank, self.local_batch
+        self.stage.say(f"rank {rank}/{self.processes.world}: prompts [{rank * b}, {(rank + 1) * b}) of each global "
+                       f"batch of {p.batch_size}; optimizer steps of {p.mini_batch_size * p.gradient_accumulation_steps} "
                        f"rollouts (mini-batch {p.mini_batch_size} x accumulation {p.gradient_accumulation_steps}); "
                        f"rank 0 writes checkpoints")
 
 
-def resume(run: Run) -> None:
+def resume(run: PPORun) -> None:
     """Continue from the newest checkpoint that loads (its weights, optimizer, controller, data cursor, RNGs)."""
     found = checkpoints.resume_point("ppo", run.stage.args.resume_from, run.stage.out, load_checkpoint,
                                      run.stage.args.checkpoint_uri)
     if found:
         path, state = found
-        _restore(state, run.policy, run.optimizer, run.kl_ctl, run.prompt_order, run.length_gen, run.layout)
+        _restore(state, run.policy, run.optimizer, run.kl_ctl, run.prompt_order, run.length_gen, run.processes)
         run.start_step, run.stats = state["step"], list(state["stats"])
         run.accelerator.print(f"[ppo] resumed from step {run.start_step} ({path})")
     run.policy.eval()
 
 
-def rollout_step(run: Run, step: int, samples: list | None = None) -> dict:
+def rollout_step(run: PPORun, step: int, samples: list | None = None) -> dict:
     """One PPO step: a rollout of this process's share of the global batch, scored, then the update. `samples`: a
     list to put this step's first two (prompt, response, score) in, for the live card."""
-    p, rank, b = run.p, run.layout.rank, run.local_batch
+    p, rank, b = run.p, run.processes.rank, run.local_batch
     prompts = run.prompt_order.next_batch(b)
     # Lengths are drawn for the global batch, then sliced: the same lengths whatever the layout.
     lengths = sampling.sample_lengths(p.batch_size, p.min_response_length, p.max_response_length,
@@ -478,13 +331,13 @@ def rollout_step(run: Run, step: int, samples: list | None = None) -> dict:
         samples += [{"prompt": prompts[i], "response": run.tokenizer.decode(
             batch.input_ids[i, P:][batch.response_mask[i].bool()], skip_special_tokens=True),
             "score": round(float(batch.scores[i]), 3)} for i in range(min(2, len(prompts)))]
-    stats = ppo_step(run.policy, run.optimizer, batch, run.kl_ctl, p, layout=run.layout,
+    stats = ppo_step(run.policy, run.optimizer, batch, run.kl_ctl, p, processes=run.processes,
                      shuffle_seed=shuffle_seed(run.cfg.run.seed, step))
     run.sampler.policy_changed()  # the adapter moved in this process; an engine elsewhere would load a saved one
     return {"step": step + 1, **stats}
 
 
-def train(run: Run, wandb_run) -> None:
+def train(run: PPORun, wandb_run) -> None:
     """Every step from where the run stands to ppo.steps; a checkpoint and a snapshot every save_freq steps."""
     from rlhf_lib.progress import Progress
 
@@ -503,7 +356,7 @@ def train(run: Run, wandb_run) -> None:
         if wandb_run is not None:
             wandb_run.log({f"ppo/{k}": v for k, v in stats.items() if k != "step"}, step=step + 1)
         if (step + 1) % p.save_freq == 0 or step + 1 == p.steps:
-            rng_by_rank = run.layout.gather_objects(_rng_state())  # every process's: each samples its own rollouts
+            rng_by_rank = run.processes.gather_objects(_rng_state())  # every process's: each samples its own rollouts
             if run.accelerator.is_main_process:
                 checkpoints.snapshot_then_checkpoint(
                     run.policy.lm, out, step + 1, run.stage.args.checkpoint_uri,
@@ -515,12 +368,12 @@ def train(run: Run, wandb_run) -> None:
     run.accelerator.wait_for_everyone()
 
 
-def finish(run: Run) -> None:
+def finish(run: PPORun) -> None:
     """On the main process: the adapter and value head, the merged model, the result — once every checkpoint and
     snapshot is stored (the other processes have finished: nothing waits for the uploads at a collective)."""
     checkpoints.UPLOADS.wait()
     out, stats = run.stage.out, run.stats
-    _save_weights(run.policy, out)
+    save_weights(run.policy, out)
     run.tokenizer.save_pretrained(out / "adapter")
     quarter = max(1, len(stats) // 4)
     first_q = float(np.mean([s["score_mean"] for s in stats[:quarter]])) if stats else math.nan
@@ -531,14 +384,14 @@ def finish(run: Run) -> None:
         resumed_from_step=run.start_step,
         summary=f"mean score first quarter {first_q:.3f} -> last quarter {last_q:.3f}",
         metrics={"score_first_quarter": first_q, "score_last_quarter": last_q, "final_beta": run.kl_ctl.value,
-                 "steps": len(stats), "ranks": run.layout.world, "global_batch": run.p.batch_size,
+                 "steps": len(stats), "ranks": run.processes.world, "global_batch": run.p.batch_size,
                  "precision": precision.record(run.policy)})
 
 
 def main(argv: list[str] | None = None) -> Path:
     from rlhf_lib import tracking
 
-    run = Run(contract.start("ppo", argv, "sft_model", "prompts"))
+    run = PPORun(contract.start("ppo", argv, "sft_model", "prompts"))
     run.describe()
     # W&B first: whatever randomness its start-up uses must not come after the restored RNG state.
     with tracking.wandb_run(run.cfg, "ppo", enabled=run.accelerator.is_main_process) as wandb_run:
