@@ -37,9 +37,9 @@ class RolloutBatch:
     response_mask: torch.Tensor  # [B, T]
     prompt_length: int  # P
     scores: torch.Tensor | None = None  # [B], the reward of each response
-    # From generation, when the sampler is the policy itself: the policy's log p(token) [B, T], the entropy of each
+    # What the sampler computed, when it is the policy itself: the policy's log p(token) [B, T], the entropy of each
     # step's distribution [B, T] and the value of each state that emitted a token [B, T]. None: compute by forward.
-    old: dict[str, torch.Tensor] | None = None
+    sampled: dict[str, torch.Tensor] | None = None
 
 
 def response_mask(responses: torch.Tensor, lengths: list[int], eos_token_id: int | None, stop_at_eos: bool
@@ -130,7 +130,7 @@ def _neutral_generation_config(model):
 
 class Sampler(Protocol):
     """What samples responses for a stage. `sample` returns a RolloutBatch (token ids, lengths as the response mask,
-    the log-probs the sampler computed where it has them in `old`); `policy_changed` tells it the policy's weights
+    the log-probs the sampler computed where it has them in `sampled`); `policy_changed` tells it the policy's weights
     moved — `adapter_dir` is where the new LoRA adapter was saved, None when only the in-process model changed (an
     engine in another process needs the directory; `TransformersSampler` samples from the live weights)."""
 
@@ -176,17 +176,17 @@ class TransformersSampler:
         P = enc["input_ids"].shape[1]
         responses = out[:, P:]
         r_mask = response_mask(responses, lengths, tokenizer.eos_token_id, stop_at_eos)
-        old = None
+        sampled = None
         if record:
             logprobs, entropy = recorder.finish(responses[:, -1])
             # The states that emitted response token t: the prompt's last position, then each new token but the last.
             states = torch.cat([hidden[0][:, -1:]] + [h[:, -1:] for h in hidden[1:responses.shape[1]]], dim=1)
-            old = {"logprobs": logprobs, "entropy": entropy, "values": policy.value(states)}
+            sampled = {"logprobs": logprobs, "entropy": entropy, "values": policy.value(states)}
         # Padding inside the response block must be a real token id for the forward pass; it is masked anyway.
         responses = torch.where(r_mask.bool(), responses, torch.full_like(responses, tokenizer.pad_token_id))
         input_ids = torch.cat([enc["input_ids"], responses], dim=1)
         attention_mask = torch.cat([enc["attention_mask"], r_mask], dim=1)
-        return RolloutBatch(input_ids, attention_mask, r_mask, P, old=old)
+        return RolloutBatch(input_ids, attention_mask, r_mask, P, sampled=sampled)
 
 
 def sample_answers(sampler: Sampler, prompts: list[str], max_new_tokens: int, seed: int | None = None,

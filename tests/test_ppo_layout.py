@@ -108,25 +108,25 @@ def test_old_logprobs_from_generation_equal_a_full_forward(tiny_policy):
     prompts = ["Question: What is big?\n\nAnswer:", "Question: What is the capital of Peru today?\n\nAnswer:"] * 2
     batch = sampling.TransformersSampler(policy, tokenizer).sample(
         prompts, [7, 12, 16, 9], stop_at_eos=True, max_prompt_length=32)
-    assert batch.old is not None
+    assert batch.sampled is not None
     with torch.no_grad():
         logprobs, values, entropy = sampling.response_logprobs(policy, batch.input_ids, batch.attention_mask,
                                                       batch.prompt_length, with_entropy=True)
     mask = batch.response_mask.bool()
     assert mask.sum() > 20
-    torch.testing.assert_close(batch.old["logprobs"][mask], logprobs[mask], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(batch.old["entropy"][mask], entropy[mask], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(batch.old["values"][mask], values[mask], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batch.sampled["logprobs"][mask], logprobs[mask], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batch.sampled["entropy"][mask], entropy[mask], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batch.sampled["values"][mask], values[mask], atol=1e-4, rtol=1e-4)
     # The rollout's scoring then runs the reference forward only, and keeps generation's numbers.
     scored = _score_rollout(policy, batch, chunk=2)
-    assert scored["logprobs"] is batch.old["logprobs"] and "ref_logprobs" in scored
+    assert scored["logprobs"] is batch.sampled["logprobs"] and "ref_logprobs" in scored
 
     tempered = sampling.generation_config(policy.lm, tokenizer, 16, stop_at_eos=True)
     tempered.temperature = 0.7
     assert not sampling.samples_from_policy(tempered)
     other = sampling.TransformersSampler(policy, tokenizer).sample(
         prompts, [7, 12, 16, 9], stop_at_eos=True, max_prompt_length=32, config=tempered)
-    assert other.old is None
+    assert other.sampled is None
     scored = _score_rollout(policy, other, chunk=2)
     assert {"logprobs", "values", "entropy", "ref_logprobs"} <= scored.keys()
 

@@ -62,26 +62,26 @@ NO_GRAD_CHUNK_MINIBATCHES = 4
 
 @torch.no_grad()
 def _score_rollout(policy, batch: sampling.RolloutBatch, chunk: int) -> dict[str, torch.Tensor]:
-    """Reference log-probs (adapter off), and — unless generation already gave them — the policy's old log-probs,
-    values and entropy, in chunks to bound memory."""
+    """The rollout scored before the update: the reference log-probs (adapter off), and — unless generation already
+    gave them — the policy's old log-probs, values and entropy, in chunks to bound memory."""
     ids_all, am_all, P = batch.input_ids, batch.attention_mask, batch.prompt_length
-    parts: dict[str, list] = {"ref_logprobs": []} if batch.old else {"logprobs": [], "values": [], "entropy": [],
-                                                                       "ref_logprobs": []}
+    parts: dict[str, list] = {"ref_logprobs": []} if batch.sampled else {
+        "logprobs": [], "values": [], "entropy": [], "ref_logprobs": []}
     for i in range(0, len(ids_all), chunk):
         ids, am = ids_all[i:i + chunk], am_all[i:i + chunk]
-        if not batch.old:
+        if not batch.sampled:
             lp, v, ent = sampling.response_logprobs(policy, ids, am, P, with_entropy=True)
             parts["logprobs"].append(lp), parts["values"].append(v), parts["entropy"].append(ent)
         with policy.lm.disable_adapter():
             parts["ref_logprobs"].append(sampling.response_logprobs(policy, ids, am, P)[0])
-    return {**(batch.old or {}), **{k: torch.cat(v) for k, v in parts.items()}}
+    return {**(batch.sampled or {}), **{k: torch.cat(v) for k, v in parts.items()}}
 
 
-def advantages_and_returns(scores, old: dict, mask, kl_coef: float, p, processes: Processes = Processes()):
+def advantages_and_returns(scores, scored: dict, mask, kl_coef: float, p, processes: Processes = Processes()):
     """Per-token rewards (score on the last token, -beta * KL on every token), GAE advantages whitened over the
     global batch, and returns. Returns (advantages, returns, per-token KL)."""
-    rewards, kl = losses.per_token_rewards(scores, old["logprobs"], old["ref_logprobs"], mask, kl_coef)
-    advantages, returns = losses.gae(rewards, old["values"], mask, p.gamma, p.lam)
+    rewards, kl = losses.per_token_rewards(scores, scored["logprobs"], scored["ref_logprobs"], mask, kl_coef)
+    advantages, returns = losses.gae(rewards, scored["values"], mask, p.gamma, p.lam)
     return losses.masked_whiten(advantages, mask, reduce=processes.reduce), returns, kl
 
 
@@ -110,9 +110,9 @@ def ppo_step(policy, optimizer, batch: sampling.RolloutBatch, kl_ctl, p, *, proc
     then ppo_epochs passes of optimizer steps over mini_batch_size x gradient_accumulation_steps rollouts of the
     global batch, in one global shuffle per epoch seeded by `shuffle_seed` (the same on every process)."""
     ids, am, P, scores = batch.input_ids, batch.attention_mask, batch.prompt_length, batch.scores
-    old = _score_rollout(policy, batch, p.mini_batch_size * NO_GRAD_CHUNK_MINIBATCHES)
-    mask = batch.response_mask.to(old["values"].dtype)
-    advantages, returns, kl = advantages_and_returns(scores, old, mask, kl_ctl.value, p, processes)
+    scored = _score_rollout(policy, batch, p.mini_batch_size * NO_GRAD_CHUNK_MINIBATCHES)
+    mask = batch.response_mask.to(scored["values"].dtype)
+    advantages, returns, kl = advantages_and_returns(scores, scored, mask, kl_ctl.value, p, processes)
 
     b = len(ids)
     first = processes.rank * b  # this process's rows in the global batch
@@ -132,8 +132,8 @@ def ppo_step(policy, optimizer, batch: sampling.RolloutBatch, kl_ctl, p, *, proc
                 idx = micro[(micro >= first) & (micro < first + b)] - first
                 if len(idx) == 0:  # this process holds none of this micro-batch
                     continue
-                loss, contribution = minibatch_loss(policy, ids[idx], am[idx], P, old["logprobs"][idx],
-                                                    old["values"][idx], advantages[idx], returns[idx], mask[idx],
+                loss, contribution = minibatch_loss(policy, ids[idx], am[idx], P, scored["logprobs"][idx],
+                                                    scored["values"][idx], advantages[idx], returns[idx], mask[idx],
                                                     tokens, p)
                 loss.backward()
                 sums += contribution
@@ -148,7 +148,7 @@ def ppo_step(policy, optimizer, batch: sampling.RolloutBatch, kl_ctl, p, *, proc
         if early_stopped:
             break
 
-    stats, samples = step_stats_of(scores, kl, mask, old["entropy"], step_stats, kl_ctl.value, processes)
+    stats, samples = step_stats_of(scores, kl, mask, scored["entropy"], step_stats, kl_ctl.value, processes)
     stats = {**stats, "early_stopped": early_stopped, "samples": samples}  # samples: the global batch
     kl_ctl.update(stats["kl"], samples)
     return stats
