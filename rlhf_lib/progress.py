@@ -39,13 +39,15 @@ def number(value: Any) -> str:
 class Progress:
     """`total` units of work of `stage` (None: not known in advance — no percentage, no ETA; a checkpointed stage
     resumed at `start` counts its pace from there). Call `update(done, **metrics)` as work completes; `record` adds
-    it to `<out>/progress.jsonl` (rank 0 only)."""
+    it to `<out>/progress.jsonl` (rank 0 only). `main=False` (another process of the stage than rank 0): neither
+    recorded nor printed."""
 
     def __init__(self, stage: str, total: int | None, unit: str = "step", start: int = 0, out: Path | None = None,
-                 record: bool = True, clock=time.monotonic, printer=print):
+                 record: bool = True, clock=time.monotonic, printer=print, main: bool = True):
         self.stage, self.unit, self.start = stage, unit, start
         self.total = None if total is None else max(int(total), 1)
-        self.clock, self.printer = clock, printer
+        self.clock, self.printer = clock, printer if main else (lambda *a, **k: None)
+        record = record and main
         self.began = self.last_line = clock()
         self.lines, self.done = 0, start
         self.path = Path(out) / PROGRESS_FILE if out is not None and record else None
@@ -121,8 +123,7 @@ def hf_callback(stage: str, out: Path):
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.progress = Progress(stage, state.max_steps, start=state.global_step, out=out,
-                                     record=state.is_world_process_zero, printer=print if state.is_world_process_zero
-                                     else (lambda *a, **k: None))
+                                     main=state.is_world_process_zero)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             self.logged = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))

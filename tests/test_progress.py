@@ -31,6 +31,14 @@ def test_the_progress_file_goes_where_the_stage_writes_even_before_that_exists(t
     assert (tmp_path / "not-yet" / "ppo" / progress.PROGRESS_FILE).exists()
 
 
+def test_a_process_other_than_the_main_one_neither_prints_nor_records(tmp_path):
+    lines = []
+    for main in (False, True):
+        p = progress.Progress("ppo", 10, out=tmp_path / str(main), main=main, printer=lambda t, **k: lines.append(t))
+        p.update(10)
+    assert len(lines) == 1 and not (tmp_path / "False").exists() and (tmp_path / "True" / "progress.jsonl").exists()
+
+
 def test_a_resumed_stage_counts_its_pace_from_where_it_resumed():
     clock = Clock()
     p = progress.Progress("ppo", 100, start=50, record=False, clock=clock, printer=lambda *a, **k: None)

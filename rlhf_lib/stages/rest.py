@@ -176,7 +176,7 @@ def train(run: contract.StageRun, policy, tokenizer, reward, prompts, state: dic
     r, main = run.cfg.rest, contract.is_main_process()
     schedule = improve_schedule(r.grow_steps, len(r.thresholds))
     progress = Progress("rest", len(schedule), unit="improve", start=state["improves_done"], out=run.out,
-                        record=main, printer=print if main else (lambda *a, **k: None))
+                        main=main)
     for index, (g, j) in enumerate(schedule[state["improves_done"]:], start=state["improves_done"]):
         rows = grown_rows(run, policy, tokenizer, reward, prompts, state, g, j)
         progress.note(samples=[{"prompt": x["prompt"], "response": x["response"],

@@ -342,8 +342,7 @@ def train(run: PPORun, wandb_run) -> None:
     from rlhf_lib.progress import Progress
 
     p, out, main = run.p, run.stage.out, run.accelerator.is_main_process
-    progress = Progress("ppo", p.steps, start=run.start_step, out=out, record=main,
-                        printer=print if main else (lambda *a, **k: None))
+    progress = Progress("ppo", p.steps, start=run.start_step, out=out, main=main)
     for step in range(run.start_step, p.steps):
         samples = [] if main else None
         with precision.current().autocast_on(run.accelerator.device):  # bf16 forward passes under the bf16 plan
