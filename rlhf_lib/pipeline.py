@@ -14,10 +14,9 @@ outcome stored as `<name>_<key>` artifacts, their card when the row has one.
 from __future__ import annotations
 
 import contextlib
-import shutil
 from pathlib import Path
 
-from rlhf_lib import compute, launch, live, methods, metrics, storage, tracking, workspace
+from rlhf_lib import launch, live, machine, methods, metrics, storage, tracking, workspace
 from rlhf_lib.config import AI_FEEDBACK, RunConfig, config_from_flow, validate
 from rlhf_lib.launch import Nodes
 from rlhf_lib.methods import DONE, OUTCOME_KEYS, SKIPPED
@@ -25,31 +24,6 @@ from rlhf_lib.stages import contract
 from rlhf_lib.workspace import Workspace
 
 ONE_NODE, GANG = "one_node", "gang"  # a gang method's two routes (the `<name>_layout` artifact)
-
-
-def judge_costs(cfg: RunConfig) -> list[str]:
-    """What the proxy reward and the gold judge cost the run, in words (`start` prints it, the report carries it).
-    A gold reward model is trained on half of the preference pairs, so the proxy gets only the other half."""
-    from rlhf_lib.data import lake
-
-    if cfg.reward.function:
-        proxy = f"proxy reward: the function {cfg.reward.function} (no reward model is trained)"
-    else:
-        pref = cfg.data.preference
-        n = None if pref.source == AI_FEEDBACK else lake.train_rows(pref, cfg.data.sample_rows)
-        pairs = "the judged pairs" if pref.source == AI_FEEDBACK else (f"{n} pairs" if n is not None else "the pairs")
-        if cfg.resolved_gold_judge == "reward_model":
-            half = f"{(n + 1) // 2} of {n} pairs" if n is not None else "half of the pairs"
-            proxy = (f"proxy reward model: {half} (the even-numbered); the other half trains the gold reward model "
-                     f"(eval.gold_judge = \"reward_model\"). For all of them in the proxy, choose eval.gold_judge "
-                     f"= \"rule\" / \"function\" (a rule you can compute) or \"judge_model\" (an LM judge)")
-        else:
-            proxy = f"proxy reward model: all {pairs}"
-    gold = {"rule": "gold judge: the sample data's rule (rlhf_lib/judges.py), computed from the text; no training",
-            "reward_model": "gold judge: a second reward model on the other half of the pairs, another seed",
-            "judge_model": f"gold judge: {cfg.eval.gold_judge_model} under the constitution, both answer orders",
-            "function": f"gold judge: the function {cfg.eval.gold_function}"}[cfg.resolved_gold_judge]
-    return [proxy, gold]
 
 
 def start(config_value, datastore_type: str | None) -> dict:
@@ -74,58 +48,13 @@ def start(config_value, datastore_type: str | None) -> dict:
         raise CannotStart("\n".join(getattr(err, "problems", [str(err)]))) from None
     gpus = launch.visible_gpus()
     print(f"[start] profile {cfg.run.name}; methods {cfg.run.methods}; GPUs visible: {gpus}, run.gpus = {cfg.run.gpus}")
-    revisions = model_revisions(cfg)
+    revisions = preflight.model_revisions(cfg)
     plans = [m.plan(cfg) for m in map(methods.get, cfg.run.methods) if m.plan]
-    for line in judge_costs(cfg) + plans + [f"{ref} is pinned at commit {sha}" for ref, sha in revisions.items()]:
+    for line in preflight.judge_costs(cfg) + plans + [f"{ref} is pinned at commit {sha}" for ref, sha in revisions.items()]:
         print(f"[start] {line}")
     return {"datastore_type": datastore_type, "storage_root": storage_root, "metaflow_config": source,
-            "run_config": cfg.model_dump(), "gpus_visible": gpus, "judges": judge_costs(cfg),
+            "run_config": cfg.model_dump(), "gpus_visible": gpus, "judges": preflight.judge_costs(cfg),
             "model_revisions": revisions}
-
-
-def model_revisions(cfg: RunConfig) -> dict[str, str]:
-    """The commit each hub model of the run stands for now (offline: the cached snapshot): every stage loads that
-    one, wherever and whenever it runs (rlhf_lib/hub.py)."""
-    from rlhf_lib import hub, preflight
-
-    return {ref: sha for _, ref in preflight.model_refs(cfg) if (sha := hub.resolve(ref))}
-
-
-def check_machine(cfg: RunConfig, stage: str, work: Path) -> int:
-    """What this stage's own machine (its pod, on a cluster) must have before the stage writes anything: the GPUs
-    its step asked for, and the disk. Returns the GPUs the stage gets (0: the CPU, with every GPU hidden from it).
-    Fails in seconds naming the key, instead of training on the CPU for hours or dying on a full disk."""
-    kind = compute.kind_when_running(stage)  # the step's GPUs and disk (rlhf_lib/compute.py)
-    gpus = compute.step_gpus(cfg, kind)
-    if gpus:
-        visible = launch.visible_gpus()
-        if visible < gpus:
-            raise launch.MachineUnfit(
-                f"[{stage}] run.gpus = {cfg.run.gpus} asks {gpus} GPU(s) for this stage, but this machine has "
-                f"{visible} (CUDA_VISIBLE_DEVICES={launch.cuda_visible_devices()!r}): set run.gpus = 0 to run on the "
-                f"CPU, or run where the GPUs are")
-    check_disk(cfg, stage, kind, work)
-    return gpus
-
-
-def check_disk(cfg: RunConfig, stage: str, kind: str, work: Path) -> None:
-    """run.min_free_disk_gb must be free where the stage writes. In a pod, what it may write is what its step asked
-    for (resources.<kind>.disk_mb: Kubernetes evicts a pod past its ephemeral storage), whatever the node's
-    filesystem shows free."""
-    need_gb = cfg.run.min_free_disk_gb
-    existing = next((p for p in [Path(work), *Path(work).parents] if p.exists()), Path("/"))
-    free_gb = shutil.disk_usage(existing).free / 1e9
-    asked_gb = getattr(cfg.resources, kind).disk_mb * 2**20 / 1e9
-    if workspace.in_pod() and asked_gb < min(free_gb, need_gb):
-        raise launch.MachineUnfit(
-            f"[{stage}] this pod asked for {asked_gb:.1f} GB of disk (resources.{kind}.disk_mb = "
-            f"{getattr(cfg.resources, kind).disk_mb}) and the stage needs {need_gb:.1f} GB (run.min_free_disk_gb): "
-            f"raise resources.{kind}.disk_mb, which Kubernetes gets as @resources(disk=...)")
-    if free_gb < need_gb:
-        raise launch.MachineUnfit(
-            f"[{stage}] only {free_gb:.1f} GB free under {existing} where this stage writes, it needs {need_gb:.1f} "
-            f"(run.min_free_disk_gb): free space, or on a cluster raise the disk the step asks for "
-            f"(resources.{kind}.disk_mb, which Kubernetes gets as @resources(disk=...))")
 
 
 def run_stage(cfg: RunConfig, stage: str, run_id: str, inputs: dict[str, str], origin_run_id: str | None = None,
@@ -143,7 +72,7 @@ def run_stage(cfg: RunConfig, stage: str, run_id: str, inputs: dict[str, str], o
     name = name or stage
     nodes = nodes or Nodes()
     ws = Workspace.of(cfg, run_id, name, attempt, nodes.index)
-    gpus = check_machine(cfg, name, ws.work)
+    gpus = machine.check_machine(cfg, name, ws.work)
     try:
         ws.begin()
         roots = ws.checkpoint_roots(origin_run_id)

@@ -231,3 +231,37 @@ def check_or_raise(cfg: RunConfig) -> None:
     problems = check(cfg)
     if problems:
         raise PreflightError(problems)
+
+
+# ------------------------------------------------------------------ what `start` says
+
+
+def judge_costs(cfg: RunConfig) -> list[str]:
+    """What the proxy reward and the gold judge cost the run, in words (`start` prints it, the report carries it).
+    A gold reward model is trained on half of the preference pairs, so the proxy gets only the other half."""
+    if cfg.reward.function:
+        proxy = f"proxy reward: the function {cfg.reward.function} (no reward model is trained)"
+    else:
+        pref = cfg.data.preference
+        n = None if pref.source == AI_FEEDBACK else lake.train_rows(pref, cfg.data.sample_rows)
+        pairs = "the judged pairs" if pref.source == AI_FEEDBACK else (f"{n} pairs" if n is not None else "the pairs")
+        if cfg.resolved_gold_judge == "reward_model":
+            half = f"{(n + 1) // 2} of {n} pairs" if n is not None else "half of the pairs"
+            proxy = (f"proxy reward model: {half} (the even-numbered); the other half trains the gold reward model "
+                     f"(eval.gold_judge = \"reward_model\"). For all of them in the proxy, choose eval.gold_judge "
+                     f"= \"rule\" / \"function\" (a rule you can compute) or \"judge_model\" (an LM judge)")
+        else:
+            proxy = f"proxy reward model: all {pairs}"
+    gold = {"rule": "gold judge: the sample data's rule (rlhf_lib/judges.py), computed from the text; no training",
+            "reward_model": "gold judge: a second reward model on the other half of the pairs, another seed",
+            "judge_model": f"gold judge: {cfg.eval.gold_judge_model} under the constitution, both answer orders",
+            "function": f"gold judge: the function {cfg.eval.gold_function}"}[cfg.resolved_gold_judge]
+    return [proxy, gold]
+
+
+def model_revisions(cfg: RunConfig) -> dict[str, str]:
+    """The commit each hub model of the run stands for now (offline: the cached snapshot): every stage loads that
+    one, wherever and whenever it runs (rlhf_lib/hub.py)."""
+    from rlhf_lib import hub
+
+    return {ref: sha for _, ref in model_refs(cfg) if (sha := hub.resolve(ref))}

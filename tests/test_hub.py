@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import TEST_CONFIG
-from rlhf_lib import config, hub, launch, models, pipeline, preflight
+from rlhf_lib import config, hub, launch, models, preflight
 
 
 class RunsCode:
@@ -138,7 +138,7 @@ def test_a_run_loads_the_revision_start_recorded_while_main_moves(tiny_policy, t
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     raw = config.load(TEST_CONFIG).model_dump()
     cfg = config.validate({**raw, "policy": {**raw["policy"], "model": "rlhf-test/tiny-opt"}})
-    revisions = pipeline.model_revisions(cfg)
+    revisions = preflight.model_revisions(cfg)
     assert revisions == {"rlhf-test/tiny-opt": a}
     pinned = hub.pin("rlhf-test/tiny-opt", revisions)
     assert pinned == f"rlhf-test/tiny-opt@{a}"

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rlhf_lib import config, launch
+from rlhf_lib import config, launch, machine
 from conftest import ROOT, TEST_CONFIG
 
 
@@ -95,32 +95,28 @@ def test_a_stage_whose_machine_lacks_its_gpus_or_disk_fails_in_seconds(tmp_path)
     """Checked on the stage's own machine (its pod), before it writes: GPUs asked for and not there, disk."""
     import time
 
-    from rlhf_lib import pipeline
-
     if launch.visible_gpus():
         pytest.skip("this machine has a GPU")
     base = config.load(TEST_CONFIG).model_dump()
     started = time.time()
     gpu = config.validate({**base, "run": {**base["run"], "gpus": 1}})
     with pytest.raises(launch.MachineUnfit, match=r"run.gpus = 1 asks 1 GPU\(s\) for this stage, but this machine has 0"):
-        pipeline.check_machine(gpu, "sft", tmp_path)
-    assert pipeline.check_machine(gpu, "data", tmp_path) == 0  # the data step asks for none
+        machine.check_machine(gpu, "sft", tmp_path)
+    assert machine.check_machine(gpu, "data", tmp_path) == 0  # the data step asks for none
     disk = config.validate({**base, "run": {**base["run"], "min_free_disk_gb": 1e9}})
     with pytest.raises(launch.MachineUnfit, match="resources.infer.disk_mb"):
-        pipeline.check_machine(disk, "evaluate", tmp_path)
+        machine.check_machine(disk, "evaluate", tmp_path)
     assert time.time() - started < 5
 
 
 def test_in_a_pod_the_disk_is_what_the_pod_asked_for(tmp_path, monkeypatch):
     """The node's filesystem may show far more free than the pod may write (its ephemeral storage request): in a
     pod the check compares with resources.<kind>.disk_mb."""
-    from rlhf_lib import pipeline
-
     base = config.load(TEST_CONFIG).model_dump()
     small = config.validate({**base, "run": {**base["run"], "min_free_disk_gb": 2.0},
                              "resources": {**base["resources"], "train": {**base["resources"]["train"],
                                                                            "disk_mb": 1024}}})
-    pipeline.check_disk(small, "sft", "train", tmp_path)  # not in a pod: the filesystem has room
+    machine.check_disk(small, "sft", "train", tmp_path)  # not in a pod: the filesystem has room
     monkeypatch.setenv("METAFLOW_KUBERNETES_WORKLOAD", "1")
     with pytest.raises(launch.MachineUnfit, match=r"this pod asked for 1.1 GB of disk \(resources.train.disk_mb"):
-        pipeline.check_disk(small, "sft", "train", tmp_path)
+        machine.check_disk(small, "sft", "train", tmp_path)

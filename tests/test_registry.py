@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT, TEST_CONFIG, write_config
-from rlhf_lib import config, methods, pipeline, report
+from rlhf_lib import config, methods, pipeline, preflight, report
 
 FLOW = ROOT / "flows" / "rlhf_flow.py"
 
@@ -26,7 +26,7 @@ def _run_data(cfg, done: dict[str, dict], eval_report: dict, **extra):
                            sft_checkpoint_dir="/x/sft/checkpoints", sft_metrics={"eval_loss": 1.0, "curves": {}},
                            reward_model_path="/x/reward/model", reward_checkpoint_dir="/x/reward/checkpoints",
                            reward_metrics={"eval_accuracy": 0.9, "curves": {}}, gold_reward_model_path=None,
-                           gold_judge="rule", storage_root="/x", judges=pipeline.judge_costs(cfg),
+                           gold_judge="rule", storage_root="/x", judges=preflight.judge_costs(cfg),
                            datasets={"sft_train": {"rows": 10}}, eval_report=eval_report, eval_samples=[],
                            methods=list(done), **extra)
     for name in methods.names():
