@@ -150,3 +150,17 @@ def test_vulture_finds_no_dead_code():
                           capture_output=True, text=True, timeout=300)
     found = [line for line in proc.stdout.splitlines() if "unused import" not in line]
     assert proc.returncode in (0, 3) and found == [], proc.stdout + proc.stderr
+
+
+def test_each_evaluation_metric_key_is_written_in_one_module():
+    """The metric table (rlhf_lib/metrics.py) is the one place a metric's key is spelled: evaluate, the report, the
+    guard and the pipeline read it from there."""
+    from rlhf_lib import metrics
+
+    keys = {m.key for m in metrics.TABLE}
+    spelled: dict[str, set[str]] = {}
+    for path in sorted(LIB.rglob("*.py")) + sorted((ROOT / "flows").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in keys:
+                spelled.setdefault(node.value, set()).add(str(path.relative_to(ROOT)))
+    assert set(spelled) == keys and all(where == {"rlhf_lib/metrics.py"} for where in spelled.values()), spelled
