@@ -16,23 +16,24 @@ still running after it was given up for dead (a "zombie" pod) can change nothing
 Snapshots: an online method keeps its adapter at each checkpoint under `DIR/snapshots/step-N` (the evaluation's
 over-optimisation curve); they are never pruned, and travel with a checkpoint adopted from elsewhere.
 
-Every place is a local directory or an S3 prefix; `rlhf_lib/storage.py` answers for both.
+Every place is a local directory or an S3 prefix; `rlhf_lib/storage.py` answers for both. Uploads run in the
+background (`rlhf_lib/uploads.py`); a resume agrees across the stage's processes (`rlhf_lib/ranks.py`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import shutil
 import time
-import uuid
 import warnings
 from pathlib import Path
 from typing import Callable
 
 from rlhf_lib import storage
+from rlhf_lib.ranks import Ranks
+from rlhf_lib.uploads import UPLOADS
 from rlhf_lib.storage import atomic_dir, atomic_write_json
 
 MARKER = "COMPLETE"
@@ -192,61 +193,6 @@ def prune(root: str | Path, keep: int, what: str, fenced: bool = True) -> None:
 # ------------------------------------------------------------------ writing
 
 
-class Uploads:
-    """Checkpoint and snapshot uploads, on a background thread, one at a time and in order: while rank 0 stores a
-    checkpoint the training goes on, so the other ranks never wait at a collective for an upload (a slow one would
-    outlast the process group's timeout). Each upload reads a snapshot of its directory (hard links, taken when
-    it is submitted), so pruning or the HF Trainer's rotation may delete the checkpoint meanwhile; when uploads fall
-    behind the checkpoints, those snapshots wait on the local disk (said). A stage waits for all of them before it
-    writes its result (`wait`), when the other processes no longer wait for it; a failed upload fails the stage."""
-
-    def __init__(self):
-        self._pool = None
-        self._pending: list[tuple[int, object]] = []  # (step, future), oldest first
-
-    def submit(self, step: int, fn, *args, **kwargs) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        for _, future in self._pending:
-            if future.done():
-                future.result()  # a failed upload fails the stage at the next checkpoint
-        self._pending = [(s, f) for s, f in self._pending if not f.done()]
-        behind = {s for s, _ in self._pending} - {step}
-        if len(behind) > 1:
-            print(f"[checkpoints] uploads are behind: steps {sorted(behind)} still to store; their checkpoints wait "
-                  f"on the local disk", flush=True)
-        self._pool = self._pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
-        self._pending.append((step, self._pool.submit(fn, *args, **kwargs)))
-
-    def submit_dir(self, step: int, directory: Path, fn, *args, **kwargs) -> None:
-        """`fn(snapshot, *args, **kwargs)` in the background, on a hard-linked snapshot of `directory` (removed
-        once `fn` returns)."""
-        directory = Path(directory)
-        snapshot = directory.with_name(f".upload-{directory.name}-{uuid.uuid4().hex[:8]}")
-        try:
-            shutil.copytree(directory, snapshot, copy_function=os.link)
-        except OSError:  # another filesystem: a copy
-            shutil.rmtree(snapshot, ignore_errors=True)
-            shutil.copytree(directory, snapshot)
-
-        def upload():
-            try:
-                return fn(snapshot, *args, **kwargs)
-            finally:
-                shutil.rmtree(snapshot, ignore_errors=True)
-
-        self.submit(step, upload)
-
-    def wait(self) -> None:
-        """Until every upload submitted so far is stored; raises the first one's error."""
-        pending, self._pending = self._pending, []
-        for _, future in pending:
-            future.result()
-
-
-UPLOADS = Uploads()
-
-
 def save(root: Path, step: int, write: Callable[[Path], None], keep: int | None = None,
          mirror: str | None = None) -> Path:
     """Write checkpoint `step` under root via write(tmp_dir), mark it complete, then prune to the last `keep`;
@@ -369,37 +315,6 @@ def parse_file(path: Path, read: Callable[[Path], object]) -> object:
         raise
     except (RuntimeError, *_does_not_parse()) as err:
         raise Corrupt(f"{path} does not parse ({type(err).__name__}: {err})") from err
-
-
-class Ranks:
-    """This process's place among the stage's processes (torch.distributed when it is initialized, else alone),
-    and the few collectives a resume needs."""
-
-    def __init__(self):
-        import torch.distributed as dist
-
-        self.dist = dist if dist.is_available() and dist.is_initialized() else None
-        self.rank = self.dist.get_rank() if self.dist else 0
-        self.world = self.dist.get_world_size() if self.dist else 1
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0")) if self.dist else 0
-
-    def broadcast(self, value):
-        if not self.dist:
-            return value
-        box = [value]
-        self.dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.dist:
-            self.dist.barrier()
-
-    def gather(self, value) -> list:
-        if not self.dist:
-            return [value]
-        out = [None] * self.world
-        self.dist.all_gather_object(out, value)
-        return out
 
 
 def choose(stage: str, roots: list[str], output: Path, load, reader: str | None) -> tuple[int, str, Path, object] | None:

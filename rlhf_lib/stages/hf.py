@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rlhf_lib import checkpoints, precision, storage
+from rlhf_lib import checkpoints, precision, storage, uploads
 from rlhf_lib.stages import contract
 from rlhf_lib.stages.contract import is_main_process
 
@@ -176,7 +176,7 @@ def save_trained(trainer, tokenizer, directory: Path) -> bool:
     trainer.save_model(str(directory))
     if not is_main_process():
         return False
-    checkpoints.UPLOADS.wait()
+    uploads.UPLOADS.wait()
     tokenizer.save_pretrained(directory)
     (Path(directory) / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing here needs it
     return True

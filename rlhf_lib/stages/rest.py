@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_lib import checkpoints, precision, storage
+from rlhf_lib import checkpoints, precision, storage, uploads
 from rlhf_lib.stages import contract, hf
 
 STATE_FILE = "rest_state.json"
@@ -193,7 +193,7 @@ def train(run: contract.StageRun, policy, tokenizer, reward, prompts, state: dic
                 policy, run.out, index + 1, run.args.checkpoint_uri,
                 lambda: _save(run.out / "checkpoints", index + 1, policy, state,
                               mirror=storage.mirror_of(run.args.checkpoint_uri)))
-    checkpoints.UPLOADS.wait()
+    uploads.UPLOADS.wait()
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlhf_lib import checkpoints, precision, sampling, storage
+from rlhf_lib import checkpoints, precision, sampling, storage, uploads
 from rlhf_lib.data import lake
 from rlhf_lib.stages import contract
 from rlhf_lib.stages.ppo import losses
@@ -370,7 +370,7 @@ def train(run: PPORun, wandb_run) -> None:
 def finish(run: PPORun) -> None:
     """On the main process: the adapter and value head, the merged model, the result — once every checkpoint and
     snapshot is stored (the other processes have finished: nothing waits for the uploads at a collective)."""
-    checkpoints.UPLOADS.wait()
+    uploads.UPLOADS.wait()
     out, stats = run.stage.out, run.stats
     save_weights(run.policy, out)
     run.tokenizer.save_pretrained(out / "adapter")
