@@ -84,10 +84,12 @@ class Judged:
 
     def first(self, n: int) -> "Judged":
         """The same judged answers, of the first n prompts only."""
-        part = object.__new__(Judged)
-        part.__dict__.update(self.__dict__, answers=self.answers[:n], tokens=self.tokens[:n], scores=self.scores[:n],
-                             gold_scores=None if self.gold_scores is None else self.gold_scores[:n],
-                             prompts=self.prompts[:n], questions=self.questions[:n])
+        import copy
+
+        part = copy.copy(self)
+        part.answers, part.tokens, part.scores = self.answers[:n], self.tokens[:n], self.scores[:n]
+        part.gold_scores = None if self.gold_scores is None else self.gold_scores[:n]
+        part.prompts, part.questions = self.prompts[:n], self.questions[:n]
         return part
 
 
