@@ -104,7 +104,7 @@ def flow_run(tmp_path_factory):
     (store / "link").symlink_to(store / "real")
     # Live cards redrawn every 2 s: the test profile's PPO trains for ~10 s (tests/test_flow.py reads its card while
     # it does).
-    cfg = write_config(store / "test.toml", {"run": {"storage_root": str(store / "link"), "card_refresh_s": 2}})
+    cfg = write_config(store / "test.toml", {"run": {"storage_root": str(store / "link"), "card_refresh_s": 1}})
     command = readme_run_command()
     argv = shlex.split(command)
     assert argv[0] == "python", command
@@ -128,7 +128,7 @@ LIVE: dict = {}
 
 
 def watch_live_card(proc, log: Path, step: str) -> list[str]:
-    """Each distinct state of `step`'s card read from the datastore, once a second, while its task runs in `proc` (a
+    """Each distinct state of `step`'s card read from the datastore, twice a second, while its task runs in `proc` (a
     flow run whose output goes to `log`)."""
     import re
 
@@ -138,7 +138,7 @@ def watch_live_card(proc, log: Path, step: str) -> list[str]:
         found = re.search(r"Workflow starting \(run-id (\w+)\)", log.read_text())
         return found.group(1) if found else None
 
-    return live.watch_card(lambda: proc.poll() is None, run_id, step)
+    return live.watch_card(lambda: proc.poll() is None, run_id, step, every_s=0.5)
 
 
 def readme_run_command() -> str:
