@@ -622,13 +622,6 @@ def _complete_checkpoints(s3, bucket: str, prefix: str) -> list[int]:
     return sorted(int(k.split("/step-")[1].split("/")[0]) for k in keys if k.endswith("/COMPLETE"))
 
 
-def _assert_same_stats(stats: list[dict], reference: list[dict]) -> None:
-    for a, b in zip(stats, reference):
-        for key, value in b.items():
-            if isinstance(value, float):
-                assert math.isclose(a[key], value, rel_tol=1e-4, abs_tol=1e-4), (a["step"], key, a[key], value)
-
-
 @pytest.mark.slow
 def test_an_attempt_given_up_for_dead_cannot_change_what_the_next_one_reads(s3_env, tiny_policy, tmp_path):
     """Attempt 0 of a PPO task stops answering (SIGSTOP: a partitioned or frozen pod Kubernetes gives up on) after
@@ -687,4 +680,6 @@ def test_an_attempt_given_up_for_dead_cannot_change_what_the_next_one_reads(s3_e
                       ) == result1
     # Attempt 1 ends exactly where an uninterrupted run ends: the zombie is one.
     assert len(result1["stats"]) == len(result0["stats"]) == ZOMBIE_STEPS
+    from test_resume_faults import _assert_same_stats  # the resumed-run comparison, one definition
+
     _assert_same_stats(result1["stats"], result0["stats"])
