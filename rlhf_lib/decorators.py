@@ -31,12 +31,12 @@ class StepCompute(FlowMutator):
             return
         cfg = config_from_flow(configs["config"])
         times = compute.retries(cfg, compute.runs_remote())
-        carded = {m.last_step for m in methods.REGISTRY.values() if m.card}
+        carded, live_steps = {m.last_step for m in methods.REGISTRY.values() if m.card}, live.steps(cfg.run.methods)
         for name, step in mutable_flow.steps:  # a training step's card is live while it trains (rlhf_lib/live.py)
-            if name in carded | live.STEPS:
+            if name in carded | live_steps:
                 # Metaflow drops a refresh sooner than `refresh_interval` after the last: the card's own rate
                 step.add_decorator(card, deco_kwargs=dict(type="blank", refresh_interval=cfg.run.card_refresh_s)
-                                   if name in live.STEPS else dict(type="blank"))
+                                   if name in live_steps else dict(type="blank"))
             kind = compute.step_kind_this_run(cfg, name)
             if kind is None:
                 continue

@@ -2,9 +2,9 @@
 (`rlhf_lib/progress.py`); while the step's task waits for it, a thread here reads what is new and redraws the
 step's realtime Metaflow card — step N of M with an ETA, the stage's curves, the newest sample generations of an
 online method, the checkpoint it would resume from — at a bounded rate: every `run.card_refresh_s` seconds at first,
-then every sixth of the time elapsed (a 10-hour stage redraws ~50 times), each redraw a data update written from the
-step's own process (`write_data_update`). Watch it in the Metaflow UI or `python flows/rlhf_flow.py card server`
-(docs/inspecting.md).
+then every sixth of the time the stage has trained (a 10-hour stage redraws ~50 times). The layout (once) and each
+redraw are written from the step's own process (`write_layout`, `write_data_update`), not by Metaflow's `card
+create` subprocess. Watch it in the Metaflow UI or `python flows/rlhf_flow.py card server` (docs/inspecting.md).
 """
 
 from __future__ import annotations
@@ -17,14 +17,20 @@ from pathlib import Path
 from rlhf_lib import methods
 from rlhf_lib.progress import PROGRESS_FILE, duration, number, read
 
-# The stages whose step shows a live card while they train (SFT, both reward models, every method), and the flow
-# steps that run them (each carries a realtime card: rlhf_lib/decorators.py).
+# The stages whose step shows a live card while they train (SFT, both reward models, every method).
 STAGES = {"sft", "reward", "reward_gold", *methods.names()}
-STEPS = {"sft", "reward", *(s for m in methods.REGISTRY.values() for s in m.train_steps)}
 POLL_S = 1.0
 CURVE_POINTS = 400  # per metric, the newest: a long stage's chart stays small
 CURVE_METRICS = ("loss", "eval_loss", "reward", "score_mean", "kl", "objective/kl", "rewards/accuracies",
                  "eval_accuracy", "accuracy", "mean_reward_all", "kept_fraction", "grad_norm")
+
+
+def steps(run_methods: list[str]) -> set[str]:
+    """The flow steps that carry a realtime card in a run of `run_methods` (rlhf_lib/decorators.py): SFT's, the
+    reward's and the training steps of the methods the run trains. A method the run skips finishes at once with
+    nothing to watch, and a card costs its step two `card create` subprocesses when it ends (Metaflow's final render
+    and refresh) — five skipped methods' ten ran beside PPO in the default run."""
+    return {"sft", "reward", *(s for m in run_methods for s in methods.REGISTRY[m].train_steps)}
 
 
 def card_of_step():
@@ -105,29 +111,57 @@ class LiveCard:
                                 "No checkpoint yet: a restart begins at step 0.")
 
 
-def write_data_update(card) -> None:
-    """What `card.refresh()` has Metaflow do in a `card create --mode refresh` subprocess — save the card's data
-    update (its components' new state) to the card datastore — done from this process instead. That subprocess loads
-    the whole flow for a JSON write (about a second of CPU); on a 2-core machine each one stalled the stage's torch
-    threads (PPO took ~9 s longer with five of them). The layout is rendered by Metaflow's own subprocess, once, when
-    the stage starts; the final card as always. Built on Metaflow 2.19's card internals (requirements.txt pins it):
-    the payload is BlankCard's `refresh` with its reload token (layout unchanged), saved where `card create` saves
-    it; the flow fixture's test reads these updates from the datastore mid-step through the Client API, so a change
-    there fails the suite. Should this process's write fail, Metaflow's own refresh does it."""
+def _card_store(card):
+    """(the card's uuid, the card datastore of this task) — where `card create` saves a card and its data. Built on
+    Metaflow 2.19's card internals (requirements.txt pins it); the flow fixture's test reads the layout and the
+    updates from the datastore mid-step through the Client API, so a change there fails the suite."""
     from types import SimpleNamespace
 
     from metaflow import current
     from metaflow.plugins import DATASTORES
     from metaflow.plugins.cards.card_datastore import CardDatastore
 
+    options = card._card_creator._top_level_options
+    kind = options[options.index("--datastore") + 1]
+    storage = next(d for d in DATASTORES if d.TYPE == kind)(CardDatastore.get_storage_root(kind))
+    store = CardDatastore(SimpleNamespace(_storage_impl=storage, flow_name=current.flow_name),
+                          pathspec=f"{current.flow_name}/{current.run_id}/{current.step_name}/{current.task_id}")
+    return card._default_editable_card, store
+
+
+def write_layout(card) -> None:
+    """What `card.refresh(force=True)` has Metaflow do in a `card create --mode render_runtime` subprocess — render
+    the card's runtime page (its components' layout) and save it to the card datastore — done from this process.
+    That subprocess loads the whole flow (about a second of CPU on 2 cores, as the stage loads its model). The page
+    is BlankCard's own runtime render with the reload token Metaflow gives it (`runtime-<layout timestamp>`), so
+    the data updates that follow apply to it. Should this fail, Metaflow's own refresh does it."""
+    from types import SimpleNamespace
+
+    from metaflow import current
+    from metaflow.plugins.cards.card_modules.basic import BlankCard
+
     try:
-        uuid = card._default_editable_card
+        uuid, store = _card_store(card)
+        data = card._get_latest_data(uuid, final=False, mode="render_runtime")
+        task = SimpleNamespace(pathspec=f"{current.flow_name}/{current.run_id}/{current.step_name}/{current.task_id}")
+        html = BlankCard(components=card._serialize_components(uuid)).render(task, runtime=True)
+        store.save_card(uuid, "blank", html.replace(BlankCard.RELOAD_POLICY_TOKEN,
+                                                    f"runtime-{data['component_update_ts']}"))
+    except Exception as err:  # noqa: BLE001 — a card is never worth a failed stage
+        print(f"[live] rendering the card's layout here failed ({type(err).__name__}: {err}); "
+              f"Metaflow's card subprocess does it", flush=True)
+        card.refresh(force=True)
+
+
+def write_data_update(card) -> None:
+    """What `card.refresh()` has Metaflow do in a `card create --mode refresh` subprocess — save the card's data
+    update (its components' new state) to the card datastore — done from this process instead: that subprocess
+    loads the whole flow for a JSON write, and on a 2-core machine each one stalled the stage's torch threads (PPO
+    took ~9 s longer with five of them). The payload is BlankCard's `refresh` with its reload token (layout
+    unchanged), saved where `card create` saves it. Should this fail, Metaflow's own refresh does it."""
+    try:
+        uuid, store = _card_store(card)
         data = card._get_latest_data(uuid, final=False, mode="refresh")
-        options = card._card_creator._top_level_options
-        kind = options[options.index("--datastore") + 1]
-        storage = next(d for d in DATASTORES if d.TYPE == kind)(CardDatastore.get_storage_root(kind))
-        store = CardDatastore(SimpleNamespace(_storage_impl=storage, flow_name=current.flow_name),
-                              pathspec=f"{current.flow_name}/{current.run_id}/{current.step_name}/{current.task_id}")
         store.save_data(uuid, "blank", {"reload_token": f"runtime-{data['component_update_ts']}",
                                         "data": data["components"], "created_on": time.time()})
     except Exception as err:  # noqa: BLE001 — a card is never worth a failed stage
@@ -137,7 +171,7 @@ def write_data_update(card) -> None:
 
 
 def due(now: float, began: float, last: float, every_s: float) -> bool:
-    """Redraw every `every_s` seconds at first, then every sixth of the time elapsed."""
+    """Redraw every `every_s` seconds at first, then every sixth of the time elapsed since `began`."""
     return now - last >= max(every_s, (now - began) / 6)
 
 
@@ -152,17 +186,19 @@ def watching(work: Path, stage: str, every_s: float, clock=time.monotonic):
     live, stop = LiveCard(card, stage), threading.Event()
 
     def follow():
-        # Redraws are data updates written here (`write_data_update`): Metaflow's own `card create` subprocesses
-        # cost the stage seconds each on 2 cores, and at a lower priority they starved (one state in a whole PPO
-        # stage). Their rate (`due`) bounds what the rest costs.
-        offset, began, last, drawn = 0, clock(), clock(), False
+        # The layout and the redraws are written here (`write_layout`, `write_data_update`): Metaflow's own `card
+        # create` subprocesses cost the stage seconds each on 2 cores, and at a lower priority they starved (one
+        # state in a whole PPO stage). Their rate (`due`) bounds what the rest costs.
+        offset, began, last, drawn = 0, None, clock(), False
         while not stop.wait(POLL_S):
             entries, offset = read(Path(work) / PROGRESS_FILE, offset)
             live.feed(entries)
+            if began is None and live.total is not None:  # training has begun: the pace counts from here, not
+                began = clock()  # from the imports and the model's loading before it
             if not drawn:  # the card's layout, once, as soon as the stage has started
-                card.refresh(force=True)
+                write_layout(card)
                 drawn = True
-            elif entries and due(clock(), began, last, every_s):
+            elif entries and due(clock(), clock() if began is None else began, last, every_s):
                 live.draw()
                 write_data_update(card)
                 last = clock()

@@ -102,8 +102,8 @@ def flow_run(tmp_path_factory):
     # still see every output the artifacts name as its own (tests/test_flow.py).
     (store / "real").mkdir()
     (store / "link").symlink_to(store / "real")
-    # Live cards redrawn every 2 s: the test profile's PPO trains for ~10 s (tests/test_flow.py reads its card while
-    # it does).
+    # Live cards redrawn every second at first: the test profile's PPO trains for seconds (tests/test_flow.py reads
+    # its card while it does).
     cfg = write_config(store / "test.toml", {"run": {"storage_root": str(store / "link"), "card_refresh_s": 1}})
     command = readme_run_command()
     argv = shlex.split(command)

@@ -420,7 +420,7 @@ def test_every_step_ran_in_its_own_pod_on_the_runs_own_code(s3_run):
     assert all(path.startswith(str(s3_run["tmp"] / "pods")) and path.endswith("/image/metaflow/.mf_code/rlhf_lib")
                for path in imported), imported[:3]
     assert "the image's own copy of rlhf_lib was imported" not in text
-    assert "[live] writing the card's data update here failed" not in text  # live cards write to the S3 datastore
+    assert not re.search(r"\[live\] .* here failed", text)  # live cards write to the S3 datastore
     assert not list((s3_run["tmp"] / "pods").iterdir())  # every pod directory was deleted
     view = s3_run["view"]
     assert view["successful"]

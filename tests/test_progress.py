@@ -3,7 +3,7 @@ progress file (rlhf_lib/live.py). The live card on a real run: tests/test_flow.p
 
 import json
 
-from rlhf_lib import live, progress
+from rlhf_lib import live, methods, progress
 
 
 class Clock:
@@ -98,3 +98,11 @@ def test_the_card_is_redrawn_at_a_bounded_rate():
     assert live.due(now=12, began=0, last=0, every_s=10) and not live.due(now=9, began=0, last=0, every_s=10)
     assert not live.due(now=600, began=0, last=550, every_s=10)  # at 10 minutes: every 100 s
     assert live.due(now=600, began=0, last=499, every_s=10)
+
+
+def test_only_the_steps_a_run_trains_in_carry_a_live_card():
+    """A skipped method's step has nothing to watch, and each card costs its step two `card create` subprocesses
+    when it ends (Metaflow's final render and refresh): the default run carded five skipped methods' steps."""
+    assert live.steps(["ppo"]) == {"sft", "reward", "ppo_train", "ppo_gang_train"}
+    assert live.steps(["dpo", "kto"]) == {"sft", "reward", "dpo", "kto"}
+    assert live.steps(methods.names()) >= {"dpo", "rest", "grpo", "rloo", "kto", "ppo_train"}
