@@ -80,6 +80,25 @@ def configure() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     interpreter_first_on_path()
+    for var, workers in local_workers(sys.argv, os.cpu_count() or 1).items():
+        os.environ.setdefault(var, str(workers))
+
+
+METAFLOW_DEFAULT_WORKERS = 16  # `run --max-workers`' default
+REMOTE_COMPUTE = ("kubernetes", "batch")
+
+
+def local_workers(argv: list[str], cores: int) -> dict[str, int]:
+    """Metaflow runs up to 16 tasks side by side; on a machine with fewer cores a compare run's six method stages
+    at once oversubscribe them (the test profile's six methods on 2 cores: 190 s, 148 s with two workers — each
+    stage's torch threads are the cores free when it starts, rlhf_lib/cpu.py). A local `run` or `resume` takes at
+    most one task per core: Metaflow reads these variables as `--max-workers`' default, so the option, or the
+    variable exported, wins. Steps sent to a cluster (`--with kubernetes`, `--with batch`, or Metaflow's default
+    decorators naming them) are left alone: there each task has a machine of its own."""
+    words = [*argv, *os.environ.get("METAFLOW_DEFAULT_DECOSPECS", "").split()]
+    if cores >= METAFLOW_DEFAULT_WORKERS or any(r in w for w in words for r in REMOTE_COMPUTE):
+        return {}
+    return {"METAFLOW_RUN_MAX_WORKERS": max(cores, 1), "METAFLOW_RESUME_MAX_WORKERS": max(cores, 1)}
 
 
 def interpreter_first_on_path() -> None:

@@ -120,3 +120,24 @@ def test_in_a_pod_the_disk_is_what_the_pod_asked_for(tmp_path, monkeypatch):
     monkeypatch.setenv("METAFLOW_KUBERNETES_WORKLOAD", "1")
     with pytest.raises(launch.MachineUnfit, match=r"this pod asked for 1.1 GB of disk \(resources.train.disk_mb"):
         machine.check_disk(small, "sft", "train", tmp_path)
+
+
+def test_a_local_run_takes_one_task_per_core_unless_told_otherwise(monkeypatch):
+    """Metaflow's 16 side-by-side tasks oversubscribe a machine with fewer cores (a six-method run on 2 cores:
+    190 s, 148 s with two workers); a run sent to a cluster, or on a machine with 16 cores, keeps Metaflow's
+    default, and what the user exported wins (`env.configure` only sets a default)."""
+    from rlhf_lib import env
+
+    monkeypatch.delenv("METAFLOW_DEFAULT_DECOSPECS", raising=False)
+    local = ["flows/rlhf_flow.py", "run"]
+    assert env.local_workers(local, 2) == {"METAFLOW_RUN_MAX_WORKERS": 2, "METAFLOW_RESUME_MAX_WORKERS": 2}
+    assert env.local_workers(local, 16) == {}
+    assert env.local_workers([*local[:1], "--with", "kubernetes", "run"], 2) == {}
+    monkeypatch.setenv("METAFLOW_DEFAULT_DECOSPECS", "kubernetes:cpu=4")
+    assert env.local_workers(local, 2) == {}
+    monkeypatch.setenv("METAFLOW_RUN_MAX_WORKERS", "5")
+    monkeypatch.delenv("METAFLOW_DEFAULT_DECOSPECS")
+    env.configure()
+    import os
+
+    assert os.environ["METAFLOW_RUN_MAX_WORKERS"] == "5"
