@@ -125,7 +125,7 @@ def _card_store(card):
     kind = options[options.index("--datastore") + 1]
     storage = next(d for d in DATASTORES if d.TYPE == kind)(CardDatastore.get_storage_root(kind))
     store = CardDatastore(SimpleNamespace(_storage_impl=storage, flow_name=current.flow_name),
-                          pathspec=f"{current.flow_name}/{current.run_id}/{current.step_name}/{current.task_id}")
+                          pathspec=current.pathspec)
     return card._default_editable_card, store
 
 
@@ -143,8 +143,8 @@ def write_layout(card) -> None:
     try:
         uuid, store = _card_store(card)
         data = card._get_latest_data(uuid, final=False, mode="render_runtime")
-        task = SimpleNamespace(pathspec=f"{current.flow_name}/{current.run_id}/{current.step_name}/{current.task_id}")
-        html = BlankCard(components=card._serialize_components(uuid)).render(task, runtime=True)
+        html = BlankCard(components=card._serialize_components(uuid)).render(SimpleNamespace(pathspec=current.pathspec),
+                                                                             runtime=True)
         store.save_card(uuid, "blank", html.replace(BlankCard.RELOAD_POLICY_TOKEN,
                                                     f"runtime-{data['component_update_ts']}"))
     except Exception as err:  # noqa: BLE001 — a card is never worth a failed stage
@@ -198,7 +198,7 @@ def watching(work: Path, stage: str, every_s: float, clock=time.monotonic):
             if not drawn:  # the card's layout, once, as soon as the stage has started
                 write_layout(card)
                 drawn = True
-            elif entries and due(clock(), clock() if began is None else began, last, every_s):
+            elif entries and due(now := clock(), now if began is None else began, last, every_s):
                 live.draw()
                 write_data_update(card)
                 last = clock()
