@@ -15,9 +15,6 @@ most often a bug that should show at once.
 
 from __future__ import annotations
 
-import os
-import sys
-
 from rlhf_lib import methods
 from rlhf_lib.config import AI_FEEDBACK, RunConfig
 
@@ -27,9 +24,6 @@ CHAIN_STEPS = ("data", "sft", "merge", "reward", "rlaif", "evaluate")
 # Stages that only run models (no gradient sync to spread): one process on one GPU, not one per GPU each doing
 # the same work and writing the same files.
 SINGLE_PROCESS_STAGES = frozenset({"merge", "rlaif", "evaluate"})
-# Decorators (`--with X`) and commands that put the steps on another machine.
-REMOTE_DECORATORS = ("kubernetes", "batch")
-REMOTE_COMMANDS = ("argo-workflows", "step-functions", "airflow", "kubernetes", "batch")
 # What a step with nothing to do asks for: the least Metaflow's @resources takes (1 CPU, 512 MB of memory, and
 # Kubernetes' smallest ephemeral-storage request Metaflow allows).
 IDLE_RESOURCES = {"cpu": 1, "memory": 512, "shared_memory": None, "disk": 1024}
@@ -80,19 +74,6 @@ def step_placement(cfg: RunConfig, kind: str) -> dict:
     res = getattr(cfg.resources, kind)
     return {k: v for k, v in (("node_selector", dict(res.node_selector)), ("tolerations", list(res.tolerations)))
             if v}
-
-
-def runs_remote(argv: list[str] | None = None, environ: dict | None = None) -> bool:
-    """Whether this command puts steps on remote compute: `--with kubernetes`/`--with batch` (on the command line
-    or in METAFLOW_DECOSPECS), or a command that compiles for an orchestrator or runs inside a pod."""
-    argv = sys.argv if argv is None else argv
-    environ = os.environ if environ is None else environ
-    decospecs = [a for i, a in enumerate(argv) if i and argv[i - 1] == "--with"]
-    decospecs += [a.split("=", 1)[1] for a in argv if a.startswith("--with=")]
-    decospecs += environ.get("METAFLOW_DECOSPECS", "").split()
-    if any(spec.split(":")[0] in REMOTE_DECORATORS for spec in decospecs):
-        return True
-    return any(a in REMOTE_COMMANDS for a in argv[1:])
 
 
 def retries(cfg: RunConfig, remote: bool) -> int:

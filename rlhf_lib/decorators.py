@@ -17,7 +17,7 @@ from metaflow.packaging_sys import ContentType
 
 from rlhf_lib import compute, live, methods
 from rlhf_lib.config import config_from_flow
-from rlhf_lib.env import PROJECT_ROOT
+from rlhf_lib.env import PROJECT_ROOT, runs_remote
 
 SHIPPED_DIRS = ("configs",)
 
@@ -30,7 +30,7 @@ class StepCompute(FlowMutator):
         if configs.get("config") is None:
             return
         cfg = config_from_flow(configs["config"])
-        times = compute.retries(cfg, compute.runs_remote())
+        times = compute.retries(cfg, runs_remote())
         carded, live_steps = {m.last_step for m in methods.REGISTRY.values() if m.card}, live.steps(cfg.run.methods)
         for name, step in mutable_flow.steps:  # a training step's card is live while it trains (rlhf_lib/live.py)
             if name in carded | live_steps:

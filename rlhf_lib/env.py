@@ -85,7 +85,23 @@ def configure() -> None:
 
 
 METAFLOW_DEFAULT_WORKERS = 16  # `run --max-workers`' default
-REMOTE_COMPUTE = ("kubernetes", "batch")
+# Decorators (`--with X`) and commands that put the steps on another machine.
+REMOTE_DECORATORS = ("kubernetes", "batch")
+REMOTE_COMMANDS = ("argo-workflows", "step-functions", "airflow", "kubernetes", "batch")
+
+
+def runs_remote(argv: list[str] | None = None, environ: dict | None = None) -> bool:
+    """Whether this command puts steps on remote compute: `--with kubernetes`/`--with batch` (on the command line,
+    in METAFLOW_DECOSPECS, or in METAFLOW_DEFAULT_DECOSPECS, which Metaflow adds to every run's `--with`), or a
+    command that compiles for an orchestrator or runs inside a pod."""
+    argv = sys.argv if argv is None else argv
+    environ = os.environ if environ is None else environ
+    decospecs = [a for i, a in enumerate(argv) if i and argv[i - 1] == "--with"]
+    decospecs += [a.split("=", 1)[1] for a in argv if a.startswith("--with=")]
+    decospecs += environ.get("METAFLOW_DECOSPECS", "").split() + environ.get("METAFLOW_DEFAULT_DECOSPECS", "").split()
+    if any(spec.split(":")[0] in REMOTE_DECORATORS for spec in decospecs):
+        return True
+    return any(a in REMOTE_COMMANDS for a in argv[1:])
 
 
 def local_workers(argv: list[str], cores: int) -> dict[str, int]:
@@ -93,12 +109,11 @@ def local_workers(argv: list[str], cores: int) -> dict[str, int]:
     at once oversubscribe them (the test profile's six methods on 2 cores: 190 s, 148 s with two workers — each
     stage's torch threads are the cores free when it starts, rlhf_lib/cpu.py). A local `run` or `resume` takes at
     most one task per core: Metaflow reads these variables as `--max-workers`' default, so the option, or the
-    variable exported, wins. Steps sent to a cluster (`--with kubernetes`, `--with batch`, or Metaflow's default
-    decorators naming them) are left alone: there each task has a machine of its own."""
-    words = [*argv, *os.environ.get("METAFLOW_DEFAULT_DECOSPECS", "").split()]
-    if cores >= METAFLOW_DEFAULT_WORKERS or any(r in w for w in words for r in REMOTE_COMPUTE):
+    variable exported, wins. A command that puts steps on a cluster (`runs_remote`) is left alone: there each task
+    has a machine of its own."""
+    if cores >= METAFLOW_DEFAULT_WORKERS or runs_remote(argv):
         return {}
-    return {"METAFLOW_RUN_MAX_WORKERS": max(cores, 1), "METAFLOW_RESUME_MAX_WORKERS": max(cores, 1)}
+    return {"METAFLOW_RUN_MAX_WORKERS": cores, "METAFLOW_RESUME_MAX_WORKERS": cores}
 
 
 def interpreter_first_on_path() -> None:

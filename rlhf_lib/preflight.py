@@ -15,6 +15,7 @@ from rlhf_lib import methods
 from rlhf_lib.config import AI_FEEDBACK, RunConfig
 from rlhf_lib.data import lake
 from rlhf_lib.data.ingest import KINDS
+from rlhf_lib.env import runs_remote
 
 
 class PreflightError(ValueError):
@@ -161,9 +162,9 @@ def four_bit_on_cpu(cfg: RunConfig) -> list[str]:
 
 def gpus_here(cfg: RunConfig) -> list[str]:
     """When the steps run on this machine, it must have the GPUs run.gpus asks for."""
-    from rlhf_lib import compute, launch
+    from rlhf_lib import launch
 
-    if not cfg.run.gpus or compute.runs_remote():
+    if not cfg.run.gpus or runs_remote():
         return []
     try:
         visible = launch.visible_gpus()

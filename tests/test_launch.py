@@ -134,7 +134,7 @@ def test_a_local_run_takes_one_task_per_core_unless_told_otherwise(monkeypatch):
     assert env.local_workers(local, 16) == {}
     assert env.local_workers([*local[:1], "--with", "kubernetes", "run"], 2) == {}
     monkeypatch.setenv("METAFLOW_DEFAULT_DECOSPECS", "kubernetes:cpu=4")
-    assert env.local_workers(local, 2) == {}
+    assert env.local_workers(local, 2) == {} and env.runs_remote(local)  # and retries, preflight: remote
     monkeypatch.setenv("METAFLOW_RUN_MAX_WORKERS", "5")
     monkeypatch.delenv("METAFLOW_DEFAULT_DECOSPECS")
     env.configure()
